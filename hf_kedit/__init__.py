@@ -1,0 +1,17 @@
+"""hf_kedit: knowledge edits of language models as shareable, removable adapter packs.
+
+Example:
+    >>> from hf_kedit import load_edits, remove_edits
+    >>> model = load_edits(base, "user/edits")
+    >>> remove_edits(model, "user/edits")
+"""
+__version__ = "0.1.0"
+
+from .errors import AnatomyError, EditConflictError, IncompatiblePackError, KeditError, PackFormatError
+from .pack import Edit, EditPack
+from .attach import EditStack, load_edits, remove_edits, stack_of
+from .anatomy import Anatomy, anatomy_of
+
+__all__ = ["Anatomy", "AnatomyError", "Edit", "EditConflictError", "EditPack", "EditStack",
+           "IncompatiblePackError", "KeditError", "PackFormatError", "anatomy_of", "load_edits",
+           "remove_edits", "stack_of"]

@@ -1,0 +1,200 @@
+"""Attaching, stacking and removing packs: one `EditStack` per model.
+
+Everything that can fail is checked before the model is touched, so a pack
+that fails to attach leaves the model exactly as it was.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import EditConflictError, KeditError
+from .fingerprint import check_base_model
+from .kinds import kind_named
+from .pack import EditPack
+
+ON_CONFLICT = ("error", "last")
+
+
+@dataclass
+class AttachedPack:
+    name: str
+    pack: EditPack
+    merged: bool = False
+
+    @property
+    def kind(self) -> str:
+        return self.pack.kind
+
+
+class EditStack:
+    """The ordered packs attached to one model.
+
+    Example:
+        >>> stack = stack_of(model)
+        >>> [p.name for p in stack.list()]
+        ['user/edits']
+        >>> with stack.disable():
+        ...     base_logits = model(ids).logits
+        >>> stack.remove("user/edits")
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.packs: dict[str, AttachedPack] = {}
+        self.runtimes: dict[str, object] = {}
+
+    def list(self) -> list[AttachedPack]:
+        return list(self.packs.values())
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def add(self, pack: EditPack, name: str, merge: bool = False, verify: str = "strict",
+            on_conflict: str = "error") -> None:
+        """Attach `pack` as `name` (checks everything first; see `load_edits`)."""
+        if name in self.packs:
+            raise KeditError(f"a pack named {name!r} is attached already; remove it first or pass another name=")
+        if on_conflict not in ON_CONFLICT:
+            raise ValueError(f"on_conflict={on_conflict!r}: use one of {ON_CONFLICT}")
+        kind = kind_named(pack.kind)
+        kind.check_model(pack, self.model)
+        check_base_model(pack.base_model, self.model, verify=verify)
+        pack, superseded = self._resolve_conflicts(pack, on_conflict)
+
+        runtime = self.runtimes.get(pack.kind) or self.runtimes.setdefault(pack.kind, kind.Runtime(self.model))
+        runtime.put(name, pack)
+        self.packs[name] = AttachedPack(name, pack)
+        if merge:
+            self.merge(name)
+        for older, edit_ids in superseded.items():
+            self.remove(older, edit_ids=edit_ids)
+
+    def remove(self, name: str, edit_ids=None) -> None:
+        """Detach pack `name`, or only its edits `edit_ids`; bit-exact either way."""
+        attached = self._get(name)
+        runtime = self.runtimes[attached.kind]
+        if edit_ids is not None:
+            unknown = set(edit_ids) - {e.id for e in attached.pack.edits}
+            if unknown:
+                raise KeyError(f"pack {name!r} has no edits {sorted(unknown)}")
+            keep = [e.id for e in attached.pack.edits if e.id not in set(edit_ids)]
+            if keep:
+                merged = attached.merged
+                if merged:
+                    self.unmerge(name)
+                attached.pack = attached.pack.select(keep)
+                runtime.put(name, attached.pack)
+                if merged:
+                    self.merge(name)
+                return
+        runtime.remove(name)
+        del self.packs[name]
+
+    def merge(self, name: str) -> None:
+        """Write pack `name` into the weights (kinds that can merge); the touched
+        matrices are kept, so `unmerge` restores them bit-exactly."""
+        attached = self._get(name)
+        if not attached.merged:
+            self.runtimes[attached.kind].merge(name)
+            attached.merged = True
+
+    def unmerge(self, name: str) -> None:
+        attached = self._get(name)
+        if attached.merged:
+            self.runtimes[attached.kind].unmerge(name)
+            attached.merged = False
+
+    @contextmanager
+    def disable(self):
+        """Run the base model: hooks off and merged packs taken out of the weights."""
+        merged = [p.name for p in self.packs.values() if p.merged]
+        for name in merged:
+            self.unmerge(name)
+        for runtime in self.runtimes.values():
+            runtime.enabled = False
+        try:
+            yield self.model
+        finally:
+            for runtime in self.runtimes.values():
+                runtime.enabled = True
+            for name in merged:
+                self.merge(name)
+
+    def edits(self):
+        """(pack name, edit) for every attached edit, in attach order."""
+        return [(p.name, e) for p in self.packs.values() for e in p.pack.edits]
+
+    def _get(self, name: str) -> AttachedPack:
+        if name not in self.packs:
+            raise KeyError(f"no pack named {name!r} is attached; attached: {list(self.packs)}")
+        return self.packs[name]
+
+    def _resolve_conflicts(self, pack: EditPack, on_conflict: str):
+        """Edits sharing subject and prompt must agree on the target. With
+        "last", the newest edit wins: earlier ones are dropped (returned by pack)."""
+        seen = {}
+        for name, e in self.edits():
+            seen[(e.subject, e.prompt)] = (name, e)
+        conflicts, superseded, dropped_here = [], {}, set()
+        for e in pack.edits:
+            key = (e.subject, e.prompt)
+            if key in seen and seen[key][1].target_new != e.target_new:
+                older_name, older = seen[key]
+                conflicts.append(f"{e.text!r}: {older.target_new!r} (pack {older_name or 'this pack'}) vs "
+                                 f"{e.target_new!r}")
+                if older_name is None:
+                    dropped_here.add(older.id)
+                else:
+                    superseded.setdefault(older_name, []).append(older.id)
+            seen[key] = (None, e)
+        if conflicts and on_conflict == "error":
+            raise EditConflictError("conflicting edits (same subject and prompt, different target): "
+                                    + "; ".join(conflicts) + ". Pass on_conflict='last' to let the newest win")
+        if conflicts:
+            warnings.warn("newest edit wins for: " + "; ".join(conflicts), stacklevel=3)
+        if dropped_here:
+            pack = pack.select([e.id for e in pack.edits if e.id not in dropped_here])
+        return pack, superseded
+
+
+def stack_of(model: nn.Module) -> EditStack:
+    """The model's `EditStack` (created empty on first use)."""
+    stack = model.__dict__.get("_kedit_stack")
+    if stack is None:
+        stack = model.__dict__["_kedit_stack"] = EditStack(model)
+    return stack
+
+
+def load_edits(model: nn.Module, source, name: str | None = None, revision: str | None = None,
+               merge: bool = False, verify: str = "strict", on_conflict: str = "error",
+               token: str | None = None) -> nn.Module:
+    """Attach an edit pack to `model` and return the model.
+
+    `source` is an `EditPack`, a local folder or a Hub repo id (`revision`: a
+    branch, tag or commit sha). The pack is validated in full and checked
+    against the model before any hook is added; on failure the model is
+    unchanged. `verify="shapes"` skips the weight fingerprint.
+
+    Example:
+        >>> model = load_edits(model, "user/edits")
+        >>> model = load_edits(model, "./more-edits", merge=True)
+    """
+    if isinstance(source, EditPack):
+        pack = source
+        name = name or f"pack-{len(stack_of(model)) + 1}"
+    else:
+        pack = EditPack.from_pretrained(source, revision=revision, token=token)
+        name = name or os.fspath(source)
+    stack_of(model).add(pack, name, merge=merge, verify=verify, on_conflict=on_conflict)
+    return model
+
+
+def remove_edits(model: nn.Module, name: str, edit_ids=None) -> nn.Module:
+    """Detach the pack attached as `name` (or only its edits `edit_ids`)."""
+    stack_of(model).remove(name, edit_ids=edit_ids)
+    return model

@@ -1,0 +1,45 @@
+"""The model card (README.md) of a pack: Hub front matter and a table of the edits."""
+from __future__ import annotations
+
+import re
+
+from huggingface_hub import ModelCard, ModelCardData
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def model_card(pack) -> str:
+    base = pack.base_model.get("name_or_path") or ""
+    data = ModelCardData(library_name="hf-kedit", tags=["knowledge-editing", "hf-kedit", pack.method, pack.kind],
+                         base_model=base if REPO_ID.match(base) else None)
+    rows = "\n".join(f"| {e.id} | {_cell(e.subject)} | {_cell(e.text)} | {_cell(e.target_true or '')} | "
+                     f"{_cell(e.target_new)} | {_metrics(e.metrics)} |" for e in pack.edits)
+    body = f"""
+# Knowledge edits ({pack.method}, {len(pack.edits)} edit{'s' if len(pack.edits) != 1 else ''})
+
+An [hf_kedit](https://github.com/hf-kedit/hf-kedit) edit pack of kind `{pack.kind}` for
+`{base or 'an unnamed base model'}`. It attaches to the base model through hooks and comes off again bit-exactly.
+
+```python
+from transformers import AutoModelForCausalLM
+from hf_kedit import load_edits, remove_edits
+
+model = AutoModelForCausalLM.from_pretrained("{base or 'BASE_MODEL'}")
+model = load_edits(model, "THIS_REPO_ID")
+```
+
+## Edits
+
+| id | subject | prompt | old | new | metrics |
+|---|---|---|---|---|---|
+{rows}
+"""
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _metrics(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())

@@ -1,0 +1,24 @@
+"""The typed errors hf_kedit raises. Each message says what is wrong and how to fix it."""
+
+
+class KeditError(Exception):
+    """Base class of every hf_kedit error."""
+
+
+class PackFormatError(KeditError, ValueError):
+    """A pack's files are malformed: bad JSON, unknown version or kind, a tensor
+    missing, extra, of the wrong shape or dtype, or not finite."""
+
+
+class IncompatiblePackError(KeditError, ValueError):
+    """A well-formed pack that does not fit this model: other architecture,
+    other shapes, or other weights (fingerprint)."""
+
+
+class EditConflictError(KeditError, ValueError):
+    """Two attached edits share subject and prompt but disagree on the target."""
+
+
+class AnatomyError(KeditError, ValueError):
+    """hf_kedit could not find a part (layers, MLP output projection, final norm,
+    LM head) of a model; the message names what it looked for."""

@@ -1,0 +1,54 @@
+"""Transport: where a pack source lives (a folder or a Hub repo) and pushing one."""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import HfApi, snapshot_download
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_source(source: str | os.PathLike, revision: str | None = None,
+                   token: str | None = None) -> tuple[Path, str | None]:
+    """A local folder for `source`, and the Hub commit sha it came from (None for
+    a local folder). An existing path wins; a path-like string that does not exist
+    is a `FileNotFoundError`, never a confusing repo-id error."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is a file; an edit pack is a folder holding kedit_config.json")
+        return path, None
+    text = str(source)
+    if isinstance(source, os.PathLike) or text.startswith((".", "/", "~")) or not REPO_ID.match(text) \
+            or text.count("/") > 1:
+        raise FileNotFoundError(f"no such folder: {text} (nor is it a Hub repo id 'user/name')")
+    from .pack import PACK_FILES
+
+    folder = Path(snapshot_download(text, revision=revision, allow_patterns=list(PACK_FILES), token=token))
+    return folder, folder.name
+
+
+def push_pack(pack, repo_id: str, branch: str | None = None, private: bool = False,
+              commit_message: str | None = None, token: str | None = None) -> str:
+    """Upload `pack` to `repo_id` as one commit (creating the repo, and the branch
+    from main, if needed); returns the commit sha."""
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if branch and branch != "main":
+        api.create_branch(repo_id, branch=branch, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        pack.save_pretrained(tmp)
+        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=branch,
+                                 commit_message=commit_message or f"hf_kedit: {len(pack.edits)} {pack.method} edits")
+    return info.oid
+
+
+def pull_pack(repo_id: str, local_dir: str | Path, revision: str | None = None, token: str | None = None) -> Path:
+    """Download a pack repo's files into `local_dir`."""
+    from .pack import PACK_FILES
+
+    return Path(snapshot_download(repo_id, revision=revision, local_dir=str(local_dir),
+                                  allow_patterns=list(PACK_FILES), token=token))

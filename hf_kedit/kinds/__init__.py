@@ -1,0 +1,28 @@
+"""Kinds: what a pack holds and how it acts at inference.
+
+A kind is a class with
+- `name`: the manifest's `kind` value;
+- `validate(pack)`: raise `PackFormatError` if the pack's tensors and
+  `kind_config` are not a well-formed pack of this kind (no model needed);
+- `modules(pack)`: names of the modules whose weights the pack touches or
+  reads (fingerprinted);
+- `check_model(pack, model)`: raise `IncompatiblePackError` if the pack does
+  not fit `model`;
+- `Runtime(model)`: the one object per model and kind that carries every
+  attached pack of the kind in fused hooks, with `put(name, pack)`,
+  `remove(name)`, `merge(name)`, `unmerge(name)`, `merged` (names) and
+  `enabled`.
+The edit stack (`attach.py`) only talks to kinds through this.
+"""
+from ..errors import PackFormatError
+from .weight_delta import WeightDelta
+
+KINDS = {kind.name: kind for kind in (WeightDelta,)}
+
+
+def kind_named(name: str):
+    """The kind class called `name`; `PackFormatError` for an unknown one."""
+    if name not in KINDS:
+        raise PackFormatError(f"unknown pack kind {name!r}: this hf_kedit knows {sorted(KINDS)}; "
+                              "the pack may need a newer hf_kedit")
+    return KINDS[name]

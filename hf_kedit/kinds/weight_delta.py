@@ -1,0 +1,216 @@
+"""`weight_delta`: low-rank updates ΔW = B A of linear modules.
+
+Each edit owns, per target module, `A` [r, in] and `B` [out, r] (PEFT's
+lora_A/lora_B convention, whatever the weight's storage layout). All packs'
+factors on one module are concatenated and applied by one forward hook,
+y += (x Aᵀ) Bᵀ, or merged into the weight on request; unmerging restores the
+saved original matrix, never a subtraction, so it is bit-exact.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from safetensors.torch import save_file
+
+from ..anatomy import linear_shape, weight_layout
+from ..errors import IncompatiblePackError, KeditError, PackFormatError
+
+SUFFIX_A, SUFFIX_B = ".lora_A", ".lora_B"
+
+
+def factor_names(edit_id: str, module: str) -> tuple[str, str]:
+    """The tensor names of an edit's `A` and `B` factors on `module`."""
+    return f"{edit_id}.{module}{SUFFIX_A}", f"{edit_id}.{module}{SUFFIX_B}"
+
+
+def module_entry(model: nn.Module, module: str) -> dict:
+    """The `kind_config["modules"]` entry a method records for a target module."""
+    m = model.get_submodule(module)
+    return {"layout": weight_layout(m), "shape": list(linear_shape(m))}
+
+
+class WeightDelta:
+    name = "weight_delta"
+
+    @staticmethod
+    def validate(pack) -> None:
+        modules = pack.kind_config.get("modules")
+        if not isinstance(modules, dict) or not modules:
+            raise PackFormatError("weight_delta pack: kind_config.modules must map each target module "
+                                  "to its layout and (out, in) shape")
+        for module, entry in modules.items():
+            if entry.get("layout") not in ("out_in", "in_out") or len(entry.get("shape", [])) != 2:
+                raise PackFormatError(f"weight_delta pack: kind_config.modules[{module!r}] needs layout "
+                                      f"'out_in' or 'in_out' and a 2-element shape, got {entry}")
+        for edit in pack.edits:
+            owned = set(edit.tensors)
+            for module in modules:
+                a, b = factor_names(edit.id, module)
+                if (a in owned) != (b in owned):
+                    raise PackFormatError(f"edit {edit.id!r} has only one of {a!r} and {b!r}")
+                if a not in owned:
+                    continue
+                owned -= {a, b}
+                A, B = pack.tensors[a], pack.tensors[b]
+                out_f, in_f = modules[module]["shape"]
+                if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or A.shape[1] != in_f or B.shape[0] != out_f:
+                    raise PackFormatError(f"edit {edit.id!r} on {module}: A {list(A.shape)} and B {list(B.shape)} "
+                                          f"are not factors [r, {in_f}] and [{out_f}, r]")
+            if owned:
+                raise PackFormatError(f"edit {edit.id!r} owns tensors that are no weight_delta factors of a "
+                                      f"declared module: {sorted(owned)}")
+
+    @staticmethod
+    def modules(pack) -> list[str]:
+        return sorted(pack.kind_config["modules"])
+
+    @staticmethod
+    def check_model(pack, model: nn.Module) -> None:
+        for module, entry in pack.kind_config["modules"].items():
+            try:
+                m = model.get_submodule(module)
+            except AttributeError:
+                raise IncompatiblePackError(f"the pack edits {module!r}, which this model "
+                                            f"({type(model).__name__}) does not have") from None
+            if not hasattr(m, "weight") or m.weight.ndim != 2:
+                raise IncompatiblePackError(f"the pack edits {module!r}, which is not a linear module here")
+            if weight_layout(m) != entry["layout"] or list(linear_shape(m)) != entry["shape"]:
+                raise IncompatiblePackError(
+                    f"{module} is {weight_layout(m)} with (out, in) = {list(linear_shape(m))} here; the pack "
+                    f"expects {entry['layout']} with {entry['shape']}")
+
+    @staticmethod
+    def export_peft(pack, out_dir: str | Path) -> None:
+        """Write `pack` as a PEFT LoRA adapter folder (r = rank, alpha = r: scaling 1)."""
+        factors = _factors_by_module(pack)
+        layouts = {pack.kind_config["modules"][m]["layout"] for m in factors}
+        if len(layouts) > 1:
+            raise KeditError("PEFT needs one fan_in_fan_out setting: this pack mixes Conv1D and Linear targets")
+        ranks = {m: A.shape[0] for m, (A, _) in factors.items()}
+        r = max(ranks.values())
+        config = {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": pack.base_model.get("name_or_path") or None,
+            "revision": pack.base_model.get("revision"),
+            "r": r, "lora_alpha": r,
+            "rank_pattern": {m: k for m, k in ranks.items() if k != r},
+            "alpha_pattern": {m: k for m, k in ranks.items() if k != r},
+            "target_modules": sorted(factors), "lora_dropout": 0.0, "bias": "none",
+            "fan_in_fan_out": layouts == {"in_out"}, "inference_mode": True,
+            "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+        }
+        tensors = {}
+        for m, (A, B) in factors.items():
+            tensors[f"base_model.model.{m}.lora_A.weight"] = A.contiguous().clone()
+            tensors[f"base_model.model.{m}.lora_B.weight"] = B.contiguous().clone()
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+    class Runtime:
+        """Every attached weight_delta pack of one model, one fused hook per module."""
+
+        def __init__(self, model: nn.Module):
+            self.model = model
+            self.enabled = True
+            self.packs: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+            self.merged: set[str] = set()
+            self.hooks: dict[str, FusedDelta] = {}
+            self.originals: dict[str, torch.Tensor] = {}
+
+        def put(self, name: str, pack) -> None:
+            """Attach `pack` as `name`, or replace the pack of that name in place."""
+            old = self.packs.get(name, {})
+            self.packs[name] = _factors_by_module(pack)
+            self._refresh(set(old) | set(self.packs[name]))
+
+        def remove(self, name: str) -> None:
+            if name in self.merged:
+                self.unmerge(name)
+            self._refresh(set(self.packs.pop(name)))
+
+        def merge(self, name: str) -> None:
+            for module, (A, B) in self.packs[name].items():
+                m = self.model.get_submodule(module)
+                if m.weight.device.type == "meta":
+                    raise KeditError(f"cannot merge into {module}: its weights are offloaded by accelerate; "
+                                     "keep the pack hooked (merge=False)")
+                self.originals.setdefault(module, m.weight.detach().clone())
+                _add_delta(m, A, B)
+            self.merged.add(name)
+            self._refresh(set(self.packs[name]))
+
+        def unmerge(self, name: str) -> None:
+            self.merged.discard(name)
+            for module in self.packs[name]:
+                m = self.model.get_submodule(module)
+                with torch.no_grad():
+                    m.weight.copy_(self.originals[module])
+                still = [n for n in self.packs if n in self.merged and module in self.packs[n]]
+                for other in still:
+                    _add_delta(m, *self.packs[other][module])
+                if not still:
+                    del self.originals[module]
+            self._refresh(set(self.packs[name]))
+
+        def _refresh(self, modules: set[str]) -> None:
+            for module in modules:
+                live = [self.packs[n][module] for n in self.packs
+                        if n not in self.merged and module in self.packs[n]]
+                if not live:
+                    hook = self.hooks.pop(module, None)
+                    if hook is not None:
+                        hook.handle.remove()
+                    continue
+                A = torch.cat([a for a, _ in live], dim=0)
+                B = torch.cat([b for _, b in live], dim=1)
+                if module not in self.hooks:
+                    self.hooks[module] = FusedDelta(self, self.model.get_submodule(module))
+                self.hooks[module].set_factors(A, B)
+
+
+class FusedDelta:
+    """The forward hook adding (x Aᵀ) Bᵀ for all live factors of one module.
+    Factors are cast once per (device, dtype) the module runs on, so the hook
+    follows accelerate's dispatch and the model's dtype."""
+
+    def __init__(self, runtime, module: nn.Module):
+        self.runtime = runtime
+        self.handle = module.register_forward_hook(self)
+
+    def set_factors(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        self.A, self.B, self.cast = A, B, {}
+
+    def __call__(self, module, args, output):
+        if not self.runtime.enabled:
+            return None
+        key = (output.device, output.dtype)
+        if key not in self.cast:
+            self.cast[key] = (self.A.to(*key), self.B.to(*key))
+        A, B = self.cast[key]
+        return output + F.linear(F.linear(args[0].to(*key), A), B)
+
+
+def _factors_by_module(pack) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module, the pack's factors of all edits concatenated along the rank."""
+    factors = {}
+    for module in pack.kind_config["modules"]:
+        pairs = [(pack.tensors[a], pack.tensors[b]) for a, b in
+                 (factor_names(e.id, module) for e in pack.edits) if a in pack.tensors]
+        if pairs:
+            factors[module] = (torch.cat([a for a, _ in pairs], 0), torch.cat([b for _, b in pairs], 1))
+    return factors
+
+
+@torch.no_grad()
+def _add_delta(module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> None:
+    w = module.weight
+    delta = B.to(w.device, torch.float32) @ A.to(w.device, torch.float32)
+    if weight_layout(module) == "in_out":
+        delta = delta.T
+    w.copy_((w.float() + delta).to(w.dtype))

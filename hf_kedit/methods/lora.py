@@ -1,0 +1,73 @@
+"""LoRA baseline: a rank-r fine-tune of one MLP output projection on each edit's
+target (teacher-forced NLL), stored as a `weight_delta` pack."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from ..anatomy import anatomy_of, linear_shape
+from ..pack import Edit, EditPack
+from . import weight_delta_pack
+
+
+@dataclass
+class LoRAConfig:
+    """`layer`: an index, or a float in [0, 1) read as relative depth."""
+
+    layer: float | int = 0.3
+    rank: int = 1
+    steps: int = 60
+    lr: float = 2e-2
+    stop_loss: float = 0.05
+    seed: int = 0
+
+
+def lora_edit(model, tokenizer, requests: list[Edit], config: LoRAConfig | None = None,
+              progress: bool = True) -> EditPack:
+    """Train one low-rank delta per request; returns a `weight_delta` pack.
+
+    Example:
+        >>> edit = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
+        >>> pack = lora_edit(model, tokenizer, [edit])
+    """
+    config = config or LoRAConfig()
+    anatomy = anatomy_of(model)
+    layer = config.layer if isinstance(config.layer, int) else int(config.layer * anatomy.num_layers)
+    name = anatomy.mlp_out(layer)
+    module = model.get_submodule(name)
+    out_f, in_f = linear_shape(module)
+    param = next(model.parameters())
+    factors = {}
+    for edit in tqdm(requests, desc="lora edits", disable=not progress):
+        torch.manual_seed(config.seed)
+        A = (torch.randn(config.rank, in_f, device=param.device) / in_f ** 0.5).requires_grad_()
+        B = torch.zeros(out_f, config.rank, device=param.device, requires_grad=True)
+        ids, labels = _teacher_forced(tokenizer, edit, param.device)
+        hook = module.register_forward_hook(
+            lambda m, args, out: out + F.linear(F.linear(args[0], A.to(out.dtype)), B.to(out.dtype)))
+        optimizer = torch.optim.Adam([A, B], lr=config.lr)
+        try:
+            for _ in range(config.steps):
+                logits = model(input_ids=ids).logits.float()
+                loss = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
+                if loss.item() < config.stop_loss:
+                    break
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        finally:
+            hook.remove()
+        model.zero_grad(set_to_none=True)
+        factors[edit.id] = {name: (A.detach(), B.detach())}
+    return weight_delta_pack(model, "lora", {**asdict(config), "layer": layer}, requests, factors)
+
+
+def _teacher_forced(tokenizer, edit: Edit, device):
+    prompt = tokenizer(edit.text, add_special_tokens=False).input_ids
+    target = tokenizer(" " + edit.target_new.strip(), add_special_tokens=False).input_ids
+    ids = torch.tensor([prompt + target], device=device)
+    labels = torch.tensor([[-100] * len(prompt) + target], device=device)
+    return ids, labels

@@ -1,0 +1,261 @@
+"""`EditPack`: the format of an edit pack (version 1) and its files.
+
+A pack is a folder, the same on disk and on the Hub:
+    README.md                  model card
+    kedit_config.json          manifest: format_version, kind, method, base_model, edits, tensors
+    kedit_model.safetensors    every tensor, named by edit id and module
+Safetensors and JSON only: nothing here can execute code from a file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .errors import PackFormatError
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "kedit_config.json"
+WEIGHTS_NAME = "kedit_model.safetensors"
+CARD_NAME = "README.md"
+PACK_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+EDIT_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Edit:
+    """One fact edit: `prompt` holds `{}` where `subject` goes.
+
+    Example:
+        >>> Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
+    """
+
+    id: str
+    subject: str
+    prompt: str
+    target_new: str
+    target_true: str | None = None
+    created: str = field(default_factory=_now)
+    metrics: dict = field(default_factory=dict)
+    tensors: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """The prompt with the subject filled in."""
+        return self.prompt.replace("{}", self.subject)
+
+
+class EditPack:
+    """Edits of one kind, made by one method, for one base model.
+
+    Example:
+        >>> pack = EditPack.from_pretrained("user/edits")      # or a local folder
+        >>> pack.save_pretrained("my-edits")
+        >>> pack.push_to_hub("me/my-edits")
+    """
+
+    def __init__(self, kind: str, method: str, edits: list[Edit], tensors: dict[str, torch.Tensor],
+                 base_model: dict, hyperparameters: dict | None = None, kind_config: dict | None = None):
+        self.kind = kind
+        self.method = method
+        self.edits = list(edits)
+        self.tensors = dict(tensors)
+        self.base_model = base_model
+        self.hyperparameters = hyperparameters or {}
+        self.kind_config = kind_config or {}
+        self.revision: str | None = None  # the Hub commit a pulled pack came from
+        self.validate()
+
+    def __repr__(self) -> str:
+        return (f"EditPack(kind={self.kind!r}, method={self.method!r}, edits={len(self.edits)}, "
+                f"base_model={self.base_model.get('name_or_path')!r})")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def select(self, edit_ids) -> "EditPack":
+        """A pack holding only the edits in `edit_ids` (and their tensors)."""
+        keep = [e for e in self.edits if e.id in set(edit_ids)]
+        tensors = {name: self.tensors[name] for e in keep for name in e.tensors}
+        pack = EditPack(self.kind, self.method, keep, tensors, self.base_model, self.hyperparameters,
+                        self.kind_config)
+        pack.revision = self.revision
+        return pack
+
+    # ----- validation -------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise `PackFormatError` unless the pack is well formed: ids unique, each
+        tensor owned by exactly one edit, finite, and laid out as its kind needs."""
+        from .kinds import kind_named  # kinds read packs; the import is deferred to keep one direction at load
+
+        kind = kind_named(self.kind)
+        if not self.edits:
+            raise PackFormatError("the pack holds no edits")
+        ids = [e.id for e in self.edits]
+        bad = [i for i in ids if not isinstance(i, str) or not EDIT_ID.match(i)]
+        if bad:
+            raise PackFormatError(f"edit ids must match {EDIT_ID.pattern}: {bad}")
+        if len(set(ids)) != len(ids):
+            raise PackFormatError(f"edit ids repeat: {sorted({i for i in ids if ids.count(i) > 1})}")
+        for e in self.edits:
+            if not e.target_new or not isinstance(e.target_new, str):
+                raise PackFormatError(f"edit {e.id!r} has an empty target_new")
+        owned = [name for e in self.edits for name in e.tensors]
+        if len(set(owned)) != len(owned):
+            raise PackFormatError("a tensor is owned by more than one edit")
+        missing, extra = set(owned) - set(self.tensors), set(self.tensors) - set(owned)
+        if missing:
+            raise PackFormatError(f"edits name tensors the pack does not hold: {sorted(missing)[:5]}")
+        if extra:
+            raise PackFormatError(f"the pack holds tensors no edit owns: {sorted(extra)[:5]}")
+        for name, t in self.tensors.items():
+            if t.dtype not in DTYPES.values():
+                raise PackFormatError(f"tensor {name!r} has dtype {t.dtype}; packs hold {sorted(DTYPES)}")
+            if not torch.isfinite(t).all():
+                raise PackFormatError(f"tensor {name!r} holds NaN or inf values")
+        kind.validate(self)
+
+    # ----- files ------------------------------------------------------------------
+    def manifest(self) -> dict:
+        dtype_names = {v: k for k, v in DTYPES.items()}
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "method": {"name": self.method, "hyperparameters": self.hyperparameters},
+            "base_model": self.base_model,
+            "kind_config": self.kind_config,
+            "edits": [asdict(e) for e in self.edits],
+            "tensors": {n: {"shape": list(t.shape), "dtype": dtype_names[t.dtype]} for n, t in self.tensors.items()},
+            "created_with": f"hf_kedit {__version__}",
+        }
+
+    def save_pretrained(self, save_directory: str | Path) -> Path:
+        """Write the pack's three files into `save_directory` (created if needed)."""
+        from .card import model_card  # the card reads the pack, not the reverse
+
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {n: t.detach().to("cpu").contiguous().clone() for n, t in self.tensors.items()}
+        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        manifest = self.manifest()
+        manifest["files"] = {WEIGHTS_NAME: {"sha256": _sha256(out / WEIGHTS_NAME)}}
+        (out / CONFIG_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        (out / CARD_NAME).write_text(model_card(self))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, revision: str | None = None, token: str | None = None) -> "EditPack":
+        """Read and fully validate a pack from a local folder or a Hub repo id.
+
+        Raises `FileNotFoundError` for a path that does not exist and
+        `PackFormatError` for anything malformed, naming what is wrong."""
+        from .hub import resolve_source
+
+        folder, sha = resolve_source(source, revision=revision, token=token)
+        pack = read_pack(folder)
+        pack.revision = sha
+        return pack
+
+    def push_to_hub(self, repo_id: str, branch: str | None = None, private: bool = False,
+                    commit_message: str | None = None, token: str | None = None) -> str:
+        """Upload the pack as one commit to `repo_id` (on `branch`, default main);
+        returns the commit sha."""
+        from .hub import push_pack
+
+        return push_pack(self, repo_id, branch=branch, private=private, commit_message=commit_message, token=token)
+
+    def export_peft(self, save_directory: str | Path) -> Path:
+        """Write a PEFT adapter folder equivalent to this pack (weight_delta packs),
+        loadable by `peft.PeftModel.from_pretrained(base, save_directory)`."""
+        from .kinds import kind_named
+
+        kind = kind_named(self.kind)
+        if not hasattr(kind, "export_peft"):
+            raise PackFormatError(f"{self.kind} packs have no PEFT equivalent; only weight_delta packs export")
+        kind.export_peft(self, save_directory)
+        return Path(save_directory)
+
+
+def read_pack(folder: Path) -> EditPack:
+    """Read a pack folder, checking every file against the manifest."""
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            hint = (f"; it holds {pickles}, but hf_kedit never loads pickle files (they can run code)"
+                    if pickles else "")
+            raise PackFormatError(f"{folder} is not an edit pack: {path.name} is missing{hint}")
+    try:
+        manifest = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PackFormatError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise PackFormatError(f"{config_path} must hold a JSON object")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise PackFormatError(f"{config_path}: format_version {version!r} is not supported (this hf_kedit "
+                              f"reads version {FORMAT_VERSION}); a newer pack needs a newer hf_kedit")
+    for key, typ in (("kind", str), ("method", dict), ("base_model", dict), ("edits", list), ("tensors", dict)):
+        if not isinstance(manifest.get(key), typ):
+            raise PackFormatError(f"{config_path}: '{key}' must be a JSON {typ.__name__}")
+    from .kinds import kind_named
+
+    kind_named(manifest["kind"])
+    expected_sha = manifest.get("files", {}).get(WEIGHTS_NAME, {}).get("sha256")
+    if expected_sha and expected_sha != _sha256(weights_path):
+        raise PackFormatError(f"{weights_path} is corrupted: its sha256 differs from the manifest's")
+    tensors = _read_tensors(weights_path, manifest["tensors"])
+    try:
+        edits = [Edit(**e) for e in manifest["edits"]]
+    except TypeError as e:
+        raise PackFormatError(f"{config_path}: an edit entry is malformed ({e})") from None
+    return EditPack(manifest["kind"], manifest["method"].get("name", ""), edits, tensors, manifest["base_model"],
+                    manifest["method"].get("hyperparameters", {}), manifest.get("kind_config", {}))
+
+
+def _read_tensors(path: Path, declared: dict) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            missing, extra = set(declared) - names, names - set(declared)
+            if missing:
+                raise PackFormatError(f"{path.name} lacks tensors the manifest declares: {sorted(missing)[:5]}")
+            if extra:
+                raise PackFormatError(f"{path.name} holds tensors the manifest does not declare: {sorted(extra)[:5]}")
+            for name, spec in declared.items():
+                sl = f.get_slice(name)
+                shape, dtype = list(sl.get_shape()), sl.get_dtype()
+                if shape != spec.get("shape"):
+                    raise PackFormatError(f"tensor {name!r} has shape {shape}, the manifest says {spec.get('shape')}")
+                if _safetensors_dtype(spec.get("dtype")) != dtype:
+                    raise PackFormatError(f"tensor {name!r} has dtype {dtype}, the manifest says {spec.get('dtype')}")
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise PackFormatError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
+
+
+def _safetensors_dtype(name) -> str:
+    return {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}.get(name, f"unknown:{name}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
