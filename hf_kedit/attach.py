@@ -145,8 +145,8 @@ class EditStack:
             key = (e.subject, e.prompt)
             if key in seen and seen[key][1].target_new != e.target_new:
                 older_name, older = seen[key]
-                conflicts.append(f"{e.text!r}: {older.target_new!r} (pack {older_name or 'this pack'}) vs "
-                                 f"{e.target_new!r}")
+                where = f"pack {older_name!r}" if older_name else "the same pack"
+                conflicts.append(f"{e.text!r}: {older.target_new!r} ({where}) vs {e.target_new!r}")
                 if older_name is None:
                     dropped_here.add(older.id)
                 else:

