@@ -30,6 +30,8 @@ PACK_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 EDIT_ID = re.compile(r"^[A-Za-z0-9_-]+$")
+OPTIONAL = ("kind_config", "files")
+_JSON_NAMES = {str: "string", dict: "object", list: "array"}
 
 
 def _now() -> str:
@@ -106,15 +108,15 @@ class EditPack:
         kind = kind_named(self.kind)
         if not self.edits:
             raise PackFormatError("the pack holds no edits")
+        for e in self.edits:
+            _check_edit_fields(e)
+        _check_base_model(self.base_model)
         ids = [e.id for e in self.edits]
         bad = [i for i in ids if not isinstance(i, str) or not EDIT_ID.match(i)]
         if bad:
             raise PackFormatError(f"edit ids must match {EDIT_ID.pattern}: {bad}")
         if len(set(ids)) != len(ids):
             raise PackFormatError(f"edit ids repeat: {sorted({i for i in ids if ids.count(i) > 1})}")
-        for e in self.edits:
-            if not e.target_new or not isinstance(e.target_new, str):
-                raise PackFormatError(f"edit {e.id!r} has an empty target_new")
         owned = [name for e in self.edits for name in e.tensors]
         if len(set(owned)) != len(owned):
             raise PackFormatError("a tensor is owned by more than one edit")
@@ -207,17 +209,28 @@ def read_pack(folder: Path) -> EditPack:
         raise PackFormatError(f"{config_path} is not valid JSON: {e}") from None
     if not isinstance(manifest, dict):
         raise PackFormatError(f"{config_path} must hold a JSON object")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if "format_version" not in manifest:
+        raise PackFormatError(f"{config_path} has no format_version: it is not an hf_kedit manifest")
+    version = manifest["format_version"]
+    if type(version) is not int or version != FORMAT_VERSION:
         raise PackFormatError(f"{config_path}: format_version {version!r} is not supported (this hf_kedit "
                               f"reads version {FORMAT_VERSION}); a newer pack needs a newer hf_kedit")
-    for key, typ in (("kind", str), ("method", dict), ("base_model", dict), ("edits", list), ("tensors", dict)):
-        if not isinstance(manifest.get(key), typ):
-            raise PackFormatError(f"{config_path}: '{key}' must be a JSON {typ.__name__}")
+    for key, typ in (("kind", str), ("method", dict), ("base_model", dict), ("edits", list), ("tensors", dict),
+                     ("kind_config", dict), ("files", dict)):
+        if key in manifest and not isinstance(manifest[key], typ) or key not in manifest and key not in OPTIONAL:
+            raise PackFormatError(f"{config_path}: '{key}' must be a JSON {_JSON_NAMES[typ]}")
     from .kinds import kind_named
 
     kind_named(manifest["kind"])
-    expected_sha = manifest.get("files", {}).get(WEIGHTS_NAME, {}).get("sha256")
+    for name, spec in manifest["tensors"].items():
+        if not (isinstance(spec, dict) and isinstance(spec.get("shape"), list)
+                and all(type(n) is int and n >= 0 for n in spec["shape"]) and spec.get("dtype") in DTYPES):
+            raise PackFormatError(f"{config_path}: tensors[{name!r}] must be {{\"shape\": [ints], \"dtype\": one "
+                                  f"of {sorted(DTYPES)}}}, got {spec!r}")
+    if not all(isinstance(e, dict) for e in manifest["edits"]):
+        raise PackFormatError(f"{config_path}: every entry of 'edits' must be a JSON object")
+    entry = manifest.get("files", {}).get(WEIGHTS_NAME, {})
+    expected_sha = entry.get("sha256") if isinstance(entry, dict) else None
     if expected_sha and expected_sha != _sha256(weights_path):
         raise PackFormatError(f"{weights_path} is corrupted: its sha256 differs from the manifest's")
     tensors = _read_tensors(weights_path, manifest["tensors"])
@@ -248,6 +261,28 @@ def _read_tensors(path: Path, declared: dict) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except SafetensorError as e:
         raise PackFormatError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
+
+
+def _check_edit_fields(e: Edit) -> None:
+    for name in ("subject", "prompt", "target_new"):
+        value = getattr(e, name)
+        if not isinstance(value, str) or not value.strip():
+            raise PackFormatError(f"edit {e.id!r}: {name} must be a non-empty string, got {value!r}")
+    if e.target_true is not None and not isinstance(e.target_true, str):
+        raise PackFormatError(f"edit {e.id!r}: target_true must be a string or null, got {e.target_true!r}")
+    if not isinstance(e.metrics, dict) or not isinstance(e.created, str):
+        raise PackFormatError(f"edit {e.id!r}: metrics must be an object and created a string")
+    if not isinstance(e.tensors, list) or not all(isinstance(t, str) for t in e.tensors):
+        raise PackFormatError(f"edit {e.id!r}: tensors must be a list of tensor names, got {e.tensors!r}")
+
+
+def _check_base_model(record: dict) -> None:
+    fingerprint = record.get("fingerprint") if isinstance(record, dict) else None
+    if not isinstance(fingerprint, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("shape"), list) and isinstance(v.get("sha256_bf16"), str)
+            and isinstance(v.get("sample"), list) for v in fingerprint.values()):
+        raise PackFormatError("base_model.fingerprint must map each module to its shape, sha256_bf16 and "
+                              "sample: the pack cannot be checked against a model without it")
 
 
 def _safetensors_dtype(name) -> str:

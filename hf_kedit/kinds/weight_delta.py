@@ -43,7 +43,8 @@ class WeightDelta:
             raise PackFormatError("weight_delta pack: kind_config.modules must map each target module "
                                   "to its layout and (out, in) shape")
         for module, entry in modules.items():
-            if entry.get("layout") not in ("out_in", "in_out") or len(entry.get("shape", [])) != 2:
+            if not isinstance(entry, dict) or entry.get("layout") not in ("out_in", "in_out") \
+                    or not isinstance(entry.get("shape"), list) or len(entry["shape"]) != 2:
                 raise PackFormatError(f"weight_delta pack: kind_config.modules[{module!r}] needs layout "
                                       f"'out_in' or 'in_out' and a 2-element shape, got {entry}")
         for edit in pack.edits:
