@@ -63,14 +63,19 @@ class EditStack:
             raise ValueError(f"on_conflict={on_conflict!r}: use one of {ON_CONFLICT}")
         kind = kind_named(pack.kind)
         kind.check_model(pack, self.model)
-        check_base_model(pack.base_model, self.model, verify=verify)
+        merged_away = {m: w for runtime in self.runtimes.values() for m, w in runtime.originals.items()}
+        check_base_model(pack.base_model, self.model, verify=verify, base_weights=merged_away)
         pack, superseded = self._resolve_conflicts(pack, on_conflict)
 
         runtime = self.runtimes.get(pack.kind) or self.runtimes.setdefault(pack.kind, kind.Runtime(self.model))
         runtime.put(name, pack)
         self.packs[name] = AttachedPack(name, pack)
         if merge:
-            self.merge(name)
+            try:
+                self.merge(name)
+            except Exception:
+                self.remove(name)  # a pack that cannot attach as asked leaves no trace
+                raise
         for older, edit_ids in superseded.items():
             self.remove(older, edit_ids=edit_ids)
 

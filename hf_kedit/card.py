@@ -1,11 +1,9 @@
 """The model card (README.md) of a pack: Hub front matter and a table of the edits."""
 from __future__ import annotations
 
-import re
-
 from huggingface_hub import ModelCard, ModelCardData
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+from .hub import REPO_ID
 
 
 def model_card(pack, repo_id: str | None = None) -> str:

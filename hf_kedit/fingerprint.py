@@ -30,10 +30,13 @@ def base_model_record(model: nn.Module, modules: list[str]) -> dict:
     return record
 
 
-def check_base_model(record: dict, model: nn.Module, verify: str = "strict") -> None:
+def check_base_model(record: dict, model: nn.Module, verify: str = "strict",
+                     base_weights: dict[str, torch.Tensor] | None = None) -> None:
     """Raise `IncompatiblePackError` naming what differs between `model` and the
     pack's `record`. `verify="shapes"` skips the weight fingerprint (a fine-tuned
-    sibling of the base model)."""
+    sibling of the base model). `base_weights` holds the original matrices of
+    modules that merged packs have changed: those are what a pack was made on."""
+    base_weights = base_weights or {}
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify={verify!r}: use one of {VERIFY_MODES}")
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -51,7 +54,7 @@ def check_base_model(record: dict, model: nn.Module, verify: str = "strict") -> 
         shape = list(module.weight.shape)
         if shape != expected["shape"]:
             raise IncompatiblePackError(f"{name}.weight has shape {shape} here, the pack expects {expected['shape']}")
-        if verify == "strict" and not _same_weights(module, expected):
+        if verify == "strict" and not _same_weights(module, expected, base_weights.get(name)):
             raise IncompatiblePackError(
                 f"the weights of {name} differ from those the pack was made on "
                 f"({record.get('name_or_path') or 'unnamed base model'}); load the pack on its base model, "
@@ -63,9 +66,11 @@ def _field(text_config, config, name):
 
 
 @contextmanager
-def _weights_present(module: nn.Module):
+def _weights_present(module: nn.Module, weight: torch.Tensor | None = None):
+    if weight is not None:
+        yield weight
     # accelerate's offload keeps weights on `meta` until forward; bring them in to read them.
-    if module.weight.device.type == "meta":
+    elif module.weight.device.type == "meta":
         from accelerate.utils import align_module_device
         with align_module_device(module, execution_device="cpu"):
             yield module.weight.detach()
@@ -78,8 +83,8 @@ def _module_fingerprint(module: nn.Module) -> dict:
         return {"shape": list(w.shape), "sha256_bf16": _bf16_hash(w), "sample": _sample(w).tolist()}
 
 
-def _same_weights(module: nn.Module, expected: dict) -> bool:
-    with _weights_present(module) as w:
+def _same_weights(module: nn.Module, expected: dict, weight: torch.Tensor | None) -> bool:
+    with _weights_present(module, weight) as w:
         if w.dtype in (torch.float32, torch.bfloat16):
             return _bf16_hash(w) == expected["sha256_bf16"]
         sample, reference = _sample(w).double(), torch.tensor(expected["sample"], dtype=torch.float64)

@@ -46,3 +46,12 @@ def test_the_record_names_the_architecture():
         bigger = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **{**CONFIGS["llama"],
                                                                                    "num_hidden_layers": 4}))
         check_base_model(record, bigger)
+
+
+def test_a_merged_pack_does_not_make_the_next_pack_look_foreign():
+    model = tiny_model("llama")
+    first = random_pack(model, layers=(1,), prefix="a")
+    second = random_pack(model, layers=(1,), seed=1, prefix="b", subject="B{}")
+    load_edits(model, first, name="a", merge=True)
+    load_edits(model, second, name="b", merge=True)  # checked against the weights before "a" was merged
+    assert [p.merged for p in stack_of(model).list()] == [True, True]

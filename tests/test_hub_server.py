@@ -2,65 +2,33 @@
 
 import json
 import os
-import socket
-import tempfile
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit
 
-# huggingface_hub reads HF_ENDPOINT at import time: point it at our port before importing it
-# (a conftest may already have done so, with the same variable names).
-if "HF_ENDPOINT" not in os.environ:
-    with socket.socket() as _sock:
-        _sock.bind(("127.0.0.1", 0))
-        _PORT = _sock.getsockname()[1]
-    os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{_PORT}"
-    os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf-home-")
-    os.environ["HF_TOKEN"] = "test-token"
-    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-
-import huggingface_hub  # noqa: E402
-import pytest  # noqa: E402
-from huggingface_hub import HfApi, hf_hub_download, snapshot_download  # noqa: E402
-from huggingface_hub.errors import (  # noqa: E402
+# conftest.py points HF_ENDPOINT at the test hub before huggingface_hub is imported.
+import huggingface_hub
+import pytest
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
 
-try:  # run from the repo root (python -m pytest) or with tests/ on sys.path (pytest's rootdir insertion)
-    from tests.hub_server import HubServer
-except ImportError:
-    from hub_server import HubServer
+from hub_server import HubServer
 
 README = "---\nlicense: mit\ntags:\n- kedit\n---\n# A knowledge pack\n"
 WEIGHTS = bytes(range(256)) * 8 + b"\x00\xff\x00"  # binary, not valid utf-8
 
 
 @pytest.fixture(scope="module")
-def endpoint(request):
-    """The hub URL; reuse a conftest `hub_server` (or anything already listening) if there is one."""
+def endpoint(hub_server):
     url = os.environ["HF_ENDPOINT"]
-    assert huggingface_hub.constants.ENDPOINT == url.rstrip("/"), "huggingface_hub imported before HF_ENDPOINT was set"
-    try:
-        request.getfixturevalue("hub_server")
-        yield url
-        return
-    except pytest.FixtureLookupError:
-        pass
-    port = urlsplit(url).port
-    with socket.socket() as sock:
-        already_serving = sock.connect_ex(("127.0.0.1", port)) == 0
-    if already_serving:
-        yield url
-        return
-    server = HubServer(port=port).start()
-    assert server.url == url.rstrip("/")
-    yield url
-    server.stop()
+    assert huggingface_hub.constants.ENDPOINT == url.rstrip("/") == hub_server.url
+    return url
 
 
 def _write(folder: Path, files: dict) -> Path:

@@ -182,3 +182,28 @@ def test_accelerate_offloaded_model_gets_the_same_edit(offload, tmp_path):
     torch.testing.assert_close(logits(model), logits(reference), atol=1e-5, rtol=1e-5)
     remove_edits(model, "p")
     assert torch.equal(logits(model), base)
+
+
+def test_a_model_loaded_with_a_device_map_and_disk_offload(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    reference = tiny_model("llama")
+    reference.save_pretrained(tmp_path / "model")
+    pack = random_pack(reference, layers=(0, 2), n_edits=2)
+    base = logits(reference)
+    load_edits(reference, pack, name="p")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map,
+                                                 offload_folder=str(tmp_path / "offload")).eval()
+    assert model.get_submodule("model.layers.2.mlp.down_proj").weight.device.type == "meta"
+    with pytest.raises(Exception, match="offloaded"):
+        load_edits(model, pack, name="p", merge=True)
+    assert len(stack_of(model)) == 0 and no_hooks(model) and torch.equal(logits(model), base)
+    load_edits(model, pack, name="p")
+    torch.testing.assert_close(logits(model), logits(reference), atol=1e-5, rtol=1e-5)
+    with pytest.raises(Exception, match="offloaded"):
+        stack_of(model).merge("p")
+    assert not stack_of(model).packs["p"].merged
+    remove_edits(model, "p")
+    assert torch.equal(logits(model), base)

@@ -10,8 +10,9 @@ A kind is a class with
   not fit `model`;
 - `Runtime(model)`: the one object per model and kind that carries every
   attached pack of the kind in fused hooks, with `put(name, pack)`,
-  `remove(name)`, `merge(name)`, `unmerge(name)`, `merged` (names) and
-  `enabled`.
+  `remove(name)`, `merge(name)`, `unmerge(name)`, `merged` (names),
+  `enabled`, and `originals` (module name -> the weight before merged packs
+  changed it; empty for kinds that never merge).
 The edit stack (`attach.py`) only talks to kinds through this.
 """
 from ..errors import PackFormatError

@@ -136,11 +136,12 @@ class WeightDelta:
             self._refresh(set(self.packs.pop(name)))
 
         def merge(self, name: str) -> None:
+            offloaded = [m for m in self.packs[name] if self.model.get_submodule(m).weight.device.type == "meta"]
+            if offloaded:  # checked for every module first: a half-merged pack would be a trace
+                raise KeditError(f"cannot merge into {offloaded}: their weights are offloaded by accelerate; "
+                                 "keep the pack hooked (merge=False)")
             for module, (A, B) in self.packs[name].items():
                 m = self.model.get_submodule(module)
-                if m.weight.device.type == "meta":
-                    raise KeditError(f"cannot merge into {module}: its weights are offloaded by accelerate; "
-                                     "keep the pack hooked (merge=False)")
                 self.originals.setdefault(module, m.weight.detach().clone())
                 _add_delta(m, A, B)
             self.merged.add(name)
