@@ -4,12 +4,11 @@ from __future__ import annotations
 from huggingface_hub import ModelCard, ModelCardData
 
 from .hub import REPO_ID
+from .models import GGUF_REVISION_PREFIX
 
 
 def model_card(pack, repo_id: str | None = None) -> str:
     """The README.md of `pack` (as pushed to `repo_id`, if given)."""
-    from .models import GGUF_REVISION_PREFIX
-
     base = pack.base_model.get("name_or_path") or ""
     if str(pack.base_model.get("revision") or "").startswith(GGUF_REVISION_PREFIX):
         load = ('from hf_kedit.models import load_model\n\n'

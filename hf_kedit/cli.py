@@ -74,10 +74,10 @@ def _push(args) -> int:
 
 
 def _pull(args) -> int:
-    from .hub import pull_pack
-    from .pack import read_pack
+    from .hub import pull_folder
+    from .pack import PACK_FILES, read_pack
 
-    folder = pull_pack(args.repo_id, args.dir, revision=args.revision)
+    folder = pull_folder(args.repo_id, args.dir, revision=args.revision, allow_patterns=list(PACK_FILES))
     read_pack(folder)  # the files arrived whole and valid
     print(f"pulled {args.repo_id} into {folder}")
     return 0

@@ -26,17 +26,16 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str
 def run_demo(out_dir: str | Path = "demo-pack", model_name: str = "default", edit: Edit = DEMO_EDIT) -> bool:
     """Edit a fact, save the pack, reload it on a fresh model, remove it; True if
     every step behaved (the edit holds, the original answer comes back exactly)."""
-    say = print
-    say(f"1. loading {model_name!r}")
+    print(f"1. loading {model_name!r}")
     model, tokenizer = load_model(model_name)
     before = greedy_answer(model, tokenizer, edit.text)
-    say(f"   {edit.text} -> {before!r}")
-    say(f"2. editing: {edit.text} {edit.target_true} => {edit.target_new} (rank-one LoRA on one MLP projection)")
+    print(f"   {edit.text} -> {before!r}")
+    print(f"2. editing: {edit.text} {edit.target_true} => {edit.target_new} (rank-one LoRA on one MLP projection)")
     pack = lora_edit(model, tokenizer, [edit])
     pack.save_pretrained(out_dir)
-    say(f"   saved the pack to {out_dir}/ ({pack.nbytes} bytes of tensors)")
+    print(f"   saved the pack to {out_dir}/ ({pack.nbytes} bytes of tensors)")
 
-    say("3. loading the pack onto a freshly loaded model")
+    print("3. loading the pack onto a freshly loaded model")
     fresh, _ = load_model(model_name)
     ids = tokenizer(edit.text, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -44,15 +43,15 @@ def run_demo(out_dir: str | Path = "demo-pack", model_name: str = "default", edi
     load_edits(fresh, out_dir, name="demo")
     after = greedy_answer(fresh, tokenizer, edit.text)
     neighbour = greedy_answer(fresh, tokenizer, NEIGHBOUR)
-    say(f"   {edit.text} -> {after!r}")
-    say(f"   (unrelated) {NEIGHBOUR} -> {neighbour!r}")
+    print(f"   {edit.text} -> {after!r}")
+    print(f"   (unrelated) {NEIGHBOUR} -> {neighbour!r}")
 
-    say("4. removing the pack")
+    print("4. removing the pack")
     remove_edits(fresh, "demo")
     restored = greedy_answer(fresh, tokenizer, edit.text)
     with torch.no_grad():
         exact = torch.equal(fresh(ids).logits, base_logits)
-    say(f"   {edit.text} -> {restored!r}; logits bit-identical to the untouched model: {exact}")
+    print(f"   {edit.text} -> {restored!r}; logits bit-identical to the untouched model: {exact}")
     ok = after.lower().startswith(edit.target_new.lower()) and restored == before and exact
-    say("demo " + ("passed" if ok else "FAILED"))
+    print("demo " + ("passed" if ok else "FAILED"))
     return ok

@@ -1,4 +1,5 @@
-"""Transport: where a pack source lives (a folder or a Hub repo) and pushing one."""
+"""Transport: where a pack source lives (a folder or a Hub repo), pushing and pulling.
+It knows nothing of the files inside: the pack format names them."""
 from __future__ import annotations
 
 import os
@@ -11,8 +12,8 @@ from huggingface_hub import HfApi, snapshot_download
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def resolve_source(source: str | os.PathLike, revision: str | None = None,
-                   token: str | None = None) -> tuple[Path, str | None]:
+def resolve_source(source: str | os.PathLike, revision: str | None = None, token: str | None = None,
+                   allow_patterns=None) -> tuple[Path, str | None]:
     """A local folder for `source`, and the Hub commit sha it came from (None for
     a local folder). An existing path wins; a path-like string that does not exist
     is a `FileNotFoundError`, never a confusing repo-id error."""
@@ -25,9 +26,7 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None,
     if isinstance(source, os.PathLike) or text.startswith((".", "/", "~")) or not REPO_ID.match(text) \
             or text.count("/") > 1:
         raise FileNotFoundError(f"no such folder: {text} (nor is it a Hub repo id 'user/name')")
-    from .pack import PACK_FILES
-
-    folder = Path(snapshot_download(text, revision=revision, allow_patterns=list(PACK_FILES), token=token))
+    folder = Path(snapshot_download(text, revision=revision, allow_patterns=allow_patterns, token=token))
     return folder, folder.name
 
 
@@ -46,9 +45,8 @@ def push_pack(pack, repo_id: str, branch: str | None = None, private: bool = Fal
     return info.oid
 
 
-def pull_pack(repo_id: str, local_dir: str | Path, revision: str | None = None, token: str | None = None) -> Path:
-    """Download a pack repo's files into `local_dir`."""
-    from .pack import PACK_FILES
-
+def pull_folder(repo_id: str, local_dir: str | Path, revision: str | None = None, token: str | None = None,
+                allow_patterns=None) -> Path:
+    """Download a repo's files (those matching `allow_patterns`) into `local_dir`."""
     return Path(snapshot_download(repo_id, revision=revision, local_dir=str(local_dir),
-                                  allow_patterns=list(PACK_FILES), token=token))
+                                  allow_patterns=allow_patterns, token=token))

@@ -20,7 +20,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .card import model_card
 from .errors import PackFormatError
+from .hub import push_pack, resolve_source
+from .kinds import kind_named
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "kedit_config.json"
@@ -92,7 +95,8 @@ class EditPack:
 
     def select(self, edit_ids) -> "EditPack":
         """A pack holding only the edits in `edit_ids` (and their tensors)."""
-        keep = [e for e in self.edits if e.id in set(edit_ids)]
+        wanted = set(edit_ids)
+        keep = [e for e in self.edits if e.id in wanted]
         tensors = {name: self.tensors[name] for e in keep for name in e.tensors}
         pack = EditPack(self.kind, self.method, keep, tensors, self.base_model, self.hyperparameters,
                         self.kind_config)
@@ -103,8 +107,6 @@ class EditPack:
     def validate(self) -> None:
         """Raise `PackFormatError` unless the pack is well formed: ids unique, each
         tensor owned by exactly one edit, finite, and laid out as its kind needs."""
-        from .kinds import kind_named  # kinds read packs; the import is deferred to keep one direction at load
-
         kind = kind_named(self.kind)
         if not self.edits:
             raise PackFormatError("the pack holds no edits")
@@ -149,8 +151,6 @@ class EditPack:
     def save_pretrained(self, save_directory: str | Path, repo_id: str | None = None) -> Path:
         """Write the pack's three files into `save_directory` (created if needed);
         `repo_id` names the Hub repo in the model card's usage example."""
-        from .card import model_card  # the card reads the pack, not the reverse
-
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {n: t.detach().to("cpu").contiguous().clone() for n, t in self.tensors.items()}
@@ -167,9 +167,7 @@ class EditPack:
 
         Raises `FileNotFoundError` for a path that does not exist and
         `PackFormatError` for anything malformed, naming what is wrong."""
-        from .hub import resolve_source
-
-        folder, sha = resolve_source(source, revision=revision, token=token)
+        folder, sha = resolve_source(source, revision=revision, token=token, allow_patterns=list(PACK_FILES))
         pack = read_pack(folder)
         pack.revision = sha
         return pack
@@ -178,15 +176,11 @@ class EditPack:
                     commit_message: str | None = None, token: str | None = None) -> str:
         """Upload the pack as one commit to `repo_id` (on `branch`, default main);
         returns the commit sha."""
-        from .hub import push_pack
-
         return push_pack(self, repo_id, branch=branch, private=private, commit_message=commit_message, token=token)
 
     def export_peft(self, save_directory: str | Path) -> Path:
         """Write a PEFT adapter folder equivalent to this pack (weight_delta packs),
         loadable by `peft.PeftModel.from_pretrained(base, save_directory)`."""
-        from .kinds import kind_named
-
         kind = kind_named(self.kind)
         if not hasattr(kind, "export_peft"):
             raise PackFormatError(f"{self.kind} packs have no PEFT equivalent; only weight_delta packs export")
@@ -219,8 +213,6 @@ def read_pack(folder: Path) -> EditPack:
                      ("kind_config", dict), ("files", dict)):
         if key in manifest and not isinstance(manifest[key], typ) or key not in manifest and key not in OPTIONAL:
             raise PackFormatError(f"{config_path}: '{key}' must be a JSON {_JSON_NAMES[typ]}")
-    from .kinds import kind_named
-
     kind_named(manifest["kind"])
     for name, spec in manifest["tensors"].items():
         if not (isinstance(spec, dict) and isinstance(spec.get("shape"), list)
