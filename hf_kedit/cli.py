@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 
 def main(argv=None) -> int:
@@ -32,12 +34,35 @@ def main(argv=None) -> int:
     p.add_argument("pack")
     p.add_argument("dir")
 
+    p = sub.add_parser("edit", help="make one pack for the cases of a data file")
+    p.add_argument("--method", required=True)
+    _model_and_data(p)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method setting")
+    p.add_argument("--out", required=True, help="the pack folder to write")
+
+    p = sub.add_parser("eval", help="score a model, with packs or a method, on a data file")
+    _model_and_data(p)
+    p.add_argument("--pack", action="append", default=[], help="a pack to attach (repeatable)")
+    p.add_argument("--method", default=None, help="a method to edit with, or a baseline (unedited, icl)")
+    p.add_argument("--mode", default="single", help="single, batch or sequential")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method setting")
+    p.add_argument("--metrics", default=None, help="comma-separated subset of the metrics")
+    p.add_argument("--out", required=True, help="the JSON file to write")
+
+    p = sub.add_parser("bench", help="several methods side by side on the same cases")
+    _model_and_data(p)
+    p.add_argument("--methods", required=True, help="comma-separated, e.g. unedited,icl,lora")
+    p.add_argument("--modes", default="single", help="comma-separated modes for methods that make packs")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", help="a method setting")
+    p.add_argument("--metrics", default=None, help="comma-separated subset of the metrics")
+    p.add_argument("--out", required=True, help="the folder to write results.json, results.md and plots into")
+
     args = parser.parse_args(argv)
     from .errors import KeditError
 
     try:
         return COMMANDS[args.command](args)
-    except (KeditError, FileNotFoundError) as e:
+    except (KeditError, FileNotFoundError, ValueError) as e:
         print(f"kedit {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
@@ -91,7 +116,100 @@ def _export_peft(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": _demo, "info": _info, "push": _push, "pull": _pull, "export-peft": _export_peft}
+def _model_and_data(p) -> None:
+    p.add_argument("--model", default="default", help='"default", a local folder or a Hub id')
+    p.add_argument("--data", required=True, metavar="FORMAT:PATH",
+                   help="counterfact, zsre, ripple, mquake or knowedit, and a file")
+    p.add_argument("--limit", type=int, default=None, help="the first N records")
+
+
+def _cases(args):
+    from .evaluate.datasets import read_cases
+
+    fmt, sep, path = args.data.partition(":")
+    if not sep:
+        raise ValueError(f"--data {args.data!r}: write FORMAT:PATH, e.g. counterfact:data/counterfact.json")
+    return read_cases(fmt, path, limit=args.limit)
+
+
+def _settings(pairs: list[str]) -> dict:
+    """KEY=VALUE strings as a dict; values are read as JSON where they parse (numbers, true, lists)."""
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {pair!r}: write KEY=VALUE")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return settings
+
+
+def _config(args):
+    from .evaluate.harness import METRICS, EvalConfig
+
+    return EvalConfig(metrics=tuple(args.metrics.split(",")) if args.metrics else METRICS)
+
+
+def _edit(args) -> int:
+    from .methods import make_pack
+    from .models import load_model
+
+    cases = _cases(args)
+    model, tokenizer = load_model(args.model)
+    pack = make_pack(args.method, model, tokenizer, [e for c in cases for e in c.edits], _settings(args.set))
+    pack.save_pretrained(args.out)
+    print(f"wrote {len(pack.edits)} {args.method} edits to {args.out}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .attach import load_edits
+    from .evaluate.harness import evaluate, locality_references
+    from .evaluate.report import markdown_table
+    from .models import load_model
+
+    if args.pack and args.method:
+        raise ValueError("give --pack or --method, not both")
+    cases, config = _cases(args), _config(args)
+    model, tokenizer = load_model(args.model)
+    references = locality_references(model, tokenizer, cases, config)  # before any pack changes the model
+    for pack in args.pack:
+        load_edits(model, pack)
+    result = evaluate(model, tokenizer, cases, args.method or "unedited", args.mode, _settings(args.set), config,
+                      references, args.model)
+    if args.pack:
+        result["method"], result["packs"] = "packs", args.pack
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown_table([result]))
+    return 0
+
+
+def _bench(args) -> int:
+    from .evaluate.bench import run_bench
+    from .evaluate.harness import known_methods
+    from .models import load_model
+
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in known_methods()]
+    if unknown:
+        raise ValueError(f"unknown method {unknown}: choose from {known_methods()}")
+    settings = {}
+    for key, value in _settings(args.set).items():
+        method, sep, name = key.partition(".")
+        if not sep:
+            raise ValueError(f"--set {key}=...: write METHOD.KEY=VALUE, e.g. lora.rank=2")
+        settings.setdefault(method, {})[name] = value
+    cases, config = _cases(args), _config(args)
+    model, tokenizer = load_model(args.model)
+    run_bench(model, tokenizer, cases, methods, args.modes.split(","), settings, config, args.out, args.model)
+    return 0
+
+
+COMMANDS = {"demo": _demo, "info": _info, "push": _push, "pull": _pull, "export-peft": _export_peft,
+            "edit": _edit, "eval": _eval, "bench": _bench}
 
 if __name__ == "__main__":
     sys.exit(main())

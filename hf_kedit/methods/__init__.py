@@ -2,6 +2,8 @@
 returns an `EditPack`, leaving the model as it found it."""
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 from torch import nn
 
@@ -24,3 +26,26 @@ def weight_delta_pack(model: nn.Module, method: str, hyperparameters: dict, edit
     edits = [Edit(**{**e.__dict__, "tensors": owned[e.id]}) for e in edits]
     return EditPack(WeightDelta.name, method, edits, tensors, base_model_record(model, sorted(modules)),
                     hyperparameters, {"modules": {m: module_entry(model, m) for m in sorted(modules)}})
+
+
+def make_pack(method: str, model: nn.Module, tokenizer, edits: list[Edit], settings: dict | None = None,
+              progress: bool = True) -> EditPack:
+    """Run the method called `method` on `edits` with `settings` (its config's fields).
+
+    Example:
+        >>> pack = make_pack("lora", model, tokenizer, edits, {"rank": 2})
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: the methods that make packs are {sorted(METHODS)}")
+    edit, config_class = METHODS[method]
+    known = {f.name for f in fields(config_class)}
+    unknown = set(settings or {}) - known
+    if unknown:
+        raise ValueError(f"{method} has no setting {sorted(unknown)}; its settings are {sorted(known)}")
+    return edit(model, tokenizer, edits, config_class(**(settings or {})), progress=progress)
+
+
+# The methods import `weight_delta_pack` from this module, so they are registered last.
+from .lora import LoRAConfig, lora_edit  # noqa: E402
+
+METHODS = {"lora": (lora_edit, LoRAConfig)}

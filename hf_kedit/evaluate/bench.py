@@ -1,0 +1,38 @@
+"""Every method on the same cases, side by side: results.json, results.md and plots."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .harness import BASELINES, EvalConfig, evaluate, locality_references
+from .report import markdown_table, plot_cost, plot_quality
+
+
+def run_bench(model, tokenizer, cases, methods: list[str], modes=("single",), settings: dict | None = None,
+              config: EvalConfig | None = None, out_dir: str | Path = "bench", model_name: str = "",
+              progress: bool = True) -> list[dict]:
+    """Evaluate each method (baselines once, pack methods once per mode) on `cases`,
+    with the unedited model's locality answers computed once for all.
+
+    Example:
+        >>> run_bench(model, tokenizer, cases, ["unedited", "icl", "lora"], out_dir="bench")
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    references = locality_references(model, tokenizer, cases, config, progress)
+    pre_edit_seconds = time.perf_counter() - start
+    results = []
+    for method in methods:
+        for mode in (("single",) if method in BASELINES else modes):
+            results.append(evaluate(model, tokenizer, cases, method, mode, (settings or {}).get(method), config,
+                                    references, model_name, progress))
+            results[-1]["timing"]["pre_edit_seconds"] = pre_edit_seconds  # shared by all methods
+    table = markdown_table(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(table + "\n")
+    plot_quality(results, out / "quality.png")
+    plot_cost(results, out / "cost.png")
+    print(table)
+    return results

@@ -1,0 +1,180 @@
+"""Edit, score, remove: one method on a list of cases in one edit mode.
+
+Modes: `single` (each case edited alone, scored, removed: the pack stack makes
+this exact), `batch` (all cases in one pack), `sequential` (packs accumulate
+case after case, each made on the model as the earlier ones left it; all
+scored at the end). Baselines that make no pack: `unedited`, and `icl`, which
+states the case's edits before every prompt (EasyEdit's IKE/PROMPT format).
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..attach import load_edits, remove_edits
+from ..methods import METHODS, make_pack
+from ..pack import EditPack
+from .cases import Case
+from .metrics import DOUBT_TEMPLATES, fluency, in_context, locality_reference, score_probes, with_robustness
+from .scoring import Scorer
+
+BASELINES = ("unedited", "icl")
+MODES = ("single", "batch", "sequential")
+ICL_TEMPLATE = "New Fact: {fact}\nPrompt: "
+
+
+METRICS = ("efficacy", "generality", "locality", "portability", "fluency", "robustness")
+
+
+@dataclass
+class EvalConfig:
+    """What is scored and how: the metrics (default all), fluency generations per
+    case and their length, the robustness doubt prompts, and the batch size."""
+
+    metrics: tuple = METRICS
+    fluency_prompts: int = 1
+    fluency_tokens: int = 32
+    doubt_templates: tuple = DOUBT_TEMPLATES
+    batch_size: int = 16
+
+    def __post_init__(self):
+        unknown = set(self.metrics) - set(METRICS)
+        if unknown:
+            raise ValueError(f"unknown metric {sorted(unknown)}: choose from {list(METRICS)}")
+
+    def select(self, case: Case) -> Case:
+        """The case with only the probes of the chosen metrics (and its robustness probes if chosen)."""
+        if "robustness" in self.metrics:
+            case = with_robustness(case, self.doubt_templates)
+        probes = {m: g for m, g in case.probes.items() if m.split("/")[0] in self.metrics}
+        return Case(case.id, case.edits, probes, case.generation_prompts)
+
+
+def known_methods() -> list[str]:
+    return list(BASELINES) + sorted(METHODS)
+
+
+def icl_context(case: Case) -> str:
+    return "".join(ICL_TEMPLATE.format(fact=f"{e.text} {e.target_new}.") for e in case.edits)
+
+
+def pack_bytes(pack: EditPack) -> int:
+    """Bytes of the pack's files on disk (tensors, manifest and model card)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return sum(p.stat().st_size for p in pack.save_pretrained(tmp).iterdir())
+
+
+def locality_references(model, tokenizer, cases: list[Case], config: EvalConfig | None = None,
+                        progress: bool = True) -> dict:
+    """The unedited model's locality answers per case: compute once, reuse for every method."""
+    config = config or EvalConfig()
+    if "locality" not in config.metrics:
+        return {c.id: {} for c in cases}
+    scorer = Scorer(model, tokenizer, batch_size=config.batch_size)
+    return {c.id: locality_reference(scorer, c) for c in tqdm(cases, desc="pre-edit answers", disable=not progress)}
+
+
+def evaluate(model, tokenizer, cases: list[Case], method: str = "unedited", mode: str = "single",
+             settings: dict | None = None, config: EvalConfig | None = None, references: dict | None = None,
+             model_name: str = "", progress: bool = True) -> dict:
+    """Edit with `method` in `mode`, score every case, remove the edits; returns the
+    result as JSON-able dict (metrics averaged over cases, per-case scores, timing).
+
+    Example:
+        >>> cases = read_cases("counterfact", "counterfact.json", limit=10)
+        >>> result = evaluate(model, tokenizer, cases, method="lora", mode="single")
+        >>> result["metrics"]["efficacy"]["gen"]
+    """
+    if method not in known_methods():
+        raise ValueError(f"unknown method {method!r}: choose from {known_methods()}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: choose from {MODES}")
+    config = config or EvalConfig()
+    if references is None:
+        references = locality_references(model, tokenizer, cases, config, progress)
+    scorer = Scorer(model, tokenizer, batch_size=config.batch_size)
+    cases = [config.select(c) for c in cases]
+
+    def score(group: list[Case], desc: str) -> dict:
+        """Scores of cases that share the model's current state (fluency is batched across them)."""
+        views = [in_context(c, icl_context(c)) if method == "icl" else c for c in group]
+        out = {c.id: score_probes(scorer, v, references[c.id])
+               for c, v in tqdm(list(zip(group, views)), desc=desc, disable=not progress or len(group) == 1)}
+        if "fluency" in config.metrics:
+            for c, entropy in zip(group, fluency(scorer, views, config.fluency_prompts, config.fluency_tokens)):
+                out[c.id]["fluency"] = {"entropy": entropy}
+        return out
+
+    edit_seconds, sizes, n_edits, per_case = [], [], 0, {}  # edit_seconds: per pack made
+    start = time.perf_counter()
+    if method in BASELINES:
+        per_case = score(cases, f"{method}: scoring")
+    elif mode == "single":
+        for case in tqdm(cases, desc=f"{method} single", disable=not progress):
+            pack = _timed_pack(method, model, tokenizer, case.edits, settings, edit_seconds, sizes)
+            load_edits(model, pack, name=f"eval-{case.id}")
+            try:
+                per_case.update(score([case], ""))
+            finally:
+                remove_edits(model, f"eval-{case.id}")
+    elif mode == "batch":
+        edits = [e for c in cases for e in c.edits]
+        pack = _timed_pack(method, model, tokenizer, edits, settings, edit_seconds, sizes)
+        load_edits(model, pack, name="eval-batch")
+        try:
+            per_case = score(cases, f"{method} batch: scoring")
+        finally:
+            remove_edits(model, "eval-batch")
+    else:
+        names = []
+        try:
+            for case in tqdm(cases, desc=f"{method} sequential: editing", disable=not progress):
+                pack = _timed_pack(method, model, tokenizer, case.edits, settings, edit_seconds, sizes)
+                names.append(f"eval-{case.id}")
+                load_edits(model, pack, name=names[-1])
+            per_case = score(cases, f"{method} sequential: scoring")
+        finally:
+            for name in names:
+                remove_edits(model, name)
+    eval_seconds = time.perf_counter() - start - sum(edit_seconds)
+    if method not in BASELINES:
+        n_edits = sum(len(c.edits) for c in cases)
+        if mode == "batch":  # one pack for all: its time per edit
+            edit_seconds = [edit_seconds[0] / n_edits]
+    return {
+        "model": model_name, "method": method, "mode": mode, "settings": settings or {},
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
+        "n_cases": len(cases), "case_ids": [c.id for c in cases],
+        "metrics": aggregate(per_case), "per_case": per_case,
+        "timing": {
+            "edit_seconds_median": statistics.median(edit_seconds) if edit_seconds else None,
+            "eval_seconds": eval_seconds,
+            "pack_bytes_per_edit": sum(sizes) / n_edits if sizes else None,
+        },
+    }
+
+
+def aggregate(per_case: dict) -> dict:
+    """Mean of each score over the cases where it is defined."""
+    metrics = {}
+    for scores in per_case.values():
+        for metric, values in scores.items():
+            for kind, v in values.items():
+                metrics.setdefault(metric, {}).setdefault(kind, [])
+                if v is not None:
+                    metrics[metric][kind].append(v)
+    return {m: {k: (statistics.fmean(v) if v else None) for k, v in kinds.items()}
+            for m, kinds in sorted(metrics.items())}
+
+
+def _timed_pack(method, model, tokenizer, edits, settings, edit_seconds, sizes) -> EditPack:
+    start = time.perf_counter()
+    pack = make_pack(method, model, tokenizer, edits, settings, progress=False)
+    edit_seconds.append(time.perf_counter() - start)
+    sizes.append(pack_bytes(pack))
+    return pack

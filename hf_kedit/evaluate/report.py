@@ -1,0 +1,78 @@
+"""What people look at: a Markdown table and plots of evaluation results."""
+from __future__ import annotations
+
+from pathlib import Path
+
+MAIN_METRICS = ("efficacy", "generality", "locality", "portability", "robustness")
+KINDS = ("cmp", "tf", "gen")
+
+
+def label(result: dict) -> str:
+    return result["method"] if result["method"] in ("unedited", "icl") else f"{result['method']} ({result['mode']})"
+
+
+def markdown_table(results: list[dict]) -> str:
+    """Methods as rows; each main metric's cmp / tf / gen, fluency, and cost."""
+    metrics = [m for m in MAIN_METRICS if any(m in r["metrics"] for r in results)]
+    header = ["method"] + [f"{m} cmp / tf / gen" for m in metrics] + ["fluency", "s/edit", "eval s", "bytes/edit"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        cells = [label(r)]
+        for m in metrics:
+            scores = r["metrics"].get(m, {})
+            cells.append(" / ".join(_num(scores.get(k)) for k in KINDS))
+        timing = r["timing"]
+        cells += [_num(r["metrics"].get("fluency", {}).get("entropy")), _num(timing["edit_seconds_median"]),
+                  f"{timing['eval_seconds']:.0f}", _num(timing["pack_bytes_per_edit"], "{:.0f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_quality(results: list[dict], path: str | Path) -> None:
+    """One panel per score kind, the main metrics grouped, one bar per method."""
+    plt = _pyplot()
+    metrics = [m for m in MAIN_METRICS if any(m in r["metrics"] for r in results)]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    width = 0.8 / max(len(results), 1)
+    for ax, kind in zip(axes, KINDS):
+        for j, r in enumerate(results):
+            values = [r["metrics"].get(m, {}).get(kind) for m in metrics]
+            xs = [i + j * width for i in range(len(metrics))]
+            ax.bar(xs, [v if v is not None else 0 for v in values], width, label=label(r))
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(metrics))], metrics, rotation=20)
+        ax.set_title({"cmp": "cmp: probability comparison", "tf": "tf: teacher-forced",
+                      "gen": "gen: greedy generation"}[kind])
+        ax.set_ylim(0, 1.05)
+    axes[0].set_ylabel("score")
+    axes[-1].legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_cost(results: list[dict], path: str | Path) -> None:
+    """Seconds per edit and pack bytes per edit of the methods that make packs."""
+    plt = _pyplot()
+    editing = [r for r in results if r["timing"]["edit_seconds_median"] is not None]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    names = [label(r) for r in editing]
+    left.barh(names, [r["timing"]["edit_seconds_median"] for r in editing], color="tab:orange")
+    left.set_xlabel("seconds per edit (median)")
+    right.barh(names, [r["timing"]["pack_bytes_per_edit"] for r in editing], color="tab:green")
+    right.set_xlabel("pack bytes per edit")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _num(value, fmt: str = "{:.2f}") -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,173 @@
+"""The evaluation harness on a tiny random model with the default model's tokenizer."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from hf_kedit import Edit, stack_of
+from hf_kedit.cli import main as kedit
+from hf_kedit.evaluate.cases import Case, Probe
+from hf_kedit.evaluate.harness import EvalConfig, evaluate, locality_references
+from hf_kedit.evaluate.metrics import is_locality, ngram_entropy, score_probes
+from hf_kedit.evaluate.scoring import Scorer
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact.json"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model):
+    return default_model[1]
+
+
+@pytest.fixture
+def model(tokenizer):
+    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                  max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def force_say(model, tokenizer, text, unless_token=None):
+    """Make `model` continue any prompt with `text`: the next token is the one after
+    the current token in `text` (its first token otherwise). With `unless_token`,
+    rows holding that token predict something else (a changed output)."""
+    say = tokenizer(" " + text, add_special_tokens=False).input_ids
+    follow = {a: b for a, b in zip(say, say[1:])}
+
+    def hook(module, args, kwargs, output):
+        ids = kwargs["input_ids"]
+        nxt = torch.tensor([[follow.get(t, say[0]) for t in row] for row in ids.tolist()])
+        if unless_token is not None:
+            changed = (ids == unless_token).any(-1, keepdim=True)
+            nxt = torch.where(changed, torch.full_like(nxt, 7), nxt)
+        logits = torch.zeros_like(output.logits)  # generate asks for the last position's logits only
+        logits.scatter_(-1, nxt[:, -logits.shape[1]:].unsqueeze(-1), 100.0)
+        output.logits = logits
+        return output
+
+    return model.register_forward_hook(hook, with_kwargs=True)
+
+
+def case(prompts_loc=("The capital of Italy is", "The capital of Spain is")):
+    edit = Edit("e0", "France", "The capital of {} is", "Paris France", "Lyon")
+    return Case("c0", [edit], {
+        "efficacy": [Probe(edit.text, ["Paris France"], "Lyon")],
+        "generality": [Probe("France's capital is", ["Paris Texas"], "Lyon")],
+        "portability": [Probe("The capital city of France is", ["Lyon"], "Paris France")],
+        "locality": [Probe(p, ["Rome"], "Paris France") for p in prompts_loc],
+    })
+
+
+def test_a_model_forced_to_say_x_scores_one_on_x_and_zero_on_y(model, tokenizer):
+    handle = force_say(model, tokenizer, "Paris France")
+    scorer = Scorer(model, tokenizer)
+    c = case()
+    scores = score_probes(scorer, c, locality_references_for(scorer, c))
+    assert scores["efficacy"] == {"cmp": 1.0, "tf": 1.0, "gen": 1.0}
+    assert scores["portability"] == {"cmp": 0.0, "tf": 0.0, "gen": 0.0}
+    # "Paris Texas": the first token is right, the second is not: tf gives partial credit, gen none.
+    assert scores["generality"]["tf"] == 0.5 and scores["generality"]["gen"] == 0.0
+    handle.remove()
+
+
+def locality_references_for(scorer, c):
+    from hf_kedit.evaluate.metrics import locality_reference
+
+    return locality_reference(scorer, c)
+
+
+def test_locality_drops_exactly_where_outputs_change(model, tokenizer):
+    c = case(prompts_loc=("The capital of Italy is", "The capital of Spain is", "In Spain, the capital is",
+                          "Italy has a capital, it is"))
+    handle = force_say(model, tokenizer, "Rome")
+    scorer = Scorer(model, tokenizer)
+    reference = locality_references_for(scorer, c)
+    assert score_probes(scorer, c, reference)["locality"] == {"cmp": 1.0, "tf": 1.0, "gen": 1.0}
+    handle.remove()
+    spain = tokenizer(" Spain", add_special_tokens=False).input_ids[0]
+    handle = force_say(model, tokenizer, "Rome", unless_token=spain)  # the "edit" changes the Spain prompts only
+    scores = score_probes(scorer, c, reference)["locality"]
+    assert scores["tf"] == 0.5 and scores["gen"] == 0.5 and scores["cmp"] == 0.5
+    handle.remove()
+
+
+def test_ngram_entropy_follows_easyedit():
+    assert ngram_entropy("a a a a a a") == 0.0  # one bigram, one trigram
+    # 4 distinct bigrams (2 bits), 3 distinct trigrams (log2 3 bits), weighted 2/3 and 4/3, averaged
+    assert ngram_entropy("a b c d e") == pytest.approx((2 / 3 * 2 + 4 / 3 * 1.584962500721156) / 2)
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")
+@pytest.mark.parametrize("mode", ["single", "batch", "sequential"])
+def test_every_mode_edits_scores_and_leaves_the_model_as_it_was(model, tokenizer, mode):
+    from hf_kedit.evaluate.datasets import read_cases
+
+    cases = read_cases("counterfact", DATA, limit=2)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = model(ids).logits
+    config = EvalConfig(fluency_tokens=4)
+    result = evaluate(model, tokenizer, cases, "lora", mode, {"steps": 3}, config, progress=False)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before) and len(stack_of(model)) == 0
+    assert result["n_cases"] == 2 and result["case_ids"] == [c.id for c in cases]
+    assert set(result["metrics"]) >= {"efficacy", "generality", "locality", "portability", "robustness", "fluency"}
+    for metric, scores in result["metrics"].items():
+        assert all(v is None or 0 <= v <= 1 for k, v in scores.items() if k != "entropy"), metric
+    assert result["timing"]["edit_seconds_median"] > 0 and result["timing"]["pack_bytes_per_edit"] > 1000
+    assert set(result["per_case"]) == set(result["case_ids"])
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")
+def test_unedited_locality_is_exactly_one_and_icl_puts_the_fact_in_context(model, tokenizer):
+    from hf_kedit.evaluate.datasets import read_cases
+
+    cases = read_cases("counterfact", DATA, limit=2)
+    config = EvalConfig(metrics=("efficacy", "locality"))
+    references = locality_references(model, tokenizer, cases, config, progress=False)
+    unedited = evaluate(model, tokenizer, cases, "unedited", config=config, references=references, progress=False)
+    assert unedited["metrics"]["locality"]["tf"] == 1.0 and unedited["metrics"]["locality"]["gen"] == 1.0
+    assert "fluency" not in unedited["metrics"] and "robustness" not in unedited["metrics"]
+    seen = []
+    handle = model.register_forward_hook(lambda m, a, k, o: seen.append(k["input_ids"]), with_kwargs=True)
+    evaluate(model, tokenizer, cases, "icl", config=config, references=references, progress=False)
+    handle.remove()
+    fact = tokenizer(f"New Fact: {cases[0].edits[0].text} {cases[0].edits[0].target_new}.").input_ids
+    assert any(fact[:8] == row[:8] for batch in seen for row in batch.tolist())
+
+
+def test_bad_choices_are_clear_errors(model, tokenizer):
+    with pytest.raises(ValueError, match="unknown metric \\['accuracy'\\]"):
+        EvalConfig(metrics=("efficacy", "accuracy"))
+    with pytest.raises(ValueError, match="unknown method 'rome2'"):
+        evaluate(model, tokenizer, [case()], "rome2")
+    with pytest.raises(ValueError, match="unknown mode 'parallel'"):
+        evaluate(model, tokenizer, [case()], "lora", "parallel")
+    with pytest.raises(ValueError, match="lora has no setting \\['ranks'\\]"):
+        evaluate(model, tokenizer, [case()], "lora", "single", {"ranks": 2}, progress=False)
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")
+def test_cli_bench_writes_json_markdown_and_plots(model, tokenizer, tmp_path, capsys):
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    out = tmp_path / "bench"
+    assert kedit(["bench", "--model", str(tmp_path / "model"), "--methods", "unedited,icl,lora", "--data",
+                  f"counterfact:{DATA}", "--limit", "2", "--set", "lora.steps=2", "--modes", "single,batch",
+                  "--metrics", "efficacy,locality,fluency", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["mode"]) for r in results] == [("unedited", "single"), ("icl", "single"),
+                                                          ("lora", "single"), ("lora", "batch")]
+    assert results[2]["settings"] == {"steps": 2}
+    rows = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) == 5 and rows[4].startswith("| lora (batch) |")  # header + 4 rows
+    assert (out / "quality.png").stat().st_size > 10_000 and (out / "cost.png").stat().st_size > 5_000
+    assert kedit(["bench", "--model", str(tmp_path / "model"), "--methods", "unedited,rome9", "--data",
+                  f"counterfact:{DATA}", "--out", str(out)]) == 2
+    assert "unknown method ['rome9']" in capsys.readouterr().err
+    assert kedit(["eval", "--model", str(tmp_path / "model"), "--data", f"counterfact:{DATA}", "--limit", "9999",
+                  "--out", str(out / "e.json")]) == 2
+    assert "9999" in capsys.readouterr().err
