@@ -9,6 +9,7 @@ saved original matrix, never a subtraction, so it is bit-exact.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -176,6 +177,24 @@ class WeightDelta:
                 self.hooks[module].set_factors(A, B)
 
 
+def low_rank_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """(x Aᵀ) Bᵀ: what factors (A, B) add to a module's output for input x."""
+    return F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))
+
+
+@contextmanager
+def deltas_applied(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+    """Run `model` with each named module's output plus its low-rank delta, for the
+    block only: methods that compute on an edited model without changing it."""
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda m, args, out, A=A, B=B: out + low_rank_delta(args[0], A, B)) for name, (A, B) in factors.items()]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class FusedDelta:
     """The forward hook adding (x Aᵀ) Bᵀ for all live factors of one module.
     Factors are cast once per (device, dtype) the module runs on, so the hook
@@ -195,7 +214,7 @@ class FusedDelta:
         if key not in self.cast:
             self.cast[key] = (self.A.to(*key), self.B.to(*key))
         A, B = self.cast[key]
-        return output + F.linear(F.linear(args[0].to(*key), A), B)
+        return output + low_rank_delta(args[0].to(*key), A, B)
 
 
 def _factors_by_module(pack) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -47,5 +47,7 @@ def make_pack(method: str, model: nn.Module, tokenizer, edits: list[Edit], setti
 
 # The methods import `weight_delta_pack` from this module, so they are registered last.
 from .lora import LoRAConfig, lora_edit  # noqa: E402
+from .memit import MEMITConfig, memit_edit  # noqa: E402
+from .rome import ROMEConfig, rome_edit  # noqa: E402
 
-METHODS = {"lora": (lora_edit, LoRAConfig)}
+METHODS = {"lora": (lora_edit, LoRAConfig), "memit": (memit_edit, MEMITConfig), "rome": (rome_edit, ROMEConfig)}

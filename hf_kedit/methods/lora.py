@@ -9,6 +9,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..anatomy import anatomy_of, linear_shape
+from ..kinds.weight_delta import deltas_applied
 from ..pack import Edit, EditPack
 from . import weight_delta_pack
 
@@ -46,10 +47,8 @@ def lora_edit(model, tokenizer, requests: list[Edit], config: LoRAConfig | None 
         A = (torch.randn(config.rank, in_f, device=param.device) / in_f ** 0.5).requires_grad_()
         B = torch.zeros(out_f, config.rank, device=param.device, requires_grad=True)
         ids, labels = _teacher_forced(tokenizer, edit, param.device)
-        hook = module.register_forward_hook(
-            lambda m, args, out: out + F.linear(F.linear(args[0], A.to(out.dtype)), B.to(out.dtype)))
         optimizer = torch.optim.Adam([A, B], lr=config.lr)
-        try:
+        with deltas_applied(model, {name: (A, B)}):
             for _ in range(config.steps):
                 logits = model(input_ids=ids).logits.float()
                 loss = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
@@ -58,8 +57,6 @@ def lora_edit(model, tokenizer, requests: list[Edit], config: LoRAConfig | None 
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-        finally:
-            hook.remove()
         model.zero_grad(set_to_none=True)
         factors[edit.id] = {name: (A.detach(), B.detach())}
     return weight_delta_pack(model, "lora", {**asdict(config), "layer": layer}, requests, factors)

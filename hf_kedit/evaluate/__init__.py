@@ -1,0 +1,15 @@
+"""Evaluation: benchmark readers, the metrics (each as cmp, tf and gen), edit modes
+and side-by-side benchmarks. It only reads a model, with or without packs.
+
+Example:
+    >>> from hf_kedit.evaluate import read_cases, evaluate
+    >>> cases = read_cases("counterfact", "counterfact.json", limit=100)
+    >>> result = evaluate(model, tokenizer, cases, method="lora", mode="single")
+"""
+from .bench import run_bench
+from .cases import Case, Probe
+from .datasets import FORMATS, DatasetError, read_cases
+from .harness import METRICS, MODES, EvalConfig, evaluate, known_methods
+
+__all__ = ["Case", "DatasetError", "EvalConfig", "FORMATS", "METRICS", "MODES", "Probe", "evaluate",
+           "known_methods", "read_cases", "run_bench"]

@@ -1,0 +1,177 @@
+"""The locate-and-edit core ROME, MEMIT and STEAM share: the subject's last token,
+context templates, the key k*, the value v* (optimised), and ROME's rank-one
+closed form. It reads the model and never leaves it changed."""
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from ..anatomy import hidden_states
+from ..pack import Edit
+
+_TEMPLATE_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class ValueConfig:
+    """The v* optimisation (ROME's compute_v): Adam on δ, NLL on the target,
+    KL on "{subject} is a", weight decay, and a norm clamp."""
+
+    steps: int = 20
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 1e-3
+    clamp_norm_factor: float = 4.0
+    stop_loss: float = 5e-2
+
+
+def subject_last_index(tokenizer, text: str, subject: str) -> int:
+    """Index of the subject's last token in `text` (which contains `subject`)."""
+    where = text.rfind(subject)
+    if where < 0:
+        raise ValueError(f"the subject {subject!r} does not occur in {text!r}")
+    return len(tokenizer(text[:where + len(subject)]).input_ids) - 1
+
+
+def context_templates(model, tokenizer, counts=((5, 5), (5, 10))) -> list[str]:
+    """["{}"] plus short texts the model writes itself ("<text>. {}"), as ROME
+    uses to make an edit hold in context; cached per model."""
+    cached = _TEMPLATE_CACHE.get(model, {})
+    key = tuple(counts)
+    if key not in cached:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        state = torch.random.get_rng_state()
+        torch.manual_seed(0)
+        templates = ["{}"]
+        with torch.no_grad():
+            for n, length in counts:
+                ids = torch.full((n, 1), start, device=model.device)
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=5,
+                                     max_new_tokens=length, pad_token_id=tokenizer.eos_token_id)
+                for text in tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True):
+                    templates.append(text.replace("{", " ").replace("}", " ").strip() + ". {}")
+        torch.random.set_rng_state(state)
+        cached[key] = templates
+        _TEMPLATE_CACHE[model] = cached
+    return cached[key]
+
+
+@contextmanager
+def _capture(module, inputs: bool):
+    """Record the module's input (or output hidden states) of each forward."""
+    seen = []
+    if inputs:
+        handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    else:
+        handle = module.register_forward_hook(lambda m, args, out: seen.append(hidden_states(out).detach()))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _batch(tokenizer, texts: list[str], device):
+    rows = [tokenizer(t).input_ids for t in texts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return ids, mask, [len(r) for r in rows]
+
+
+@torch.no_grad()
+def key_at_subject(model, tokenizer, module, edit: Edit, templates: list[str]) -> torch.Tensor:
+    """k̄: the module's input at the subject's last token, averaged over templates."""
+    texts = [t.format(edit.prompt).replace("{}", edit.subject) for t in templates]
+    ids, mask, _ = _batch(tokenizer, texts, model.device)
+    index = torch.tensor([subject_last_index(tokenizer, t, edit.subject) for t in texts], device=model.device)
+    with _capture(module, inputs=True) as seen:
+        model(input_ids=ids, attention_mask=mask)
+    return seen[0][torch.arange(len(texts)), index].float().mean(0)
+
+
+@torch.no_grad()
+def io_at_subject(model, tokenizer, module, edit: Edit) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, output) of the module at the subject's last token of the bare prompt."""
+    ids, mask, _ = _batch(tokenizer, [edit.text], model.device)
+    index = subject_last_index(tokenizer, edit.text, edit.subject)
+    with _capture(module, inputs=True) as k, _capture(module, inputs=False) as v:
+        model(input_ids=ids, attention_mask=mask)
+    return k[0][0, index].float(), v[0][0, index].float()
+
+
+def optimise_value(model, tokenizer, module, edit: Edit, templates: list[str], config: ValueConfig) -> torch.Tensor:
+    """v* = the module's output (an MLP projection's for ROME, a decoder layer's
+    hidden state for MEMIT) at the subject's last token plus the δ that makes the
+    model say `edit.target_new` in every template (ROME's compute_v)."""
+    target = tokenizer(" " + edit.target_new.strip(), add_special_tokens=False).input_ids
+    prefix = tokenizer.decode(target[:-1])
+    rewriting = [t.format(edit.prompt).replace("{}", edit.subject) + prefix for t in templates]
+    texts = rewriting + [f"{edit.subject} is a"]
+    ids, mask, lengths = _batch(tokenizer, texts, model.device)
+    lookup = torch.tensor([subject_last_index(tokenizer, t, edit.subject) for t in texts], device=model.device)
+    rows = torch.arange(len(texts), device=model.device)
+    target_ids = torch.tensor(target, device=model.device)
+    n = len(rewriting)
+
+    with _capture(module, inputs=False) as out:
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+    initial = out[0][0, lookup[0]].float()
+    kl_initial = F.log_softmax(logits[n, lookup[n]].float(), -1)
+
+    delta = torch.zeros_like(initial, requires_grad=True)
+
+    def add_delta(m, args, out):
+        h = hidden_states(out)
+        h = h.index_put((rows, lookup), h[rows, lookup] + delta.to(h.dtype))
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    hook = module.register_forward_hook(add_delta)
+    optimizer = torch.optim.Adam([delta], lr=config.lr)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        for step in range(config.steps):
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            nll = torch.stack([
+                F.cross_entropy(logits[i, lengths[i] - len(target):lengths[i]], target_ids) for i in range(n)
+            ]).mean()
+            kl = F.kl_div(F.log_softmax(logits[n, lookup[n]], -1), kl_initial, log_target=True, reduction="sum")
+            loss = nll + config.kl_factor * kl + config.weight_decay * delta.norm() / initial.norm() ** 2
+            if loss.item() < config.stop_loss or step == config.steps - 1:
+                break
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                limit = config.clamp_norm_factor * initial.norm()
+                if delta.norm() > limit:
+                    delta.mul_(limit / delta.norm())
+    finally:
+        hook.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+    return initial + delta.detach()
+
+
+def rank_one_update(key: torch.Tensor, value: torch.Tensor, current_key: torch.Tensor,
+                    current_value: torch.Tensor, second_moment: torch.Tensor | None = None,
+                    ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """ROME's closed form: ΔW = w uᵀ with u = C⁻¹k̄ / ‖C⁻¹k̄‖ (k̄ / ‖k̄‖ without C)
+    and w = (v* − v) / (k·u), so that the edited module maps the current key k to
+    v*. Returns the weight_delta factors (A = uᵀ [1, in], B = w [out, 1])."""
+    u = key.double()
+    if second_moment is not None:
+        C = second_moment.double()
+        # A small ridge keeps C invertible when the statistics saw few tokens.
+        C = C + ridge * C.diagonal().mean() * torch.eye(len(C), dtype=C.dtype, device=C.device)
+        u = torch.linalg.solve(C, u)
+    u = u / u.norm()
+    w = (value.double() - current_value.double()) / (current_key.double() @ u)
+    return u.float()[None, :], w.float()[:, None]

@@ -1,0 +1,91 @@
+"""MEMIT: a batch of edits spread over several MLP output projections by least
+squares, stored as a `weight_delta` pack (per layer, one rank-one pair per edit,
+rank n for a batch of n)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..anatomy import anatomy_of
+from ..kinds.weight_delta import deltas_applied
+from ..pack import Edit, EditPack
+from ..stats import key_second_moments
+from . import weight_delta_pack
+from .locate import ValueConfig, context_templates, io_at_subject, key_at_subject, optimise_value
+
+
+@dataclass
+class MEMITConfig(ValueConfig):
+    """`layers`: indices, or a (start, end) pair of relative depths ((0.13, 0.27)
+    is layers 4-8 of 30, EasyEdit's for Llama-family models). `update_weight`: λ
+    in ΔW = R Kᵀ(λC + KKᵀ)⁻¹; `covariance=False` uses C = I."""
+
+    layers: tuple = (0.13, 0.27)
+    update_weight: float = 15000.0
+    covariance: bool = True
+    stats_tokens: int = 20_000
+    stats_corpus: object = None
+    context_templates: tuple = ((5, 10),)
+
+
+def memit_edit(model, tokenizer, requests: list[Edit], config: MEMITConfig | None = None,
+               progress: bool = True) -> EditPack:
+    """All requests in one MEMIT update.
+
+    Example:
+        >>> pack = memit_edit(model, tokenizer, edits, MEMITConfig(layers=(4, 5, 6, 7, 8)))
+    """
+    config = config or MEMITConfig()
+    anatomy = anatomy_of(model)
+    layers = edit_layers(config.layers, anatomy.num_layers)
+    names = {layer: anatomy.mlp_out(layer) for layer in layers}
+    last_block = model.get_submodule(anatomy.layer(layers[-1]))
+    second_moments = (key_second_moments(model, tokenizer, layers, config.stats_corpus, config.stats_tokens,
+                                         progress=progress) if config.covariance else {})
+    templates = context_templates(model, tokenizer, config.context_templates)
+    targets = torch.stack([optimise_value(model, tokenizer, last_block, e, templates, config)
+                           for e in tqdm(requests, desc="memit targets", disable=not progress)], 1)
+    applied, factors = {}, {e.id: {} for e in requests}
+    for i, layer in enumerate(layers):
+        module = model.get_submodule(names[layer])
+        with deltas_applied(model, applied):  # keys and residuals see the layers updated so far
+            keys = torch.stack([key_at_subject(model, tokenizer, module, e, templates) for e in requests], 1)
+            current = torch.stack([io_at_subject(model, tokenizer, last_block, e)[1] for e in requests], 1)
+        residual = (targets - current) / (len(layers) - i)
+        A, B = least_squares_update(keys, residual, second_moments.get(layer), config.update_weight)
+        applied[names[layer]] = (A, B)
+        for j, edit in enumerate(requests):
+            factors[edit.id][names[layer]] = (A[j:j + 1], B[:, j:j + 1])
+    hyperparameters = {**asdict(config), "layers": layers,
+                       "stats_corpus": None if config.stats_corpus is None else type(config.stats_corpus).__name__}
+    return weight_delta_pack(model, "memit", hyperparameters, requests, factors)
+
+
+def least_squares_update(keys: torch.Tensor, residual: torch.Tensor, second_moment: torch.Tensor | None,
+                         update_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT's closed form: ΔW = R Kᵀ(λC + KKᵀ)⁻¹, the minimiser of
+    ‖ΔW K − R‖² + λ tr(ΔW C ΔWᵀ) (C = I without statistics), for keys K [d_ff, n]
+    and residuals R [d, n]. Returns the factors A = ((λC + KKᵀ)⁻¹K)ᵀ [n, d_ff] and
+    B = R [d, n]: column j of each is edit j's rank-one share."""
+    K = keys.double()
+    C = (second_moment.to(K.device).double() if second_moment is not None
+         else torch.eye(len(K), dtype=torch.float64, device=K.device))
+    adjusted = torch.linalg.solve(update_weight * C + K @ K.T, K)
+    return adjusted.T.float(), residual.float()
+
+
+def edit_layers(spec, num_layers: int) -> list[int]:
+    """Layer indices from indices, or from a (start, end) pair of relative depths."""
+    spec = list(spec)
+    if all(isinstance(x, int) for x in spec):
+        layers = spec
+    elif len(spec) == 2:
+        layers = list(range(round(spec[0] * num_layers), round(spec[1] * num_layers) + 1))
+    else:
+        raise ValueError(f"layers={spec!r}: give layer indices or a (start, end) pair of relative depths")
+    bad = [l for l in layers if not 0 <= l < num_layers]
+    if bad or not layers:
+        raise ValueError(f"layers {bad or layers} out of range: the model has {num_layers} layers")
+    return sorted(layers)

@@ -1,0 +1,58 @@
+"""ROME: a rank-one update of one MLP output projection per edit, stored as a
+`weight_delta` pack (rank one per edit)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from tqdm.auto import tqdm
+
+from ..anatomy import anatomy_of
+from ..pack import Edit, EditPack
+from ..stats import key_second_moments
+from . import weight_delta_pack
+from .locate import ValueConfig, context_templates, io_at_subject, key_at_subject, optimise_value, rank_one_update
+
+
+@dataclass
+class ROMEConfig(ValueConfig):
+    """`layer`: an index, or a float in [0, 1) read as relative depth (0.17 is
+    layer 5 of 30, EasyEdit's layer for Llama-family models). `covariance`: use
+    the key statistics C (`stats.key_second_moments`) over `stats_tokens` tokens of
+    `stats_corpus` (None: text the model samples itself). The value optimisation's
+    settings are `ValueConfig`'s."""
+
+    layer: float | int = 0.17
+    covariance: bool = True
+    stats_tokens: int = 20_000
+    stats_corpus: object = None
+    context_templates: tuple = ((5, 5), (5, 10))
+
+
+def rome_edit(model, tokenizer, requests: list[Edit], config: ROMEConfig | None = None,
+              progress: bool = True) -> EditPack:
+    """One rank-one ROME update per request, each computed on the unedited model.
+
+    Example:
+        >>> edit = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
+        >>> pack = rome_edit(model, tokenizer, [edit])
+    """
+    config = config or ROMEConfig()
+    anatomy = anatomy_of(model)
+    layer = config.layer if isinstance(config.layer, int) else round(config.layer * anatomy.num_layers)
+    name = anatomy.mlp_out(layer)
+    module = model.get_submodule(name)
+    C = (key_second_moments(model, tokenizer, [layer], config.stats_corpus, config.stats_tokens,
+                            progress=progress)[layer].to(model.device) if config.covariance else None)
+    templates = context_templates(model, tokenizer, config.context_templates)
+    factors = {}
+    for edit in tqdm(requests, desc="rome edits", disable=not progress):
+        key = key_at_subject(model, tokenizer, module, edit, templates)
+        value = optimise_value(model, tokenizer, module, edit, templates, config)
+        current_key, current_value = io_at_subject(model, tokenizer, module, edit)
+        factors[edit.id] = {name: rank_one_update(key, value, current_key, current_value, C)}
+    hyperparameters = {**asdict(config), "layer": layer, "stats_corpus": _corpus_name(config.stats_corpus)}
+    return weight_delta_pack(model, "rome", hyperparameters, requests, factors)
+
+
+def _corpus_name(corpus) -> str:
+    return "self-sampled" if corpus is None else str(corpus) if isinstance(corpus, str) else type(corpus).__name__

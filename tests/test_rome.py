@@ -1,0 +1,104 @@
+"""ROME's pieces on tiny random models with the default model's tokenizer."""
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from hf_kedit import Edit, load_edits, remove_edits
+from hf_kedit.anatomy import anatomy_of
+from hf_kedit.methods.locate import io_at_subject, rank_one_update, subject_last_index
+from hf_kedit.methods.rome import ROMEConfig, rome_edit
+from hf_kedit import stats
+from packs import delta_matrix
+
+EDIT = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model):
+    return default_model[1]
+
+
+def tiny(tokenizer, arch="llama"):
+    extra = dict(n_embd=32, n_layer=3, n_head=4, n_positions=128) if arch == "gpt2" else dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128)
+    config = AutoConfig.for_model(arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id or 0,
+                                  eos_token_id=tokenizer.eos_token_id, **extra)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("with_covariance", [False, True])
+def test_the_rank_one_update_maps_the_current_key_to_the_new_value(with_covariance):
+    g = torch.Generator().manual_seed(0)
+    W, k_bar, k, v_star = (torch.randn(6, 10, generator=g), torch.randn(10, generator=g),
+                           torch.randn(10, generator=g), torch.randn(6, generator=g))
+    X = torch.randn(200, 10, generator=g)
+    C = X.T @ X / 200 if with_covariance else None
+    A, B = rank_one_update(k_bar, v_star, k, W @ k, C)
+    assert A.shape == (1, 10) and B.shape == (6, 1)
+    torch.testing.assert_close((W + B @ A) @ k, v_star, atol=1e-5, rtol=1e-5)
+    # u is C⁻¹k̄ (normalised): the update is orthogonal, under C, to keys C-orthogonal to k̄.
+    direction = torch.linalg.solve(C, k_bar) if with_covariance else k_bar
+    torch.testing.assert_close(A[0], direction / direction.norm(), atol=1e-5, rtol=1e-5)
+
+
+def test_subject_last_index_points_at_the_subject(tokenizer):
+    text = EDIT.text
+    index = subject_last_index(tokenizer, text, EDIT.subject)
+    ids = tokenizer(text).input_ids
+    assert tokenizer.decode(ids[:index + 1]).endswith("Darrieux")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rome_pack_makes_the_module_output_the_optimised_value(tokenizer, arch):
+    model = tiny(tokenizer, arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = ROMEConfig(layer=1, covariance=False, steps=5, context_templates=((2, 3),))
+    pack = rome_edit(model, tokenizer, [EDIT], config, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the method changed nothing
+    name = anatomy_of(model).mlp_out(1)
+    assert list(pack.kind_config["modules"]) == [name]
+    A = pack.tensors[f"e0.{name}.lora_A"]
+    assert A.shape[0] == 1  # rank one
+    module = model.get_submodule(name)
+    k, v = io_at_subject(model, tokenizer, module, EDIT)
+    load_edits(model, pack, name="rome")
+    k_after, v_after = io_at_subject(model, tokenizer, module, EDIT)
+    torch.testing.assert_close(k_after, k)  # the key is read before the edited module
+    expected = v + (delta_matrix(pack, name) @ k)
+    torch.testing.assert_close(v_after, expected, atol=1e-4, rtol=1e-4)
+    remove_edits(model, "rome")
+
+
+def test_statistics_are_cached_and_reused(tokenizer, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_KEDIT_CACHE", str(tmp_path))
+    model = tiny(tokenizer)
+    corpus = ["The cat sat on the mat.", "Paris is the capital of France.", "One, two, three, four."] * 5
+    C = stats.key_second_moments(model, tokenizer, [1], corpus, n_tokens=60, progress=False)[1]
+    assert C.shape == (64, 64) and torch.allclose(C, C.T)
+    assert len(list((tmp_path / "stats").glob("*.safetensors"))) == 1
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("statistics recomputed instead of read from the cache")
+
+    monkeypatch.setattr(stats, "_accumulate", no_recompute)
+    assert torch.equal(stats.key_second_moments(model, tokenizer, [1], corpus, n_tokens=60, progress=False)[1], C)
+    with pytest.raises(AssertionError, match="recomputed"):  # another layer is another statistic
+        stats.key_second_moments(model, tokenizer, [2], corpus, n_tokens=60, progress=False)
+
+
+def test_statistics_are_the_second_moment_of_the_keys(tokenizer, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_KEDIT_CACHE", str(tmp_path))
+    model = tiny(tokenizer)
+    corpus = ["The cat sat on the mat.", "Paris is the capital of France and a city."]
+    both = stats.key_second_moments(model, tokenizer, [0, 2], corpus, n_tokens=10_000, progress=False)
+    C = both[0]
+    keys = []
+    module = model.get_submodule(anatomy_of(model).mlp_out(0))
+    handle = module.register_forward_pre_hook(lambda m, a: keys.append(a[0][0]))
+    for text in corpus:
+        model(torch.tensor([tokenizer(text).input_ids]))
+    handle.remove()
+    K = torch.cat(keys)
+    torch.testing.assert_close(C, K.T @ K / len(K), atol=1e-5, rtol=1e-4)
