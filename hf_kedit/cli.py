@@ -57,6 +57,14 @@ def main(argv=None) -> int:
     p.add_argument("--metrics", default=None, help="comma-separated subset of the metrics")
     p.add_argument("--out", required=True, help="the folder to write results.json, results.md and plots into")
 
+    p = sub.add_parser("trace", help="causal tracing of a fact: where the model reads it (heatmap PNG)")
+    p.add_argument("--model", default="default", help='"default", a local folder or a Hub id')
+    p.add_argument("--prompt", required=True, help="the fact's prompt, e.g. 'The mother tongue of Danielle Darrieux is'")
+    p.add_argument("--subject", required=True)
+    p.add_argument("--kind", default="hidden", help="hidden (restore hidden states) or mlp (MLP outputs)")
+    p.add_argument("--samples", type=int, default=5)
+    p.add_argument("--out", default="trace.png")
+
     args = parser.parse_args(argv)
     from .errors import KeditError
 
@@ -208,7 +216,20 @@ def _bench(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": _demo, "info": _info, "push": _push, "pull": _pull, "export-peft": _export_peft,
+def _trace(args) -> int:
+    from .models import load_model
+    from .trace import trace
+
+    model, tokenizer = load_model(args.model)
+    result = trace(model, tokenizer, args.prompt, args.subject, kind=args.kind, samples=args.samples)
+    result.plot(args.out)
+    print(f"answer {result.answer!r}: p = {result.clean:.3f} clean, {result.corrupted:.3f} with the subject "
+          f"corrupted; restoring the subject's last token recovers most at layer {result.best_layer()}; "
+          f"heatmap: {args.out}")
+    return 0
+
+
+COMMANDS = {"demo": _demo, "trace": _trace, "info": _info, "push": _push, "pull": _pull, "export-peft": _export_peft,
             "edit": _edit, "eval": _eval, "bench": _bench}
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ def key_second_moments(model, tokenizer, layers: list[int], corpus=None, n_token
     """C = E[k kᵀ] (float32, [d_ff, d_ff]) of the inputs k of each layer's MLP
     output projection over the non-pad tokens of `corpus` (an iterable of texts,
     a text file's path, or a `datasets` dataset with a "text" column; None: text
-    sampled from the model itself), up to `n_tokens` tokens. Cached per (model
-    weights, layer, corpus, tokens); layers missing from the cache share one pass.
+    sampled from the model itself), up to `n_tokens` tokens (the cache file's
+    metadata records how many the corpus gave). Cached per (model weights, layer,
+    corpus, tokens); layers missing from the cache share one pass.
 
     Example:
         >>> C = key_second_moments(model, tokenizer, [5], corpus=["some text", ...])[5]
@@ -44,9 +45,9 @@ def key_second_moments(model, tokenizer, layers: list[int], corpus=None, n_token
         texts = _texts(model, tokenizer, corpus, n_tokens, max_length)
         computed = _accumulate(model, tokenizer, {l: model.get_submodule(names[l]) for l in missing}, texts,
                                n_tokens, max_length, batch_size, progress)
-        for layer, C in computed.items():
+        for layer, (C, seen) in computed.items():
             _save(paths[layer], C, {"module": names[layer], "corpus": corpus_id, "n_tokens": str(n_tokens),
-                                    "base_model": fingerprint["name_or_path"]})
+                                    "tokens_seen": str(seen), "base_model": fingerprint["name_or_path"]})
     return {layer: load_file(str(paths[layer]))["second_moment"] for layer in layers}
 
 
@@ -65,7 +66,8 @@ def _save(path: Path, C: torch.Tensor, metadata: dict) -> None:
 
 @torch.no_grad()
 def _accumulate(model, tokenizer, modules: dict, texts, n_tokens, max_length, batch_size,
-                progress) -> dict[int, torch.Tensor]:
+                progress) -> dict[int, tuple[torch.Tensor, int]]:
+    """Per layer, C over the first `n_tokens` non-pad tokens (fewer if the texts run out) and that count."""
     totals, count, captured = {}, 0, {}
     handles = [m.register_forward_pre_hook(lambda mod, args, layer=layer: captured.__setitem__(layer, args[0]))
                for layer, m in modules.items()]
@@ -91,7 +93,7 @@ def _accumulate(model, tokenizer, modules: dict, texts, n_tokens, max_length, ba
         for h in handles:
             h.remove()
         bar.close()
-    return {layer: (total / count).cpu() for layer, total in totals.items()}
+    return {layer: ((total / count).cpu(), count) for layer, total in totals.items()}
 
 
 def _corpus_id(corpus, max_length: int) -> str:
@@ -129,9 +131,13 @@ def _sampled_texts(model, tokenizer, n_tokens, max_length, batch_size=16) -> lis
             ids = torch.full((batch_size, 1), start, device=model.device)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=50,
                                  max_new_tokens=max_length - 1, pad_token_id=tokenizer.eos_token_id)
-            texts += tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
-            made += out[:, 1:].numel()
-            bar.update(out[:, 1:].numel())
+            for text in tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True):
+                # Count what the statistics pass will read back: decoding and re-tokenising
+                # does not give back every sampled token (early ends, merges).
+                n = len(tokenizer(text, truncation=True, max_length=max_length).input_ids)
+                texts.append(text)
+                made += n
+                bar.update(n)
     finally:
         torch.random.set_rng_state(generator_state)
         bar.close()

@@ -49,5 +49,7 @@ def make_pack(method: str, model: nn.Module, tokenizer, edits: list[Edit], setti
 from .lora import LoRAConfig, lora_edit  # noqa: E402
 from .memit import MEMITConfig, memit_edit  # noqa: E402
 from .rome import ROMEConfig, rome_edit  # noqa: E402
+from .steam import STEAMConfig, steam_edit  # noqa: E402
 
-METHODS = {"lora": (lora_edit, LoRAConfig), "memit": (memit_edit, MEMITConfig), "rome": (rome_edit, ROMEConfig)}
+METHODS = {"lora": (lora_edit, LoRAConfig), "memit": (memit_edit, MEMITConfig), "rome": (rome_edit, ROMEConfig),
+           "steam": (steam_edit, STEAMConfig)}

@@ -104,10 +104,23 @@ def io_at_subject(model, tokenizer, module, edit: Edit) -> tuple[torch.Tensor, t
     return k[0][0, index].float(), v[0][0, index].float()
 
 
-def optimise_value(model, tokenizer, module, edit: Edit, templates: list[str], config: ValueConfig) -> torch.Tensor:
+@dataclass
+class Alignment:
+    """STEAM's latent alignment term: `weight` × the mean over rewriting prompts and
+    `layers` (decoder layer modules) of 1 − cos(h, anchor) at the position that
+    predicts the target's first token."""
+
+    layers: list
+    anchors: torch.Tensor  # [len(layers), d]
+    weight: float
+
+
+def optimise_value(model, tokenizer, module, edit: Edit, templates: list[str], config: ValueConfig,
+                   alignment: Alignment | None = None) -> torch.Tensor:
     """v* = the module's output (an MLP projection's for ROME, a decoder layer's
     hidden state for MEMIT) at the subject's last token plus the δ that makes the
-    model say `edit.target_new` in every template (ROME's compute_v)."""
+    model say `edit.target_new` in every template (ROME's compute_v), optionally
+    pulled towards STEAM's anchors (`alignment`)."""
     target = tokenizer(" " + edit.target_new.strip(), add_special_tokens=False).input_ids
     prefix = tokenizer.decode(target[:-1])
     rewriting = [t.format(edit.prompt).replace("{}", edit.subject) + prefix for t in templates]
@@ -132,6 +145,10 @@ def optimise_value(model, tokenizer, module, edit: Edit, templates: list[str], c
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
     hook = module.register_forward_hook(add_delta)
+    mid_states = [[] for _ in alignment.layers] if alignment else []
+    mid = [layer.register_forward_hook(lambda m, args, out, seen=seen: seen.append(hidden_states(out)))
+           for layer, seen in zip(alignment.layers, mid_states)] if alignment else []
+    first_target = torch.tensor([lengths[i] - len(target) for i in range(n)], device=model.device)
     optimizer = torch.optim.Adam([delta], lr=config.lr)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
@@ -144,6 +161,10 @@ def optimise_value(model, tokenizer, module, edit: Edit, templates: list[str], c
             ]).mean()
             kl = F.kl_div(F.log_softmax(logits[n, lookup[n]], -1), kl_initial, log_target=True, reduction="sum")
             loss = nll + config.kl_factor * kl + config.weight_decay * delta.norm() / initial.norm() ** 2
+            if alignment is not None:
+                states = torch.stack([seen.pop()[rows[:n], first_target] for seen in mid_states])  # [L, n, d]
+                cosine = F.cosine_similarity(states.float(), alignment.anchors[:, None, :], dim=-1)
+                loss = loss + alignment.weight * (1 - cosine).mean()
             if loss.item() < config.stop_loss or step == config.steps - 1:
                 break
             optimizer.zero_grad()
@@ -154,7 +175,8 @@ def optimise_value(model, tokenizer, module, edit: Edit, templates: list[str], c
                 if delta.norm() > limit:
                     delta.mul_(limit / delta.norm())
     finally:
-        hook.remove()
+        for handle in [hook, *mid]:
+            handle.remove()
         for p in frozen:
             p.requires_grad_(True)
     return initial + delta.detach()

@@ -15,13 +15,14 @@ from .locate import ValueConfig, context_templates, io_at_subject, key_at_subjec
 
 @dataclass
 class ROMEConfig(ValueConfig):
-    """`layer`: an index, or a float in [0, 1) read as relative depth (0.17 is
-    layer 5 of 30, EasyEdit's layer for Llama-family models). `covariance`: use
+    """`layer`: an index, a float in [0, 1) read as relative depth (0.17 is
+    layer 5 of 30, EasyEdit's layer for Llama-family models), or "auto" (causal
+    tracing, `hf_kedit.trace`). `covariance`: use
     the key statistics C (`stats.key_second_moments`) over `stats_tokens` tokens of
     `stats_corpus` (None: text the model samples itself). The value optimisation's
     settings are `ValueConfig`'s."""
 
-    layer: float | int = 0.17
+    layer: float | int | str = 0.17
     covariance: bool = True
     stats_tokens: int = 20_000
     stats_corpus: object = None
@@ -38,7 +39,7 @@ def rome_edit(model, tokenizer, requests: list[Edit], config: ROMEConfig | None 
     """
     config = config or ROMEConfig()
     anatomy = anatomy_of(model)
-    layer = config.layer if isinstance(config.layer, int) else round(config.layer * anatomy.num_layers)
+    layer = resolve_layer(config.layer, anatomy.num_layers, model, tokenizer, requests)
     name = anatomy.mlp_out(layer)
     module = model.get_submodule(name)
     C = (key_second_moments(model, tokenizer, [layer], config.stats_corpus, config.stats_tokens,
@@ -52,6 +53,18 @@ def rome_edit(model, tokenizer, requests: list[Edit], config: ROMEConfig | None 
         factors[edit.id] = {name: rank_one_update(key, value, current_key, current_value, C)}
     hyperparameters = {**asdict(config), "layer": layer, "stats_corpus": _corpus_name(config.stats_corpus)}
     return weight_delta_pack(model, "rome", hyperparameters, requests, factors)
+
+
+def resolve_layer(layer, num_layers: int, model=None, tokenizer=None, edits=()) -> int:
+    """A layer index from an index, a relative depth in [0, 1), or "auto" (causal tracing of the edits)."""
+    if layer == "auto":
+        from ..trace import auto_layer
+
+        return auto_layer(model, tokenizer, edits)
+    index = layer if isinstance(layer, int) else round(layer * num_layers)
+    if not 0 <= index < num_layers:
+        raise ValueError(f"layer {layer!r} is out of range: the model has {num_layers} layers")
+    return index
 
 
 def _corpus_name(corpus) -> str:
