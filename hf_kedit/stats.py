@@ -105,7 +105,16 @@ def _corpus_id(corpus, max_length: int) -> str:
 
 def _texts(model, tokenizer, corpus, n_tokens, max_length) -> list[str]:
     if corpus is None:
-        return _sampled_texts(model, tokenizer, n_tokens, max_length)
+        # Sampling is the slow part (minutes on a CPU): keep the texts for the other layers.
+        module = anatomy_of(model).mlp_out(0)
+        identity = [base_model_record(model, [module])["fingerprint"][module]["sha256_bf16"], n_tokens, max_length]
+        path = stats_dir() / f"sampled-{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        texts = _sampled_texts(model, tokenizer, n_tokens, max_length)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(texts))
+        return texts
     return _corpus_texts(corpus)
 
 

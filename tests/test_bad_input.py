@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 

@@ -1,7 +1,6 @@
 """`kedit info` and `kedit export-peft` on local packs (push and pull: test_hub.py)."""
 import json
 
-import torch
 
 from hf_kedit.cli import main as kedit
 from packs import random_pack

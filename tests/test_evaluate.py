@@ -10,7 +10,7 @@ from hf_kedit import Edit, stack_of
 from hf_kedit.cli import main as kedit
 from hf_kedit.evaluate.cases import Case, Probe
 from hf_kedit.evaluate.harness import EvalConfig, evaluate, locality_references
-from hf_kedit.evaluate.metrics import is_locality, ngram_entropy, score_probes
+from hf_kedit.evaluate.metrics import ngram_entropy, score_probes
 from hf_kedit.evaluate.scoring import Scorer
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact.json"

@@ -102,3 +102,17 @@ def test_statistics_are_the_second_moment_of_the_keys(tokenizer, monkeypatch, tm
     handle.remove()
     K = torch.cat(keys)
     torch.testing.assert_close(C, K.T @ K / len(K), atol=1e-5, rtol=1e-4)
+
+
+def test_self_sampled_text_is_sampled_once_for_all_layers(tokenizer, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_KEDIT_CACHE", str(tmp_path))
+    model = tiny(tokenizer)
+    first = stats.key_second_moments(model, tokenizer, [0], None, n_tokens=64, max_length=16, progress=False)[0]
+    assert first.shape == (64, 64) and torch.isfinite(first).all()
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("text sampled again")
+
+    monkeypatch.setattr(stats, "_sampled_texts", no_sampling)
+    second = stats.key_second_moments(model, tokenizer, [0, 2], None, n_tokens=64, max_length=16, progress=False)
+    assert torch.equal(second[0], first) and second[2].shape == (64, 64)

@@ -12,7 +12,6 @@ import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from tqdm.auto import tqdm
 

@@ -37,7 +37,13 @@ def rome_edit(model, tokenizer, requests: list[Edit], config: ROMEConfig | None 
         >>> edit = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
         >>> pack = rome_edit(model, tokenizer, [edit])
     """
-    config = config or ROMEConfig()
+    return rank_one_edits(model, tokenizer, requests, config or ROMEConfig(), "rome", progress=progress)
+
+
+def rank_one_edits(model, tokenizer, requests: list[Edit], config: ROMEConfig, method: str,
+                   alignment_for=None, hyperparameters: dict | None = None, progress: bool = True) -> EditPack:
+    """The ROME loop, shared with STEAM: per request, k̄, v* (with the alignment term
+    `alignment_for(edit, layer)` returns, if any) and the rank-one closed form."""
     anatomy = anatomy_of(model)
     layer = resolve_layer(config.layer, anatomy.num_layers, model, tokenizer, requests)
     name = anatomy.mlp_out(layer)
@@ -46,13 +52,15 @@ def rome_edit(model, tokenizer, requests: list[Edit], config: ROMEConfig | None 
                             progress=progress)[layer].to(model.device) if config.covariance else None)
     templates = context_templates(model, tokenizer, config.context_templates)
     factors = {}
-    for edit in tqdm(requests, desc="rome edits", disable=not progress):
+    for edit in tqdm(requests, desc=f"{method} edits", disable=not progress):
+        alignment = alignment_for(edit, layer) if alignment_for else None
         key = key_at_subject(model, tokenizer, module, edit, templates)
-        value = optimise_value(model, tokenizer, module, edit, templates, config)
+        value = optimise_value(model, tokenizer, module, edit, templates, config, alignment)
         current_key, current_value = io_at_subject(model, tokenizer, module, edit)
         factors[edit.id] = {name: rank_one_update(key, value, current_key, current_value, C)}
-    hyperparameters = {**asdict(config), "layer": layer, "stats_corpus": _corpus_name(config.stats_corpus)}
-    return weight_delta_pack(model, "rome", hyperparameters, requests, factors)
+    recorded = {**asdict(config), "layer": layer, "stats_corpus": _corpus_name(config.stats_corpus),
+                **(hyperparameters or {})}
+    return weight_delta_pack(model, method, recorded, requests, factors)
 
 
 def resolve_layer(layer, num_layers: int, model=None, tokenizer=None, edits=()) -> int:

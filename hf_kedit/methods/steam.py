@@ -8,20 +8,16 @@ import json
 import random
 import warnings
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..anatomy import anatomy_of, hidden_states
 from ..pack import Edit, EditPack
-from ..stats import key_second_moments
-from . import weight_delta_pack
-from .locate import (Alignment, context_templates, io_at_subject, key_at_subject, optimise_value,
-                     rank_one_update)
+from .locate import Alignment
 from .memit import edit_layers
-from .rome import ROMEConfig, resolve_layer
+from .rome import ROMEConfig, rank_one_edits, resolve_layer
 
 
 @dataclass
@@ -55,33 +51,27 @@ def steam_edit(model, tokenizer, requests: list[Edit], config: STEAMConfig | Non
                          "{subject, prompt, object} facts")
     facts = read_fact_base(config.fact_base)
     anatomy = anatomy_of(model)
+    mid_layers = edit_layers(config.mid_layers, anatomy.num_layers)
+    # The edit layer is settled before the first alignment is needed ("auto" traces).
     layer = resolve_layer(config.layer, anatomy.num_layers, model, tokenizer, requests)
-    mid = [l for l in edit_layers(config.mid_layers, anatomy.num_layers) if l > layer]
+    mid = [l for l in mid_layers if l > layer]
     if not mid:
         raise ValueError(f"mid_layers {config.mid_layers} has no layer after the edit layer {layer}")
-    name = anatomy.mlp_out(layer)
-    module = model.get_submodule(name)
     blocks = [model.get_submodule(anatomy.layer(l)) for l in mid]
-    C = (key_second_moments(model, tokenizer, [layer], config.stats_corpus, config.stats_tokens,
-                            progress=progress)[layer].to(model.device) if config.covariance else None)
-    templates = context_templates(model, tokenizer, config.context_templates)
-    factors = {}
-    for edit in tqdm(requests, desc="steam edits", disable=not progress):
+
+    def alignment_for(edit: Edit, _layer: int) -> Alignment | None:
         anchors = semantic_anchors(model, tokenizer, blocks, facts, edit.target_new, config.anchor_facts)
         if anchors is None:
             message = f"no fact in the fact base that the model knows has the object {edit.target_new!r}"
             if config.strict:
                 raise ValueError(message + " (strict=True)")
-            warnings.warn(message + f": edit {edit.id!r} uses ROME's loss only", stacklevel=2)
-        alignment = None if anchors is None else Alignment(blocks, anchors, config.alignment_weight)
-        key = key_at_subject(model, tokenizer, module, edit, templates)
-        value = optimise_value(model, tokenizer, module, edit, templates, config, alignment)
-        current_key, current_value = io_at_subject(model, tokenizer, module, edit)
-        factors[edit.id] = {name: rank_one_update(key, value, current_key, current_value, C)}
-    hyperparameters = {**asdict(config), "layer": layer, "mid_layers": mid,
-                       "fact_base": config.fact_base if isinstance(config.fact_base, str) else "list",
-                       "stats_corpus": None if config.stats_corpus is None else type(config.stats_corpus).__name__}
-    return weight_delta_pack(model, "steam", hyperparameters, requests, factors)
+            warnings.warn(message + f": edit {edit.id!r} uses ROME's loss only", stacklevel=3)
+            return None
+        return Alignment(blocks, anchors, config.alignment_weight)
+
+    fixed = replace(config, layer=layer)
+    recorded = {"mid_layers": mid, "fact_base": config.fact_base if isinstance(config.fact_base, str) else "list"}
+    return rank_one_edits(model, tokenizer, requests, fixed, "steam", alignment_for, recorded, progress)
 
 
 def read_fact_base(source) -> list[dict]:
