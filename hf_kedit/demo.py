@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from .attach import load_edits, remove_edits
+from .batching import pad_id
 from .methods.lora import lora_edit
 from .models import load_model
 from .pack import Edit
@@ -19,7 +20,7 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str
     ids = tokenizer(prompt, return_tensors="pt").to(model.device)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                             pad_token_id=pad_id(tokenizer))
     return tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True).strip()
 
 

@@ -15,7 +15,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .anatomy import anatomy_of
+from .batching import pad_id, padded
 from .fingerprint import base_model_record
+from .sampling import sample_texts, seeded
 
 
 def stats_dir() -> Path:
@@ -72,14 +74,11 @@ def _accumulate(model, tokenizer, modules: dict, texts, n_tokens, max_length, ba
     handles = [m.register_forward_pre_hook(lambda mod, args, layer=layer: captured.__setitem__(layer, args[0]))
                for layer, m in modules.items()]
     bar = tqdm(total=n_tokens, desc="key statistics (tokens)", disable=not progress)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     try:
         for start in range(0, len(texts), batch_size):
             rows = [tokenizer(t, truncation=True, max_length=max_length).input_ids
                     for t in texts[start:start + batch_size]]
-            width = max(map(len, rows))
-            ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=model.device)
-            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
+            ids, mask = padded(rows, pad_id(tokenizer), model.device)
             model(input_ids=ids, attention_mask=mask)
             take = min(int(mask.sum()), n_tokens - count)
             for layer, k in captured.items():
@@ -126,28 +125,17 @@ def _corpus_texts(corpus) -> list[str]:
     return list(corpus)
 
 
-@torch.no_grad()
 def _sampled_texts(model, tokenizer, n_tokens, max_length, batch_size=16) -> list[str]:
-    """Text the model writes itself from its start token (top-k 50 sampling,
-    seeded): no download, and close to what the model has seen."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(0)
+    """Text the model writes itself (top-k 50 sampling, seeded): no download, and
+    close to what the model has seen."""
     texts, made = [], 0
-    bar = tqdm(total=n_tokens, desc="sampling text for key statistics (tokens)")
-    try:
+    with seeded(0), tqdm(total=n_tokens, desc="sampling text for key statistics (tokens)") as bar:
         while made < n_tokens:
-            ids = torch.full((batch_size, 1), start, device=model.device)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=50,
-                                 max_new_tokens=max_length - 1, pad_token_id=tokenizer.eos_token_id)
-            for text in tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True):
+            for text in sample_texts(model, tokenizer, batch_size, max_length - 1, top_k=50):
                 # Count what the statistics pass will read back: decoding and re-tokenising
                 # does not give back every sampled token (early ends, merges).
                 n = len(tokenizer(text, truncation=True, max_length=max_length).input_ids)
                 texts.append(text)
                 made += n
                 bar.update(n)
-    finally:
-        torch.random.set_rng_state(generator_state)
-        bar.close()
     return texts

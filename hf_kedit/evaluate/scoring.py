@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from ..batching import pad_id, padded
+
 TOKENS_PER_BATCH = 1024
 
 
@@ -31,7 +33,7 @@ class Scorer:
 
     def __init__(self, model, tokenizer, batch_size: int = 16):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_id(tokenizer)
         self.device = next(model.parameters()).device
 
     def prompt_ids(self, prompt: str) -> list[int]:
@@ -54,10 +56,7 @@ class Scorer:
         keys = sorted(seqs, key=lambda k: len(seqs[k][0]) + len(seqs[k][1]))
         readings = {}
         for chunk in self._chunks(keys, lambda k: len(seqs[k][0]) + len(seqs[k][1])):
-            full = [seqs[k][0] + seqs[k][1] for k in chunk]
-            width = max(map(len, full))
-            ids = torch.tensor([s + [self.pad_id] * (width - len(s)) for s in full], device=self.device)
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in full], device=self.device)
+            ids, mask = padded([seqs[k][0] + seqs[k][1] for k in chunk], self.pad_id, self.device)
             logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
             for row, k in enumerate(chunk):
                 p, t = seqs[k]
@@ -81,10 +80,9 @@ class Scorer:
         """Greedy continuations (token ids, cut at the end-of-sequence token)."""
         results = []
         for start in range(0, len(prompts), self.batch_size):
-            chunk = [self.prompt_ids(p) for p in prompts[start:start + self.batch_size]]
-            width = max(map(len, chunk))
-            ids = torch.tensor([[self.pad_id] * (width - len(c)) + c for c in chunk], device=self.device)
-            mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=self.device)
+            ids, mask = padded([self.prompt_ids(p) for p in prompts[start:start + self.batch_size]], self.pad_id,
+                               self.device, left=True)
+            width = ids.shape[1]
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       do_sample=False, pad_token_id=self.pad_id)
             for row in out[:, width:].tolist():

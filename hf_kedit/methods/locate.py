@@ -11,7 +11,9 @@ import torch
 from torch.nn import functional as F
 
 from ..anatomy import hidden_states
+from ..batching import pad_id, padded
 from ..pack import Edit
+from ..sampling import sample_texts, seeded
 
 _TEMPLATE_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -43,18 +45,11 @@ def context_templates(model, tokenizer, counts=((5, 5), (5, 10))) -> list[str]:
     cached = _TEMPLATE_CACHE.get(model, {})
     key = tuple(counts)
     if key not in cached:
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        state = torch.random.get_rng_state()
-        torch.manual_seed(0)
         templates = ["{}"]
-        with torch.no_grad():
+        with seeded(0):
             for n, length in counts:
-                ids = torch.full((n, 1), start, device=model.device)
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=5,
-                                     max_new_tokens=length, pad_token_id=tokenizer.eos_token_id)
-                for text in tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True):
+                for text in sample_texts(model, tokenizer, n, length, top_k=5):
                     templates.append(text.replace("{", " ").replace("}", " ").strip() + ". {}")
-        torch.random.set_rng_state(state)
         cached[key] = templates
         _TEMPLATE_CACHE[model] = cached
     return cached[key]
@@ -76,10 +71,7 @@ def _capture(module, inputs: bool):
 
 def _batch(tokenizer, texts: list[str], device):
     rows = [tokenizer(t).input_ids for t in texts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    ids, mask = padded(rows, pad_id(tokenizer), device)
     return ids, mask, [len(r) for r in rows]
 
 
