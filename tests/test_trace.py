@@ -36,3 +36,17 @@ def test_bad_input(tokenizer):
         trace(model, tokenizer, PROMPT, "Victor Hugo", progress=False)
     with pytest.raises(ValueError, match="kind='attn'"):
         trace(model, tokenizer, PROMPT, SUBJECT, kind="attn", progress=False)
+
+
+def test_kedit_trace_draws_the_heatmap(tokenizer, tmp_path, capsys):
+    from hf_kedit.cli import main as kedit
+
+    tiny(tokenizer).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    out = tmp_path / "trace.png"
+    assert kedit(["trace", "--model", str(tmp_path / "model"), "--prompt", PROMPT, "--subject", SUBJECT,
+                  "--samples", "2", "--out", str(out)]) == 0
+    assert out.stat().st_size > 5000 and "most at layer" in capsys.readouterr().out
+    assert kedit(["trace", "--model", str(tmp_path / "model"), "--prompt", PROMPT, "--subject", "Hugo",
+                  "--out", str(out)]) == 2
+    assert "does not occur in the prompt" in capsys.readouterr().err
