@@ -95,6 +95,12 @@ def _accumulate(model, tokenizer, modules: dict, texts, n_tokens, max_length, ba
     return {layer: ((total / count).cpu(), count) for layer, total in totals.items()}
 
 
+def corpus_name(corpus) -> str:
+    """How a pack's hyperparameters name the statistics' corpus (never the texts themselves)."""
+    return "self-sampled" if corpus is None else str(corpus) if isinstance(corpus, (str, os.PathLike)) \
+        else type(corpus).__name__
+
+
 def _corpus_id(corpus, max_length: int) -> str:
     """A name for the corpus in the cache key."""
     if corpus is None:

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..anatomy import anatomy_of
 from ..kinds.weight_delta import deltas_applied
 from ..pack import Edit, EditPack
-from ..stats import key_second_moments
+from ..stats import corpus_name, key_second_moments
 from . import weight_delta_pack
 from .locate import ValueConfig, context_templates, io_at_subject, key_at_subject, optimise_value
 
@@ -59,7 +59,7 @@ def memit_edit(model, tokenizer, requests: list[Edit], config: MEMITConfig | Non
         for j, edit in enumerate(requests):
             factors[edit.id][names[layer]] = (A[j:j + 1], B[:, j:j + 1])
     hyperparameters = {**asdict(config), "layers": layers,
-                       "stats_corpus": None if config.stats_corpus is None else type(config.stats_corpus).__name__}
+                       "stats_corpus": corpus_name(config.stats_corpus)}
     return weight_delta_pack(model, "memit", hyperparameters, requests, factors)
 
 

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from ..anatomy import anatomy_of
 from ..pack import Edit, EditPack
-from ..stats import key_second_moments
+from ..stats import corpus_name, key_second_moments
 from . import weight_delta_pack
 from .locate import ValueConfig, context_templates, io_at_subject, key_at_subject, optimise_value, rank_one_update
 
@@ -58,7 +58,7 @@ def rank_one_edits(model, tokenizer, requests: list[Edit], config: ROMEConfig, m
         value = optimise_value(model, tokenizer, module, edit, templates, config, alignment)
         current_key, current_value = io_at_subject(model, tokenizer, module, edit)
         factors[edit.id] = {name: rank_one_update(key, value, current_key, current_value, C)}
-    recorded = {**asdict(config), "layer": layer, "stats_corpus": _corpus_name(config.stats_corpus),
+    recorded = {**asdict(config), "layer": layer, "stats_corpus": corpus_name(config.stats_corpus),
                 **(hyperparameters or {})}
     return weight_delta_pack(model, method, recorded, requests, factors)
 
@@ -73,7 +73,3 @@ def resolve_layer(layer, num_layers: int, model=None, tokenizer=None, edits=()) 
     if not 0 <= index < num_layers:
         raise ValueError(f"layer {layer!r} is out of range: the model has {num_layers} layers")
     return index
-
-
-def _corpus_name(corpus) -> str:
-    return "self-sampled" if corpus is None else str(corpus) if isinstance(corpus, str) else type(corpus).__name__
