@@ -25,6 +25,15 @@ def main(argv=None) -> int:
     p.add_argument("--branch")
     p.add_argument("--private", action="store_true")
 
+    p = sub.add_parser("push-stats", help="upload a model's key statistics (ROME, MEMIT) to the Hub for reuse")
+    p.add_argument("repo_id")
+    p.add_argument("--model", default="default", help='"default", a local folder or a Hub id')
+    p.add_argument("--layers", required=True, type=_layer_list, help="comma-separated layer indices, e.g. 4,5,6")
+    p.add_argument("--tokens", type=int, default=20_000, help="how many tokens the statistics read")
+    p.add_argument("--corpus", default=None, help="a text file (paragraphs); default: text the model samples")
+    p.add_argument("--branch")
+    p.add_argument("--private", action="store_true")
+
     p = sub.add_parser("pull", help="download a pack from the Hub into a folder")
     p.add_argument("repo_id")
     p.add_argument("dir")
@@ -103,6 +112,26 @@ def _push(args) -> int:
 
     sha = EditPack.from_pretrained(args.pack).push_to_hub(args.repo_id, branch=args.branch, private=args.private)
     print(f"pushed {args.pack} to {args.repo_id} at commit {sha}")
+    return 0
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated layer indices, e.g. 4,5,6") from None
+
+
+def _push_stats(args) -> int:
+    from .models import load_model
+    from .stats import push_stats
+
+    model, tokenizer = load_model(args.model)
+    sha = push_stats(model, tokenizer, args.layers, args.repo_id, corpus=args.corpus, n_tokens=args.tokens,
+                     branch=args.branch, private=args.private)
+    corpus = f" --set stats_corpus={args.corpus}" if args.corpus else ""
+    print(f"pushed the key statistics of layers {args.layers} to {args.repo_id} at commit {sha}; edit with "
+          f"--set stats_source={args.repo_id} --set stats_tokens={args.tokens}{corpus}")
     return 0
 
 
@@ -229,8 +258,8 @@ def _trace(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": _demo, "trace": _trace, "info": _info, "push": _push, "pull": _pull, "export-peft": _export_peft,
-            "edit": _edit, "eval": _eval, "bench": _bench}
+COMMANDS = {"demo": _demo, "trace": _trace, "info": _info, "push": _push, "push-stats": _push_stats, "pull": _pull,
+            "export-peft": _export_peft, "edit": _edit, "eval": _eval, "bench": _bench}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,7 @@ import torch
 
 from .attach import load_edits, remove_edits
 from .batching import pad_id
-from .methods.lora import lora_edit
+from .methods.rome import rome_edit
 from .models import load_model
 from .pack import Edit
 
@@ -31,8 +31,9 @@ def run_demo(out_dir: str | Path = "demo-pack", model_name: str = "default", edi
     model, tokenizer = load_model(model_name)
     before = greedy_answer(model, tokenizer, edit.text)
     print(f"   {edit.text} -> {before!r}")
-    print(f"2. editing: {edit.text} {edit.target_true} => {edit.target_new} (rank-one LoRA on one MLP projection)")
-    pack = lora_edit(model, tokenizer, [edit])
+    print(f"2. editing: {edit.text} {edit.target_true} => {edit.target_new} "
+          "(rank-one ROME update of one MLP projection)")
+    pack = rome_edit(model, tokenizer, [edit])
     pack.save_pretrained(out_dir)
     print(f"   saved the pack to {out_dir}/ ({pack.nbytes} bytes of tensors)")
 

@@ -22,3 +22,15 @@ class EditConflictError(KeditError, ValueError):
 class AnatomyError(KeditError, ValueError):
     """hf_kedit could not find a part (layers, MLP output projection, final norm,
     LM head) of a model; the message names what it looked for."""
+
+
+class EditRequestError(KeditError, ValueError):
+    """Edit requests or a method's settings that the method cannot carry out: an
+    empty field, a prompt without its "{}" subject slot, a layer out of range, a
+    fact base that is malformed or (with strict=True) holds no usable fact. Raised
+    before any statistics, templates or optimisation."""
+
+
+class StatsError(KeditError, ValueError):
+    """Shared key statistics (a folder or Hub repo written by `stats.push_stats`)
+    that are malformed or do not fit this model or the statistics asked for."""

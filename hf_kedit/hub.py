@@ -1,10 +1,13 @@
-"""Transport: where a pack source lives (a folder or a Hub repo), pushing and pulling.
-It knows nothing of the files inside: the pack format names them."""
+"""Transport: where a pack or statistics source lives (a folder or a Hub repo),
+pushing and pulling. It knows nothing of the files inside: the pack format and
+`stats` name them."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from huggingface_hub import HfApi, snapshot_download
@@ -20,7 +23,8 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None, token
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise FileNotFoundError(f"{path} is a file; an edit pack is a folder holding kedit_config.json")
+            raise FileNotFoundError(f"{path} is a file; give a folder (an edit pack holds kedit_config.json, "
+                                    "shared statistics kedit_stats.json) or a Hub repo id")
         return path, None
     text = str(source)
     if isinstance(source, os.PathLike) or text.startswith((".", "/", "~")) or not REPO_ID.match(text) \
@@ -34,14 +38,22 @@ def push_pack(pack, repo_id: str, branch: str | None = None, private: bool = Fal
               commit_message: str | None = None, token: str | None = None) -> str:
     """Upload `pack` to `repo_id` as one commit (creating the repo, and the branch
     from main, if needed); returns the commit sha."""
+    return push_folder(lambda folder: pack.save_pretrained(folder, repo_id=repo_id), repo_id,
+                       commit_message or f"hf_kedit: {len(pack.edits)} {pack.method} edits", branch, private, token)
+
+
+def push_folder(write: Callable[[Path], object], repo_id: str, commit_message: str, branch: str | None = None,
+                private: bool = False, token: str | None = None) -> str:
+    """Upload the files `write(folder)` puts into an empty folder to `repo_id` as
+    one commit (creating the repo, and the branch from main, if needed); returns
+    the commit sha."""
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     if branch and branch != "main":
         api.create_branch(repo_id, branch=branch, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        pack.save_pretrained(tmp, repo_id=repo_id)
-        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=branch,
-                                 commit_message=commit_message or f"hf_kedit: {len(pack.edits)} {pack.method} edits")
+        write(Path(tmp))
+        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=branch, commit_message=commit_message)
     return info.oid
 
 
@@ -50,3 +62,12 @@ def pull_folder(repo_id: str, local_dir: str | Path, revision: str | None = None
     """Download a repo's files (those matching `allow_patterns`) into `local_dir`."""
     return Path(snapshot_download(repo_id, revision=revision, local_dir=str(local_dir),
                                   allow_patterns=allow_patterns, token=token))
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, which manifests record to catch corrupted downloads."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -8,7 +8,6 @@ Safetensors and JSON only: nothing here can execute code from a file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .card import model_card
 from .errors import PackFormatError
-from .hub import push_pack, resolve_source
+from .hub import file_sha256, push_pack, resolve_source
 from .kinds import kind_named
 
 FORMAT_VERSION = 1
@@ -110,15 +109,8 @@ class EditPack:
         kind = kind_named(self.kind)
         if not self.edits:
             raise PackFormatError("the pack holds no edits")
-        for e in self.edits:
-            _check_edit_fields(e)
+        check_edits(self.edits)
         _check_base_model(self.base_model)
-        ids = [e.id for e in self.edits]
-        bad = [i for i in ids if not isinstance(i, str) or not EDIT_ID.match(i)]
-        if bad:
-            raise PackFormatError(f"edit ids must match {EDIT_ID.pattern}: {bad}")
-        if len(set(ids)) != len(ids):
-            raise PackFormatError(f"edit ids repeat: {sorted({i for i in ids if ids.count(i) > 1})}")
         owned = [name for e in self.edits for name in e.tensors]
         if len(set(owned)) != len(owned):
             raise PackFormatError("a tensor is owned by more than one edit")
@@ -156,7 +148,7 @@ class EditPack:
         tensors = {n: t.detach().to("cpu").contiguous().clone() for n, t in self.tensors.items()}
         save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
         manifest = self.manifest()
-        manifest["files"] = {WEIGHTS_NAME: {"sha256": _sha256(out / WEIGHTS_NAME)}}
+        manifest["files"] = {WEIGHTS_NAME: {"sha256": file_sha256(out / WEIGHTS_NAME)}}
         (out / CONFIG_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         (out / CARD_NAME).write_text(model_card(self, repo_id))
         return out
@@ -223,7 +215,7 @@ def read_pack(folder: Path) -> EditPack:
         raise PackFormatError(f"{config_path}: every entry of 'edits' must be a JSON object")
     entry = manifest.get("files", {}).get(WEIGHTS_NAME, {})
     expected_sha = entry.get("sha256") if isinstance(entry, dict) else None
-    if expected_sha and expected_sha != _sha256(weights_path):
+    if expected_sha and expected_sha != file_sha256(weights_path):
         raise PackFormatError(f"{weights_path} is corrupted: its sha256 differs from the manifest's")
     tensors = _read_tensors(weights_path, manifest["tensors"])
     try:
@@ -255,17 +247,31 @@ def _read_tensors(path: Path, declared: dict) -> dict[str, torch.Tensor]:
         raise PackFormatError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
 
 
-def _check_edit_fields(e: Edit) -> None:
+def check_edits(edits: list[Edit], error: type[Exception] = PackFormatError) -> None:
+    """Raise `error` unless every edit's fields have their types, subject, prompt
+    and target_new are not blank, and the ids are valid and unique. Packs check
+    their edits with it, methods their requests (with `EditRequestError`)."""
+    for e in edits:
+        _check_edit_fields(e, error)
+    ids = [e.id for e in edits]
+    bad = [i for i in ids if not isinstance(i, str) or not EDIT_ID.match(i)]
+    if bad:
+        raise error(f"edit ids must match {EDIT_ID.pattern}: {bad}")
+    if len(set(ids)) != len(ids):
+        raise error(f"edit ids repeat: {sorted({i for i in ids if ids.count(i) > 1})}; give each edit its own id")
+
+
+def _check_edit_fields(e: Edit, error: type[Exception]) -> None:
     for name in ("subject", "prompt", "target_new"):
         value = getattr(e, name)
         if not isinstance(value, str) or not value.strip():
-            raise PackFormatError(f"edit {e.id!r}: {name} must be a non-empty string, got {value!r}")
+            raise error(f"edit {e.id!r}: {name} must be a non-empty string, got {value!r}")
     if e.target_true is not None and not isinstance(e.target_true, str):
-        raise PackFormatError(f"edit {e.id!r}: target_true must be a string or null, got {e.target_true!r}")
+        raise error(f"edit {e.id!r}: target_true must be a string or null, got {e.target_true!r}")
     if not isinstance(e.metrics, dict) or not isinstance(e.created, str):
-        raise PackFormatError(f"edit {e.id!r}: metrics must be an object and created a string")
+        raise error(f"edit {e.id!r}: metrics must be an object and created a string")
     if not isinstance(e.tensors, list) or not all(isinstance(t, str) for t in e.tensors):
-        raise PackFormatError(f"edit {e.id!r}: tensors must be a list of tensor names, got {e.tensors!r}")
+        raise error(f"edit {e.id!r}: tensors must be a list of tensor names, got {e.tensors!r}")
 
 
 def _check_base_model(record: dict) -> None:
@@ -279,11 +285,3 @@ def _check_base_model(record: dict) -> None:
 
 def _safetensors_dtype(name) -> str:
     return {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}.get(name, f"unknown:{name}")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

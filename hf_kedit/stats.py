@@ -1,60 +1,223 @@
 """Second-moment statistics C = E[k kᵀ] of the keys of an MLP output projection
 (its inputs), which ROME and MEMIT use to keep an edit from disturbing other
 keys. Computed once per (model, layer, corpus) and cached as safetensors under
-the Hugging Face cache folder, keyed by the model's fingerprint."""
+the Hugging Face cache folder, keyed by the model's fingerprint; shared through
+the Hub with `push_stats` and read back with `key_second_moments(source=...)`.
+
+A shared statistics folder (on disk or a Hub repo):
+    kedit_stats.json          manifest: format_version, base_model (fingerprint of the
+                              modules), corpus, corpus_name, n_tokens, max_length, and per
+                              layer its module, tokens_seen and the sha256 of its file
+    layer-<i>.safetensors     "second_moment": C, float32 [d_ff, d_ff]
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from huggingface_hub import constants
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .anatomy import anatomy_of
+from . import __version__
+from .anatomy import anatomy_of, linear_shape
 from .batching import pad_id, padded
+from .errors import StatsError
 from .fingerprint import base_model_record
+from .hub import file_sha256, push_folder, resolve_source
 from .sampling import sample_texts, seeded
+
+STATS_MANIFEST = "kedit_stats.json"
+STATS_FORMAT_VERSION = 1
 
 
 def stats_dir() -> Path:
     return Path(os.environ.get("HF_KEDIT_CACHE") or Path(constants.HF_HOME) / "hf_kedit") / "stats"
 
 
+def stats_file(layer: int) -> str:
+    """The name of a layer's file in a shared statistics folder."""
+    return f"layer-{layer}.safetensors"
+
+
 def key_second_moments(model, tokenizer, layers: list[int], corpus=None, n_tokens: int = 20_000,
-                       max_length: int = 128, batch_size: int = 8, progress: bool = True) -> dict[int, torch.Tensor]:
+                       max_length: int = 128, batch_size: int = 8, progress: bool = True,
+                       source: str | os.PathLike | None = None) -> dict[int, torch.Tensor]:
     """C = E[k kᵀ] (float32, [d_ff, d_ff]) of the inputs k of each layer's MLP
     output projection over the non-pad tokens of `corpus` (an iterable of texts,
     a text file's path, or a `datasets` dataset with a "text" column; None: text
     sampled from the model itself), up to `n_tokens` tokens (the cache file's
     metadata records how many the corpus gave). Cached per (model weights, layer,
-    corpus, tokens); layers missing from the cache share one pass.
+    corpus, tokens); layers missing from the cache share one pass, or, given
+    `source` (a folder or Hub repo id that `push_stats` wrote for the same model,
+    corpus and token count), are read from there, validated and cached instead.
 
     Example:
         >>> C = key_second_moments(model, tokenizer, [5], corpus=["some text", ...])[5]
+        >>> C = key_second_moments(model, tokenizer, [5], source="me/smollm2-stats")[5]
     """
+    cached = _cached(model, tokenizer, layers, corpus, n_tokens, max_length, batch_size, progress, source)
+    return {layer: load_file(str(path))["second_moment"] for layer, path in cached.paths.items()}
+
+
+def push_stats(model, tokenizer, layers: list[int], repo_id: str, corpus=None, n_tokens: int = 20_000,
+               max_length: int = 128, batch_size: int = 8, branch: str | None = None, private: bool = False,
+               token: str | None = None, progress: bool = True) -> str:
+    """Upload the key statistics of `layers` (computed, or read from the local cache)
+    to `repo_id` as one commit: one safetensors file per layer and the manifest
+    `kedit_stats.json`. The commit replaces the manifest, so push every layer to
+    share at once. Returns the commit sha.
+
+    Example:
+        >>> push_stats(model, tokenizer, [5], "me/smollm2-stats")
+        >>> # elsewhere, on the same model: no statistics pass
+        >>> pack = rome_edit(model, tokenizer, [edit], ROMEConfig(stats_source="me/smollm2-stats"))
+    """
+    cached = _cached(model, tokenizer, layers, corpus, n_tokens, max_length, batch_size, progress, source=None)
+
+    def write(folder: Path) -> None:
+        entries = {}
+        for layer, path in cached.paths.items():
+            shutil.copyfile(path, folder / stats_file(layer))
+            with safe_open(str(path), framework="pt") as f:
+                seen = int(f.metadata()["tokens_seen"])
+            entries[str(layer)] = {"module": cached.names[layer], "tokens_seen": seen,
+                                   "sha256": file_sha256(folder / stats_file(layer))}
+        manifest = {"format_version": STATS_FORMAT_VERSION, **cached.asked, "corpus_name": corpus_name(corpus),
+                    "base_model": cached.fingerprint, "layers": entries, "created_with": f"hf_kedit {__version__}"}
+        (folder / STATS_MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+
+    return push_folder(write, repo_id, f"hf_kedit: key statistics of layers {sorted(layers)}", branch, private,
+                       token)
+
+
+@dataclass
+class _Cached:
+    """Statistics in the local cache: per layer its module and file, and what they are of."""
+
+    names: dict[int, str]  # layer -> MLP output projection
+    fingerprint: dict  # base_model_record of those modules
+    asked: dict  # corpus id, n_tokens, max_length: what a shared folder must hold too
+    paths: dict[int, Path]
+
+
+def _cached(model, tokenizer, layers, corpus, n_tokens, max_length, batch_size, progress, source) -> _Cached:
+    """The cache entries of `layers`, those missing read from `source` or computed."""
     anatomy = anatomy_of(model)
     names = {layer: anatomy.mlp_out(layer) for layer in layers}
-    corpus_id = _corpus_id(corpus, max_length)
     fingerprint = base_model_record(model, list(names.values()))
-    paths = {layer: stats_dir() / f"{_cache_key(fingerprint, name, corpus_id, n_tokens, max_length)}.safetensors"
+    asked = {"corpus": _corpus_id(corpus, max_length), "n_tokens": n_tokens, "max_length": max_length}
+    paths = {layer: stats_dir() / f"{_cache_key(fingerprint, name, **asked)}.safetensors"
              for layer, name in names.items()}
-    missing = [layer for layer in layers if not paths[layer].is_file()]
+    missing = {layer: names[layer] for layer in layers if not paths[layer].is_file()}
     if missing:
-        texts = _texts(model, tokenizer, corpus, n_tokens, max_length)
-        computed = _accumulate(model, tokenizer, {l: model.get_submodule(names[l]) for l in missing}, texts,
-                               n_tokens, max_length, batch_size, progress)
-        for layer, (C, seen) in computed.items():
-            _save(paths[layer], C, {"module": names[layer], "corpus": corpus_id, "n_tokens": str(n_tokens),
-                                    "tokens_seen": str(seen), "base_model": fingerprint["name_or_path"]})
-    return {layer: load_file(str(paths[layer]))["second_moment"] for layer in layers}
+        found = (_fetch(source, model, missing, fingerprint, asked) if source is not None
+                 else _compute(model, tokenizer, missing, corpus, n_tokens, max_length, batch_size, progress))
+        for layer, (C, seen) in found.items():
+            _save(paths[layer], C, {"module": names[layer], "corpus": asked["corpus"], "n_tokens": str(n_tokens),
+                                    "tokens_seen": str(seen), "base_model": fingerprint["name_or_path"],
+                                    **({"source": str(source)} if source is not None else {})})
+    return _Cached(names, fingerprint, asked, paths)
 
 
-def _cache_key(fingerprint: dict, module: str, corpus_id: str, n_tokens: int, max_length: int) -> str:
-    identity = [fingerprint["fingerprint"][module]["sha256_bf16"], fingerprint["model_type"], module, corpus_id,
+def _compute(model, tokenizer, names: dict[int, str], corpus, n_tokens, max_length, batch_size,
+             progress) -> dict[int, tuple[torch.Tensor, int]]:
+    texts = _texts(model, tokenizer, corpus, n_tokens, max_length)
+    return _accumulate(model, tokenizer, {layer: model.get_submodule(name) for layer, name in names.items()}, texts,
+                       n_tokens, max_length, batch_size, progress)
+
+
+def _fetch(source, model, names: dict[int, str], fingerprint: dict, asked: dict) -> dict[int, tuple[torch.Tensor, int]]:
+    """Per layer, C and its token count from a shared statistics folder or repo,
+    every file checked before any is returned: `StatsError` if anything is wrong."""
+    folder, _ = resolve_source(source, allow_patterns=[STATS_MANIFEST, *map(stats_file, names)])
+    manifest = _read_manifest(folder, source)
+    held = manifest["layers"]
+    absent = [layer for layer in names if str(layer) not in held]
+    if absent:
+        raise StatsError(f"{source} holds statistics of layers {sorted(map(int, held))}, not of {absent}: push "
+                         "them from this model (push_stats, kedit push-stats), or leave stats_source unset to "
+                         "compute them here")
+    theirs = manifest["base_model"]["fingerprint"]
+    for layer, name in names.items():
+        module = held[str(layer)]["module"]
+        mine = fingerprint["fingerprint"][name]["sha256_bf16"]
+        if module != name or theirs.get(module, {}).get("sha256_bf16") != mine:
+            raise StatsError(f"the statistics of layer {layer} in {source} were computed on {module} of another "
+                             f"model ({manifest['base_model'].get('name_or_path') or 'unnamed'}), not on this "
+                             f"model's {name}: push statistics from this model, or leave stats_source unset to "
+                             "compute them here")
+    if any(manifest[key] != value for key, value in asked.items()):
+        raise StatsError(f"{source} holds statistics over {_describe(manifest)}; these edits ask for "
+                         f"{_describe(asked)}: give the same corpus and token count (stats_corpus, stats_tokens), "
+                         "or leave stats_source unset to compute them here")
+    return {layer: (_read_layer(folder, source, layer, held[str(layer)], model.get_submodule(name)),
+                    held[str(layer)]["tokens_seen"]) for layer, name in names.items()}
+
+
+def _describe(identity: dict) -> str:
+    return f"{identity['n_tokens']} tokens of corpus {identity['corpus']} (max_length {identity['max_length']})"
+
+
+def _read_manifest(folder: Path, source) -> dict:
+    path = folder / STATS_MANIFEST
+    if not path.is_file():
+        raise StatsError(f"{source} holds no {STATS_MANIFEST}: it is not a statistics folder that push_stats wrote")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StatsError(f"{source}: {STATS_MANIFEST} is not valid JSON ({e}); push the statistics again") from None
+    if not isinstance(manifest, dict) or "format_version" not in manifest:
+        raise StatsError(f"{source}: {STATS_MANIFEST} is not a JSON object with a format_version: it is not a "
+                         "manifest that push_stats wrote")
+    if manifest["format_version"] != STATS_FORMAT_VERSION:
+        raise StatsError(f"{source}: {STATS_MANIFEST} has format_version {manifest['format_version']!r}; this "
+                         f"hf_kedit reads version {STATS_FORMAT_VERSION} (a newer one needs a newer hf_kedit)")
+    base_model = manifest.get("base_model")
+    fingerprint = base_model.get("fingerprint") if isinstance(base_model, dict) else None
+    layers = manifest.get("layers")
+    well_formed = (isinstance(manifest.get("corpus"), str) and type(manifest.get("n_tokens")) is int
+                   and type(manifest.get("max_length")) is int and isinstance(fingerprint, dict)
+                   and all(isinstance(v, dict) for v in fingerprint.values()) and isinstance(layers, dict)
+                   and all(k.isdigit() and isinstance(v, dict) and isinstance(v.get("module"), str)
+                           and isinstance(v.get("sha256"), str) and type(v.get("tokens_seen")) is int
+                           for k, v in layers.items()))
+    if not well_formed:
+        raise StatsError(f"{source}: {STATS_MANIFEST} must hold corpus (string), n_tokens and max_length (ints), "
+                         "base_model.fingerprint (an object per module) and layers (per layer index: module, "
+                         "sha256, tokens_seen); push the statistics again")
+    return manifest
+
+
+def _read_layer(folder: Path, source, layer: int, entry: dict, module) -> torch.Tensor:
+    path = folder / stats_file(layer)
+    if not path.is_file():
+        raise StatsError(f"{source} lacks {path.name}, which its manifest lists; push the statistics again")
+    if file_sha256(path) != entry["sha256"]:
+        raise StatsError(f"{source}: {path.name} is corrupted (its sha256 differs from the manifest's); push the "
+                         "statistics again")
+    try:
+        C = load_file(str(path)).get("second_moment")
+    except SafetensorError as e:
+        raise StatsError(f"{source}: {path.name} is not a readable safetensors file ({e})") from None
+    d = linear_shape(module)[1]
+    if C is None or C.dtype != torch.float32 or list(C.shape) != [d, d]:
+        found = "no 'second_moment'" if C is None else f"{C.dtype} {list(C.shape)}"
+        raise StatsError(f"{source}: {path.name} must hold 'second_moment', float32 [{d}, {d}] for "
+                         f"{entry['module']}; it holds {found}")
+    if not torch.isfinite(C).all():
+        raise StatsError(f"{source}: {path.name} holds NaN or inf values; compute the statistics again")
+    return C
+
+
+def _cache_key(fingerprint: dict, module: str, corpus: str, n_tokens: int, max_length: int) -> str:
+    identity = [fingerprint["fingerprint"][module]["sha256_bf16"], fingerprint["model_type"], module, corpus,
                 n_tokens, max_length]
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]
 

@@ -7,9 +7,10 @@ from dataclasses import fields
 import torch
 from torch import nn
 
+from ..errors import EditRequestError
 from ..fingerprint import base_model_record
 from ..kinds.weight_delta import WeightDelta, factor_names, module_entry
-from ..pack import Edit, EditPack
+from ..pack import Edit, EditPack, check_edits
 
 
 def weight_delta_pack(model: nn.Module, method: str, hyperparameters: dict, edits: list[Edit],
@@ -28,6 +29,47 @@ def weight_delta_pack(model: nn.Module, method: str, hyperparameters: dict, edit
                     hyperparameters, {"modules": {m: module_entry(model, m) for m in sorted(modules)}})
 
 
+def check_requests(requests: list[Edit], subject_slot: bool = True) -> None:
+    """Raise `EditRequestError` naming the first request a method cannot carry out:
+    not a non-empty list of `Edit`s, a blank subject, prompt or target, a bad or
+    repeated id, or (`subject_slot`, the locate-and-edit methods, which edit at the
+    subject's last token) a prompt without exactly one "{}" where the subject goes.
+    Every method calls it first, before any statistics or optimisation.
+
+    Example:
+        >>> check_requests([Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English")])
+    """
+    if not isinstance(requests, (list, tuple)) or not requests:
+        raise EditRequestError(f"give a non-empty list of Edit requests, got {requests!r}")
+    strangers = [r for r in requests if not isinstance(r, Edit)]
+    if strangers:
+        raise EditRequestError(f"requests must be hf_kedit.Edit objects, got {type(strangers[0]).__name__}: "
+                               f"{strangers[0]!r}")
+    check_edits(requests, EditRequestError)
+    for edit in requests if subject_slot else ():
+        if edit.prompt.count("{}") != 1:
+            raise EditRequestError(f"edit {edit.id!r}: the prompt {edit.prompt!r} must hold \"{{}}\" exactly once, "
+                                   f"where the subject goes{_slot_hint(edit)}")
+
+
+def _slot_hint(edit: Edit) -> str:
+    if edit.prompt.count("{}") == 0 and edit.subject in edit.prompt:
+        return f": write {edit.prompt.replace(edit.subject, '{}', 1)!r}"
+    if edit.prompt.count("{}") == 0:
+        return f" (the subject {edit.subject!r} does not occur in it)"
+    return ""
+
+
+def check_layers(layers: list[int], num_layers: int, setting: str) -> None:
+    """Raise `EditRequestError` unless `layers` (what the setting `setting` gave)
+    are layer indices of a model with `num_layers` layers."""
+    bad = [layer for layer in layers if not 0 <= layer < num_layers]
+    if bad or not layers:
+        raise EditRequestError(f"{setting} gives layers {bad or layers}, out of range: the model has {num_layers} "
+                               f"layers (0 to {num_layers - 1}); give indices in that range or relative depths "
+                               "in [0, 1)")
+
+
 def make_pack(method: str, model: nn.Module, tokenizer, edits: list[Edit], settings: dict | None = None,
               progress: bool = True) -> EditPack:
     """Run the method called `method` on `edits` with `settings` (its config's fields).
@@ -36,12 +78,12 @@ def make_pack(method: str, model: nn.Module, tokenizer, edits: list[Edit], setti
         >>> pack = make_pack("lora", model, tokenizer, edits, {"rank": 2})
     """
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: the methods that make packs are {sorted(METHODS)}")
+        raise EditRequestError(f"unknown method {method!r}: the methods that make packs are {sorted(METHODS)}")
     edit, config_class = METHODS[method]
     known = {f.name for f in fields(config_class)}
     unknown = set(settings or {}) - known
     if unknown:
-        raise ValueError(f"{method} has no setting {sorted(unknown)}; its settings are {sorted(known)}")
+        raise EditRequestError(f"{method} has no setting {sorted(unknown)}; its settings are {sorted(known)}")
     return edit(model, tokenizer, edits, config_class(**(settings or {})), progress=progress)
 
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..anatomy import anatomy_of, linear_shape
 from ..kinds.weight_delta import deltas_applied
 from ..pack import Edit, EditPack
-from . import weight_delta_pack
+from . import check_layers, check_requests, weight_delta_pack
 
 
 @dataclass
@@ -34,9 +34,12 @@ def lora_edit(model, tokenizer, requests: list[Edit], config: LoRAConfig | None 
         >>> edit = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
         >>> pack = lora_edit(model, tokenizer, [edit])
     """
+    # LoRA reads only the prompt with the subject filled in: it needs no subject slot.
+    check_requests(requests, subject_slot=False)
     config = config or LoRAConfig()
     anatomy = anatomy_of(model)
     layer = config.layer if isinstance(config.layer, int) else int(config.layer * anatomy.num_layers)
+    check_layers([layer], anatomy.num_layers, f"layer={config.layer!r}")
     name = anatomy.mlp_out(layer)
     module = model.get_submodule(name)
     out_f, in_f = linear_shape(module)

@@ -9,10 +9,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..anatomy import anatomy_of
+from ..errors import EditRequestError
 from ..kinds.weight_delta import deltas_applied
 from ..pack import Edit, EditPack
 from ..stats import corpus_name, key_second_moments
-from . import weight_delta_pack
+from . import check_layers, check_requests, weight_delta_pack
 from .locate import ValueConfig, context_templates, io_at_subject, key_at_subject, optimise_value
 
 
@@ -20,13 +21,15 @@ from .locate import ValueConfig, context_templates, io_at_subject, key_at_subjec
 class MEMITConfig(ValueConfig):
     """`layers`: indices, or a (start, end) pair of relative depths ((0.13, 0.27)
     is layers 4-8 of 30, EasyEdit's for Llama-family models). `update_weight`: λ
-    in ΔW = R Kᵀ(λC + KKᵀ)⁻¹; `covariance=False` uses C = I."""
+    in ΔW = R Kᵀ(λC + KKᵀ)⁻¹; `covariance=False` uses C = I. The statistics
+    settings are `ROMEConfig`'s."""
 
     layers: tuple = (0.13, 0.27)
     update_weight: float = 15000.0
     covariance: bool = True
     stats_tokens: int = 20_000
     stats_corpus: object = None
+    stats_source: str | None = None
     context_templates: tuple = ((5, 10),)
 
 
@@ -37,13 +40,14 @@ def memit_edit(model, tokenizer, requests: list[Edit], config: MEMITConfig | Non
     Example:
         >>> pack = memit_edit(model, tokenizer, edits, MEMITConfig(layers=(4, 5, 6, 7, 8)))
     """
+    check_requests(requests)
     config = config or MEMITConfig()
     anatomy = anatomy_of(model)
     layers = edit_layers(config.layers, anatomy.num_layers)
     names = {layer: anatomy.mlp_out(layer) for layer in layers}
     last_block = model.get_submodule(anatomy.layer(layers[-1]))
     second_moments = (key_second_moments(model, tokenizer, layers, config.stats_corpus, config.stats_tokens,
-                                         progress=progress) if config.covariance else {})
+                                         progress=progress, source=config.stats_source) if config.covariance else {})
     templates = context_templates(model, tokenizer, config.context_templates)
     targets = torch.stack([optimise_value(model, tokenizer, last_block, e, templates, config)
                            for e in tqdm(requests, desc="memit targets", disable=not progress)], 1)
@@ -76,16 +80,17 @@ def least_squares_update(keys: torch.Tensor, residual: torch.Tensor, second_mome
     return adjusted.T.float(), residual.float()
 
 
-def edit_layers(spec, num_layers: int) -> list[int]:
-    """Layer indices from indices, or from a (start, end) pair of relative depths."""
-    spec = list(spec)
+def edit_layers(spec, num_layers: int, setting: str = "layers") -> list[int]:
+    """Layer indices from indices, or from a (start, end) pair of relative depths
+    (`setting` names the setting in errors)."""
+    usage = f"{setting}={spec!r}: give layer indices or a (start, end) pair of relative depths"
+    if not isinstance(spec, (list, tuple)) or not all(isinstance(x, (int, float)) for x in spec):
+        raise EditRequestError(usage)
     if all(isinstance(x, int) for x in spec):
-        layers = spec
+        layers = list(spec)
     elif len(spec) == 2:
         layers = list(range(round(spec[0] * num_layers), round(spec[1] * num_layers) + 1))
     else:
-        raise ValueError(f"layers={spec!r}: give layer indices or a (start, end) pair of relative depths")
-    bad = [l for l in layers if not 0 <= l < num_layers]
-    if bad or not layers:
-        raise ValueError(f"layers {bad or layers} out of range: the model has {num_layers} layers")
+        raise EditRequestError(usage)
+    check_layers(layers, num_layers, f"{setting}={spec!r}")
     return sorted(layers)

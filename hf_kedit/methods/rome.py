@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass
 from tqdm.auto import tqdm
 
 from ..anatomy import anatomy_of
+from ..errors import EditRequestError
 from ..pack import Edit, EditPack
 from ..stats import corpus_name, key_second_moments
-from . import weight_delta_pack
+from . import check_layers, check_requests, weight_delta_pack
 from .locate import ValueConfig, context_templates, io_at_subject, key_at_subject, optimise_value, rank_one_update
 
 
@@ -19,13 +20,15 @@ class ROMEConfig(ValueConfig):
     layer 5 of 30, EasyEdit's layer for Llama-family models), or "auto" (causal
     tracing, `hf_kedit.trace`). `covariance`: use
     the key statistics C (`stats.key_second_moments`) over `stats_tokens` tokens of
-    `stats_corpus` (None: text the model samples itself). The value optimisation's
-    settings are `ValueConfig`'s."""
+    `stats_corpus` (None: text the model samples itself), read from `stats_source`
+    (a folder or Hub repo id written by `stats.push_stats`) where the local cache
+    lacks them. The value optimisation's settings are `ValueConfig`'s."""
 
     layer: float | int | str = 0.17
     covariance: bool = True
     stats_tokens: int = 20_000
     stats_corpus: object = None
+    stats_source: str | None = None
     context_templates: tuple = ((5, 5), (5, 10))
 
 
@@ -37,6 +40,7 @@ def rome_edit(model, tokenizer, requests: list[Edit], config: ROMEConfig | None 
         >>> edit = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
         >>> pack = rome_edit(model, tokenizer, [edit])
     """
+    check_requests(requests)
     return rank_one_edits(model, tokenizer, requests, config or ROMEConfig(), "rome", progress=progress)
 
 
@@ -49,7 +53,8 @@ def rank_one_edits(model, tokenizer, requests: list[Edit], config: ROMEConfig, m
     name = anatomy.mlp_out(layer)
     module = model.get_submodule(name)
     C = (key_second_moments(model, tokenizer, [layer], config.stats_corpus, config.stats_tokens,
-                            progress=progress)[layer].to(model.device) if config.covariance else None)
+                            progress=progress, source=config.stats_source)[layer].to(model.device)
+         if config.covariance else None)
     templates = context_templates(model, tokenizer, config.context_templates)
     factors = {}
     for edit in tqdm(requests, desc=f"{method} edits", disable=not progress):
@@ -69,7 +74,8 @@ def resolve_layer(layer, num_layers: int, model=None, tokenizer=None, edits=()) 
         from ..trace import auto_layer
 
         return auto_layer(model, tokenizer, edits)
+    if not isinstance(layer, (int, float)):
+        raise EditRequestError(f"layer={layer!r}: give a layer index, a relative depth in [0, 1) or \"auto\"")
     index = layer if isinstance(layer, int) else round(layer * num_layers)
-    if not 0 <= index < num_layers:
-        raise ValueError(f"layer {layer!r} is out of range: the model has {num_layers} layers")
+    check_layers([index], num_layers, f"layer={layer!r}")
     return index

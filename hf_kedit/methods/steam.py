@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 from ..anatomy import anatomy_of, hidden_states
+from ..errors import EditRequestError
 from ..pack import Edit, EditPack
+from . import check_requests
 from .locate import Alignment
 from .memit import edit_layers
 from .rome import ROMEConfig, rank_one_edits, resolve_layer
@@ -45,42 +47,73 @@ def steam_edit(model, tokenizer, requests: list[Edit], config: STEAMConfig | Non
         >>> config = STEAMConfig(fact_base="factbase.json")
         >>> pack = steam_edit(model, tokenizer, [edit], config)
     """
+    check_requests(requests)
     config = config or STEAMConfig()
     if config.fact_base is None:
-        raise ValueError("STEAM needs a fact base: set fact_base to a JSON file or a list of "
-                         "{subject, prompt, object} facts")
+        raise EditRequestError("STEAM needs a fact base: set fact_base to a JSON file or a list of "
+                               "{subject, prompt, object} facts")
     facts = read_fact_base(config.fact_base)
     anatomy = anatomy_of(model)
-    mid_layers = edit_layers(config.mid_layers, anatomy.num_layers)
-    # The edit layer is settled before the first alignment is needed ("auto" traces).
+    mid_layers = edit_layers(config.mid_layers, anatomy.num_layers, "mid_layers")
+    # The edit layer is settled before the anchors, which are read after it ("auto" traces).
     layer = resolve_layer(config.layer, anatomy.num_layers, model, tokenizer, requests)
     mid = [l for l in mid_layers if l > layer]
     if not mid:
-        raise ValueError(f"mid_layers {config.mid_layers} has no layer after the edit layer {layer}")
+        raise EditRequestError(f"mid_layers {config.mid_layers} has no layer after the edit layer {layer}: "
+                               "give mid layers deeper than the edit layer")
     blocks = [model.get_submodule(anatomy.layer(l)) for l in mid]
+    # Anchors come before the statistics and the optimisation, so that strict=True fails fast.
+    anchors = {target: semantic_anchors(model, tokenizer, blocks, facts, target, config.anchor_facts)
+               for target in {edit.target_new for edit in requests}}
+    for edit in requests:
+        if anchors[edit.target_new] is None:
+            _no_anchor(edit, config.strict)
 
     def alignment_for(edit: Edit, _layer: int) -> Alignment | None:
-        anchors = semantic_anchors(model, tokenizer, blocks, facts, edit.target_new, config.anchor_facts)
-        if anchors is None:
-            message = f"no fact in the fact base that the model knows has the object {edit.target_new!r}"
-            if config.strict:
-                raise ValueError(message + " (strict=True)")
-            warnings.warn(message + f": edit {edit.id!r} uses ROME's loss only", stacklevel=3)
-            return None
-        return Alignment(blocks, anchors, config.alignment_weight)
+        found = anchors[edit.target_new]
+        return None if found is None else Alignment(blocks, found, config.alignment_weight)
 
     fixed = replace(config, layer=layer)
     recorded = {"mid_layers": mid, "fact_base": config.fact_base if isinstance(config.fact_base, str) else "list"}
     return rank_one_edits(model, tokenizer, requests, fixed, "steam", alignment_for, recorded, progress)
 
 
+def _no_anchor(edit: Edit, strict: bool) -> None:
+    message = f"no fact in the fact base that the model knows has the object {edit.target_new!r}"
+    if strict:
+        raise EditRequestError(f"{message} (strict=True): add facts with that object which the model completes "
+                               "correctly, or set strict=False to fall back to ROME's loss for this edit")
+    warnings.warn(f"{message}: edit {edit.id!r} uses ROME's loss only", stacklevel=3)
+
+
 def read_fact_base(source) -> list[dict]:
-    """Facts as dicts with non-empty string subject, prompt and object."""
-    facts = json.loads(Path(source).read_text()) if isinstance(source, (str, Path)) else list(source)
+    """Facts as dicts with non-empty string subject, prompt and object, from a JSON
+    file holding a list of them or from such a list.
+
+    Example:
+        >>> read_fact_base([{"subject": "Worf", "prompt": "Worf speaks", "object": "Klingon"}])
+    """
+    facts = _read_json_facts(Path(source)) if isinstance(source, (str, Path)) else source
+    if not isinstance(facts, (list, tuple)):
+        raise EditRequestError(f"the fact base must be a list of {{subject, prompt, object}} facts, got "
+                               f"{type(facts).__name__}")
     for i, fact in enumerate(facts):
-        if not all(isinstance(fact.get(k), str) and fact[k].strip() for k in ("subject", "prompt", "object")):
-            raise ValueError(f"fact base entry {i} needs non-empty strings subject, prompt and object: {fact!r}")
-    return facts
+        if not (isinstance(fact, dict)
+                and all(isinstance(fact.get(k), str) and fact[k].strip() for k in ("subject", "prompt", "object"))):
+            raise EditRequestError(f"fact base entry {i} needs non-empty strings subject, prompt and object: "
+                                   f"{fact!r}")
+    return list(facts)
+
+
+def _read_json_facts(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"no such fact base file: {path} (fact_base is a JSON file holding a list of "
+                                "{subject, prompt, object} facts, or such a list)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EditRequestError(f"the fact base {path} is not valid JSON ({e}): it must hold a list of "
+                               "{subject, prompt, object} facts") from None
 
 
 @torch.no_grad()

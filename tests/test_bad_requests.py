@@ -1,0 +1,126 @@
+"""Edit requests and settings a method cannot carry out fail with a typed error that
+says what is wrong and how to fix it, before any statistics, templates or value
+optimisation start, leaving the model and the disk as they were. (Broken packs:
+test_bad_input.py.)"""
+import json
+
+import pytest
+
+from hf_kedit import Edit
+from hf_kedit.cli import main as kedit
+from hf_kedit.errors import EditRequestError
+from hf_kedit.methods import lora, make_pack, memit, rome
+from test_bad_input import raises_exactly, untouched
+from test_datasets import COUNTERFACT_RECORD
+from test_rome import tiny
+
+GOOD = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
+FACTS = [{"subject": "Worf", "prompt": "Worf speaks", "object": "Klingon"}]
+
+
+def edit(**fields) -> Edit:
+    return Edit(**{**GOOD.__dict__, **fields})
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model):
+    return default_model[1]
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny(tokenizer)
+
+
+@pytest.fixture
+def nothing_expensive(monkeypatch):
+    """Statistics, context templates, value optimisation and LoRA's training fail the test if they start."""
+    def started(*args, **kwargs):
+        raise AssertionError("expensive work started before the request was checked")
+    for module, names in ((rome, ("key_second_moments", "context_templates", "optimise_value")),
+                          (memit, ("key_second_moments", "context_templates", "optimise_value")),
+                          (lora, ("_teacher_forced",))):
+        for name in names:
+            monkeypatch.setattr(module, name, started)
+
+
+@pytest.fixture
+def fact_files(tmp_path, monkeypatch):
+    """Fact base files in the working folder: broken.json (not JSON) and object.json (not a list)."""
+    (tmp_path / "broken.json").write_text('[{"subject": "Worf",')
+    (tmp_path / "object.json").write_text(json.dumps(FACTS[0]))
+    monkeypatch.chdir(tmp_path)
+
+
+CASES = [  # (id, method, requests, settings, error type, regex the message must match)
+    ("subject-written-in", "rome", [edit(prompt="The mother tongue of Danielle Darrieux is")], {},
+     EditRequestError, r"must hold \"\{\}\" exactly once, where the subject goes: write 'The mother tongue of \{\} is"),
+    ("subject-not-in-prompt", "steam", [edit(prompt="The mother tongue of Jacques Chirac is")], {"fact_base": FACTS},
+     EditRequestError, r"exactly once.*\(the subject 'Danielle Darrieux' does not occur in it\)"),
+    ("two-slots", "memit", [edit(prompt="{} and {} speak")], {}, EditRequestError, r"'\{\} and \{\} speak' must hold"),
+    ("empty-target", "rome", [edit(target_new="")], {}, EditRequestError,
+     r"edit 'e0': target_new must be a non-empty string, got ''"),
+    ("blank-target", "steam", [edit(target_new="  ")], {"fact_base": FACTS}, EditRequestError,
+     r"target_new must be a non-empty string"),
+    ("blank-target-lora", "lora", [edit(target_new=" \n")], {}, EditRequestError, r"target_new must be a non-empty"),
+    ("empty-subject", "memit", [edit(subject="")], {}, EditRequestError, r"subject must be a non-empty string"),
+    ("no-requests", "rome", [], {}, EditRequestError, r"give a non-empty list of Edit requests"),
+    ("not-an-edit", "lora", [{"subject": "x"}], {}, EditRequestError, r"must be hf_kedit.Edit objects, got dict"),
+    ("repeated-id", "memit", [GOOD, edit(target_new="German")], {}, EditRequestError,
+     r"edit ids repeat: \['e0'\]; give each edit its own id"),
+    ("bad-id", "lora", [edit(id="e 0")], {}, EditRequestError, r"edit ids must match"),
+    ("rome-layer-99", "rome", [GOOD], {"layer": 99}, EditRequestError,
+     r"layer=99 gives layers \[99\], out of range: the model has 3 layers \(0 to 2\)"),
+    ("rome-layer-minus-1", "rome", [GOOD], {"layer": -1}, EditRequestError, r"layer=-1 gives layers \[-1\]"),
+    ("rome-layer-depth-1", "rome", [GOOD], {"layer": 1.0}, EditRequestError, r"layer=1.0 gives layers \[3\]"),
+    ("rome-layer-word", "rome", [GOOD], {"layer": "middle"}, EditRequestError,
+     r"layer='middle': give a layer index, a relative depth in \[0, 1\) or \"auto\""),
+    ("memit-layers-0-99", "memit", [GOOD], {"layers": (0, 99)}, EditRequestError,
+     r"layers=\(0, 99\) gives layers \[99\], out of range"),
+    ("memit-layers-one-int", "memit", [GOOD], {"layers": 5}, EditRequestError,
+     r"layers=5: give layer indices or a \(start, end\) pair"),
+    ("lora-layer-99", "lora", [GOOD], {"layer": 99}, EditRequestError, r"layer=99 gives layers \[99\]"),
+    ("steam-no-fact-base", "steam", [GOOD], {}, EditRequestError, r"STEAM needs a fact base"),
+    ("steam-missing-file", "steam", [GOOD], {"fact_base": "missing.json"}, FileNotFoundError,
+     r"no such fact base file: missing.json \(fact_base is a JSON file holding a list"),
+    ("steam-broken-json", "steam", [GOOD], {"fact_base": "broken.json"}, EditRequestError,
+     r"the fact base broken.json is not valid JSON"),
+    ("steam-json-object", "steam", [GOOD], {"fact_base": "object.json"}, EditRequestError,
+     r"must be a list of \{subject, prompt, object\} facts, got dict"),
+    ("steam-fact-without-object", "steam", [GOOD], {"fact_base": [{"subject": "Worf", "prompt": "Worf speaks"}]},
+     EditRequestError, r"fact base entry 0 needs non-empty strings subject, prompt and object"),
+    ("steam-mid-layers", "steam", [GOOD], {"fact_base": FACTS, "mid_layers": (0, 99)}, EditRequestError,
+     r"mid_layers=\(0, 99\) gives layers \[99\]"),
+    ("steam-strict-no-fact", "steam", [edit(target_new="Klingon")],
+     {"fact_base": FACTS, "strict": True, "layer": 0, "mid_layers": (2,)}, EditRequestError,
+     r"no fact .* has the object 'Klingon' \(strict=True\): add facts .* or set strict=False"),
+    ("unknown-method", "romeo", [GOOD], {}, EditRequestError, r"unknown method 'romeo'"),
+    ("unknown-setting", "rome", [GOOD], {"layers": 3}, EditRequestError, r"rome has no setting \['layers'\]"),
+]
+
+
+@pytest.mark.parametrize("method, requests, settings, exc, match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_request_fails_before_any_work(model, tokenizer, nothing_expensive, fact_files, tmp_path, method,
+                                           requests, settings, exc, match):
+    before = sorted(tmp_path.iterdir())
+    with untouched(model), raises_exactly(exc, match):
+        make_pack(method, model, tokenizer, requests, settings, progress=False)
+    assert sorted(tmp_path.iterdir()) == before  # nothing written
+
+
+def test_lora_needs_no_subject_slot(model, tokenizer):
+    """LoRA reads only the filled-in prompt: a prompt without "{}" (a few zsRE records) is fine."""
+    pack = make_pack("lora", model, tokenizer, [edit(prompt="Danielle Darrieux speaks")], {"steps": 1},
+                     progress=False)
+    assert pack.edits[0].prompt == "Danielle Darrieux speaks"
+
+
+def test_cli_edit_with_a_bad_layer_writes_nothing(model, tokenizer, tmp_path, capsys):
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "counterfact.json").write_text(json.dumps([COUNTERFACT_RECORD]))
+    assert kedit(["edit", "--method", "rome", "--model", str(tmp_path / "model"), "--data",
+                  f"counterfact:{tmp_path / 'counterfact.json'}", "--set", "layer=99", "--out",
+                  str(tmp_path / "pack")]) == 2
+    assert "kedit edit: EditRequestError: layer=99 gives layers [99], out of range" in capsys.readouterr().err
+    assert not (tmp_path / "pack").exists()

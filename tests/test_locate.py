@@ -1,0 +1,31 @@
+"""The locate-and-edit core's split forward: prefixes run once into a KV cache,
+suffixes on top of it, with the same logits as the whole prompts."""
+import pytest
+import torch
+
+from hf_kedit.methods.locate import SplitBatch
+from tiny_models import ARCHITECTURES, tiny_model
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_suffix_logits_on_the_prefix_cache_equal_the_whole_prompts(arch):
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(0)
+    lengths, cuts = [9, 5, 12, 4], [4, 0, 9, 3]  # a cut at 0: a prompt that starts with the subject
+    rows = [torch.randint(3, 128, (n,), generator=g).tolist() for n in lengths]
+    batch = SplitBatch.cut(rows, cuts, pad=0, device="cpu")
+    with torch.no_grad():
+        suffix = batch.suffix_logits(model, batch.prefix_cache(model))
+        for row, cut, logits, n in zip(rows, cuts, suffix, batch.suffix_lengths):
+            whole = model(torch.tensor([row])).logits[0]
+            assert n == len(row) - cut
+            torch.testing.assert_close(logits[:n], whole[cut:], atol=1e-4, rtol=1e-4)
+
+
+def test_the_prefix_cache_is_not_consumed_by_a_step():
+    model = tiny_model("llama")
+    batch = SplitBatch.cut([[5, 6, 7, 8], [9, 10, 11]], [2, 1], pad=0, device="cpu")
+    cache = batch.prefix_cache(model)
+    with torch.no_grad():
+        first, second = batch.suffix_logits(model, cache), batch.suffix_logits(model, cache)
+    assert torch.equal(first, second)
