@@ -8,11 +8,11 @@ Example:
 __version__ = "0.1.0"
 
 from .errors import (AnatomyError, EditConflictError, EditRequestError, IncompatiblePackError, KeditError,
-                     PackFormatError, StatsError)
+                     MissingDependencyError, PackFormatError, StatsError)
 from .pack import Edit, EditPack
 from .attach import EditStack, load_edits, remove_edits, stack_of
 from .anatomy import Anatomy, anatomy_of
 
 __all__ = ["Anatomy", "AnatomyError", "Edit", "EditConflictError", "EditPack", "EditRequestError", "EditStack",
-           "IncompatiblePackError", "KeditError", "PackFormatError", "StatsError", "anatomy_of", "load_edits",
-           "remove_edits", "stack_of"]
+           "IncompatiblePackError", "KeditError", "MissingDependencyError", "PackFormatError", "StatsError",
+           "anatomy_of", "load_edits", "remove_edits", "stack_of"]

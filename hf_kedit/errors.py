@@ -34,3 +34,8 @@ class EditRequestError(KeditError, ValueError):
 class StatsError(KeditError, ValueError):
     """Shared key statistics (a folder or Hub repo written by `stats.push_stats`)
     that are malformed or do not fit this model or the statistics asked for."""
+
+
+class MissingDependencyError(KeditError, ImportError):
+    """A pack needs a package that is not installed (a steering router's
+    sentence-embedding model); the message says what to `pip install`."""

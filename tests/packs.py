@@ -34,3 +34,54 @@ def delta_matrix(pack, module):
             d = pack.tensors[b] @ pack.tensors[a]
             total = d if total is None else total + d
     return total
+
+
+def random_basis_pack(model, layers=(1,), n_edits=1, rank=2, seed=0, prefix="e", positions="l1", gated=False,
+                      scale=1.0, subject="S{}"):
+    """A basis_intervention pack of `n_edits` edits, each a rank-`rank` intervention (random
+    orthonormal R, random W, b and, `gated`, gate G, c) at every layer in `layers`."""
+    from hf_kedit.kinds.basis_intervention import BasisInterventionConfig
+    from hf_kedit.kinds.prompt_calls import hidden_size
+    from hf_kedit.methods import basis_intervention_pack
+
+    g = torch.Generator().manual_seed(seed)
+    d = hidden_size(model)
+    edits, parts = [], {}
+    for i in range(n_edits):
+        eid = f"{prefix}{i}"
+        edits.append(Edit(eid, subject.format(i), "The capital of {} is", f"T{seed}-{i}", "Old"))
+        parts[eid] = {}
+        for layer in layers:
+            R = torch.linalg.qr(torch.randn(d, rank, generator=g)).Q.T.contiguous()
+            parts[eid][layer] = {"rotation": R, "source.weight": torch.randn(rank, d, generator=g) * scale,
+                                 "source.bias": torch.randn(rank, generator=g) * scale}
+            if gated:
+                parts[eid][layer].update({"gate.weight": torch.randn(rank, d, generator=g),
+                                          "gate.bias": torch.randn(rank, generator=g)})
+    config = BasisInterventionConfig(peft_type="BAFT" if gated else "LOREFT", gate="sigmoid_rms" if gated else "none",
+                                     r=rank, layers=list(layers), positions=positions, hidden_size=d)
+    return basis_intervention_pack(model, "random", {"seed": seed}, edits, config, parts)
+
+
+def random_steering_pack(model, centroids, threshold=1e-3, rank=3, seed=0, prefix="e", metric="cosine",
+                         apply="first", layer=None, scale=0.5, subject="S{}"):
+    """A steering_map pack with one edit per row of `centroids` [E, d]: a random map
+    (orthonormal U [d, rank], M [rank, rank], b [d]) and a scope of `threshold` around
+    that centroid, read at the final norm or decoder layer `layer`."""
+    from hf_kedit.kinds.prompt_calls import hidden_size
+    from hf_kedit.kinds.steering_map import SteeringMapConfig
+    from hf_kedit.methods import steering_map_pack
+
+    g = torch.Generator().manual_seed(seed)
+    d = hidden_size(model)
+    edits, parts = [], {}
+    for i, centroid in enumerate(centroids):
+        eid = f"{prefix}{i}"
+        edits.append(Edit(eid, subject.format(i), "The capital of {} is", f"T{seed}-{i}", "Old"))
+        parts[eid] = {"map.basis": torch.linalg.qr(torch.randn(d, rank, generator=g)).Q,
+                      "map.core": torch.randn(rank, rank, generator=g) * scale,
+                      "map.bias": torch.randn(d, generator=g) * scale,
+                      "scope.centroid": centroid.float(), "scope.threshold": torch.tensor([float(threshold)])}
+    config = SteeringMapConfig(hidden_size=d, representation="final_norm" if layer is None else "layer", layer=layer,
+                               scope_size=d, metric=metric, apply=apply)
+    return steering_map_pack(model, "random", {"seed": seed}, edits, config, parts)

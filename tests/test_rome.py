@@ -5,7 +5,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_kedit import Edit, load_edits, remove_edits
 from hf_kedit.anatomy import anatomy_of
-from hf_kedit.methods.locate import io_at_subject, rank_one_update, subject_last_index
+from hf_kedit.methods.locate import (ValueConfig, context_templates, io_at_subject, key_at_subject, optimise_value,
+                                     rank_one_update, subject_last_index)
 from hf_kedit.methods.rome import ROMEConfig, rome_edit
 from hf_kedit import stats
 from packs import delta_matrix
@@ -116,3 +117,17 @@ def test_self_sampled_text_is_sampled_once_for_all_layers(tokenizer, monkeypatch
     monkeypatch.setattr(stats, "_sampled_texts", no_sampling)
     second = stats.key_second_moments(model, tokenizer, [0, 2], None, n_tokens=64, max_length=16, progress=False)
     assert torch.equal(second[0], first) and second[2].shape == (64, 64)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_value_optimisation_reads_the_same_keys_as_a_plain_forward(tokenizer, arch):
+    model = tiny(tokenizer, arch)
+    module = model.get_submodule(anatomy_of(model).mlp_out(1))
+    templates = context_templates(model, tokenizer, ((2, 3),))
+    solved = optimise_value(model, tokenizer, module, EDIT, templates, ValueConfig(steps=2))
+    k, v = io_at_subject(model, tokenizer, module, EDIT)
+    torch.testing.assert_close(solved.key, key_at_subject(model, tokenizer, module, EDIT, templates),
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(solved.current_key, k, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(solved.current_value, v, atol=1e-5, rtol=1e-4)
+    assert not torch.equal(solved.value, v)  # δ moved it

@@ -76,3 +76,19 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def plot_threshold_curve(curve, path: str | Path) -> None:
+    """A steering pack's scope trade-off (`hf_kedit.methods.scope.calibrate_threshold`):
+    in-scope prompts steered and out-of-scope prompts left alone, per threshold."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(curve.thresholds, curve.in_scope, label="in scope: steered")
+    ax.plot(curve.thresholds, curve.out_of_scope, label="out of scope: left alone")
+    ax.axvline(curve.chosen, color="gray", linestyle="--", label=f"chosen {curve.chosen:.3g}")
+    ax.set_xlabel("scope threshold (distance)")
+    ax.set_ylabel("fraction of prompts")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -8,6 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from ..batching import pad_id, padded
+from ..kinds.prompt_calls import prompt_lengths
 
 TOKENS_PER_BATCH = 1024
 
@@ -57,7 +58,9 @@ class Scorer:
         readings = {}
         for chunk in self._chunks(keys, lambda k: len(seqs[k][0]) + len(seqs[k][1])):
             ids, mask = padded([seqs[k][0] + seqs[k][1] for k in chunk], self.pad_id, self.device)
-            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            # The answers are a continuation, not prompt: basis interventions act where generation has them act.
+            with prompt_lengths(self.model, [len(seqs[k][0]) for k in chunk]):
+                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
             for row, k in enumerate(chunk):
                 p, t = seqs[k]
                 step = logits[row, len(p) - 1:len(p) + len(t) - 1]

@@ -16,9 +16,11 @@ A kind is a class with
 The edit stack (`attach.py`) only talks to kinds through this.
 """
 from ..errors import PackFormatError
+from .basis_intervention import BasisIntervention
+from .steering_map import SteeringMap
 from .weight_delta import WeightDelta
 
-KINDS = {kind.name: kind for kind in (WeightDelta,)}
+KINDS = {kind.name: kind for kind in (WeightDelta, BasisIntervention, SteeringMap)}
 
 
 def kind_named(name: str):

@@ -7,26 +7,58 @@ from dataclasses import fields
 import torch
 from torch import nn
 
+from ..anatomy import anatomy_of
 from ..errors import EditRequestError
 from ..fingerprint import base_model_record
+from ..kinds import steering_map
+from ..kinds.basis_intervention import BasisIntervention, BasisInterventionConfig, part_name
 from ..kinds.weight_delta import WeightDelta, factor_names, module_entry
 from ..pack import Edit, EditPack, check_edits
+
+
+def owning_pack(kind: str, method: str, hyperparameters: dict, edits: list[Edit],
+                tensors: dict[str, dict[str, torch.Tensor]], base_model: dict, kind_config: dict) -> EditPack:
+    """A pack of `kind` in which edit `e` owns the named tensors `tensors[e.id]`
+    (stored float32 on the CPU): what lets a single edit be removed or selected."""
+    stored = {name: t.detach().float().cpu().contiguous() for e in edits for name, t in tensors[e.id].items()}
+    edits = [Edit(**{**e.__dict__, "tensors": list(tensors[e.id])}) for e in edits]
+    return EditPack(kind, method, edits, stored, base_model, hyperparameters, kind_config)
 
 
 def weight_delta_pack(model: nn.Module, method: str, hyperparameters: dict, edits: list[Edit],
                       factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> EditPack:
     """A `weight_delta` pack from per-edit, per-module factors `(A [r, in], B [out, r])`."""
-    tensors, modules, owned = {}, set(), {}
-    for edit in edits:
-        owned[edit.id] = []
-        for module, (A, B) in factors[edit.id].items():
-            a, b = factor_names(edit.id, module)
-            tensors[a], tensors[b] = A.detach().float().cpu(), B.detach().float().cpu()
-            owned[edit.id] += [a, b]
-            modules.add(module)
-    edits = [Edit(**{**e.__dict__, "tensors": owned[e.id]}) for e in edits]
-    return EditPack(WeightDelta.name, method, edits, tensors, base_model_record(model, sorted(modules)),
-                    hyperparameters, {"modules": {m: module_entry(model, m) for m in sorted(modules)}})
+    tensors = {e.id: {name: t for module, pair in factors[e.id].items()
+                      for name, t in zip(factor_names(e.id, module), pair)} for e in edits}
+    modules = sorted({module for e in edits for module in factors[e.id]})
+    return owning_pack(WeightDelta.name, method, hyperparameters, edits, tensors, base_model_record(model, modules),
+                       {"modules": {m: module_entry(model, m) for m in modules}})
+
+
+def basis_intervention_pack(model: nn.Module, method: str, hyperparameters: dict, edits: list[Edit],
+                            config: BasisInterventionConfig,
+                            parts: dict[str, dict[int, dict[str, torch.Tensor]]]) -> EditPack:
+    """A `basis_intervention` pack from per-edit, per-layer tensors (`parts[edit_id][layer][part]`,
+    part one of "rotation", "source.weight", "source.bias", "gate.weight", "gate.bias").
+    The fingerprint covers the MLP output projection of each intervened layer."""
+    tensors = {e.id: {part_name(e.id, layer, part): t for layer, by_part in parts[e.id].items()
+                      for part, t in by_part.items()} for e in edits}
+    anatomy = anatomy_of(model)
+    record = base_model_record(model, [anatomy.mlp_out(layer) for layer in config.layers])
+    config.base_model_name_or_path, config.revision = record["name_or_path"] or None, record["revision"]
+    return owning_pack(BasisIntervention.name, method, hyperparameters, edits, tensors, record, config.to_dict())
+
+
+def steering_map_pack(model: nn.Module, method: str, hyperparameters: dict, edits: list[Edit],
+                      config: steering_map.SteeringMapConfig, parts: dict[str, dict[str, torch.Tensor]]) -> EditPack:
+    """A `steering_map` pack from per-edit tensors (`parts[edit_id][part]`, part one of
+    "map.basis", "map.core", "map.bias", "scope.centroid", "scope.threshold"). The
+    fingerprint covers the final norm and the last layer's MLP output projection."""
+    tensors = {e.id: {steering_map.part_name(e.id, part): t for part, t in parts[e.id].items()} for e in edits}
+    anatomy = anatomy_of(model)
+    record = base_model_record(model, [anatomy.final_norm, anatomy.mlp_out(anatomy.num_layers - 1)])
+    return owning_pack(steering_map.SteeringMap.name, method, hyperparameters, edits, tensors, record,
+                       config.to_dict())
 
 
 def check_requests(requests: list[Edit], subject_slot: bool = True) -> None:
@@ -87,11 +119,16 @@ def make_pack(method: str, model: nn.Module, tokenizer, edits: list[Edit], setti
     return edit(model, tokenizer, edits, config_class(**(settings or {})), progress=progress)
 
 
-# The methods import `weight_delta_pack` from this module, so they are registered last.
+# The methods import the pack builders above from this module, so they are registered last.
+from .actadd import ActAddConfig, actadd_edit  # noqa: E402
+from .baft import BaFTConfig, baft_edit  # noqa: E402
 from .lora import LoRAConfig, lora_edit  # noqa: E402
 from .memit import MEMITConfig, memit_edit  # noqa: E402
+from .reft import ReFTConfig, reft_edit  # noqa: E402
 from .rome import ROMEConfig, rome_edit  # noqa: E402
+from .sake import SAKEConfig, sake_edit  # noqa: E402
 from .steam import STEAMConfig, steam_edit  # noqa: E402
 
-METHODS = {"lora": (lora_edit, LoRAConfig), "memit": (memit_edit, MEMITConfig), "rome": (rome_edit, ROMEConfig),
-           "steam": (steam_edit, STEAMConfig)}
+METHODS = {"actadd": (actadd_edit, ActAddConfig), "baft": (baft_edit, BaFTConfig), "lora": (lora_edit, LoRAConfig),
+           "memit": (memit_edit, MEMITConfig), "reft": (reft_edit, ReFTConfig), "rome": (rome_edit, ROMEConfig),
+           "sake": (sake_edit, SAKEConfig), "steam": (steam_edit, STEAMConfig)}

@@ -102,20 +102,34 @@ def io_at_subject(model, tokenizer, module, edit: Edit) -> tuple[torch.Tensor, t
 @dataclass
 class Alignment:
     """STEAM's latent alignment term: `weight` × the mean over rewriting prompts and
-    `layers` (decoder layer modules) of 1 − cos(h, anchor) at the position that
-    predicts the target's first token."""
+    `layers` (decoder layer modules) of 1 − cos(h − centre, anchor − centre) at
+    the position that predicts the target's first token."""
 
     layers: list
     anchors: torch.Tensor  # [len(layers), d]
     weight: float
+    centre: torch.Tensor | float = 0.0  # subtracted from both sides before the cosine
+
+
+@dataclass
+class Solved:
+    """What one value optimisation reads at the subject's last token: v* (`value`),
+    the module's input averaged over the templates (k̄, `key`), and its input and
+    output in the bare prompt (`current_key`, `current_value`)."""
+
+    value: torch.Tensor
+    key: torch.Tensor
+    current_key: torch.Tensor
+    current_value: torch.Tensor
 
 
 def optimise_value(model, tokenizer, module, edit: Edit, templates: list[str], config: ValueConfig,
-                   alignment: Alignment | None = None) -> torch.Tensor:
+                   alignment: Alignment | None = None) -> Solved:
     """v* = the module's output (an MLP projection's for ROME, a decoder layer's
     hidden state for MEMIT) at the subject's last token plus the δ that makes the
     model say `edit.target_new` in every template (ROME's compute_v), optionally
-    pulled towards STEAM's anchors (`alignment`)."""
+    pulled towards STEAM's anchors (`alignment`). The keys come from the same
+    unedited pass: the target's tokens follow the subject, so they do not change them."""
     target = tokenizer(" " + edit.target_new.strip(), add_special_tokens=False).input_ids
     prefix = tokenizer.decode(target[:-1])
     rewriting = [t.format(edit.prompt).replace("{}", edit.subject) + prefix for t in templates]
@@ -125,10 +139,11 @@ def optimise_value(model, tokenizer, module, edit: Edit, templates: list[str], c
                            model.device)
     cache = batch.prefix_cache(model)
     n, rows = len(rewriting), torch.arange(len(texts), device=model.device)
-    # In suffix coordinates: δ sits at column 0 (the subject's last token); row i's
-    # target tokens are predicted by the len(target) columns before its end.
-    ends = batch.suffix_lengths - 1
-    predicting = ends[:n, None] - len(target) + 1 + torch.arange(len(target), device=model.device)
+    # Suffixes end in one column: the last len(target) columns predict the target
+    # (the KL prompt's last column its next token), so only those get logits.
+    # δ sits at each row's first suffix column, the subject's last token.
+    starts = batch.suffix_ids.shape[1] - batch.suffix_lengths
+    first_target = batch.suffix_ids.shape[1] - len(target)
     target_ids = torch.tensor(target, device=model.device).expand(n, -1)
 
     delta = None
@@ -136,9 +151,9 @@ def optimise_value(model, tokenizer, module, edit: Edit, templates: list[str], c
     def add_delta(m, args, out):
         h = hidden_states(out)
         if delta is None:
-            captured.append(h[0, 0].detach().float())
+            captured.extend([args[0][rows[:n], starts[:n]].detach().float(), h[0, starts[0]].detach().float()])
             return out
-        h = torch.cat([h[:, :1] + delta.to(h.dtype), h[:, 1:]], 1)
+        h = h.index_put((rows, starts), h[rows, starts] + delta.to(h.dtype))
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
     captured = []
@@ -151,23 +166,23 @@ def optimise_value(model, tokenizer, module, edit: Edit, templates: list[str], c
         p.requires_grad_(False)
     try:
         with torch.no_grad():
-            logits = batch.suffix_logits(model, cache)
-        initial = captured[0]
-        kl_initial = F.log_softmax(logits[n, ends[n]].float(), -1)
+            logits = batch.suffix_logits(model, cache, len(target))
+        keys, initial = captured
+        kl_initial = F.log_softmax(logits[n, -1].float(), -1)
         for seen in mid_states:
             seen.clear()
         delta = torch.zeros_like(initial, requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=config.lr)
         for step in range(config.steps):
-            logits = batch.suffix_logits(model, cache)
-            log_probs = F.log_softmax(logits[rows[:n, None], predicting].float(), -1)
+            logits = batch.suffix_logits(model, cache, len(target))
+            log_probs = F.log_softmax(logits[:n].float(), -1)
             nll = -log_probs.gather(-1, target_ids[..., None]).mean()
-            kl = F.kl_div(F.log_softmax(logits[n, ends[n]].float(), -1), kl_initial, log_target=True,
-                          reduction="sum")
+            kl = F.kl_div(F.log_softmax(logits[n, -1].float(), -1), kl_initial, log_target=True, reduction="sum")
             loss = nll + config.kl_factor * kl + config.weight_decay * delta.norm() / initial.norm() ** 2
             if alignment is not None:
-                states = torch.stack([seen.pop()[rows[:n], predicting[:, 0]] for seen in mid_states])  # [L, n, d]
-                cosine = F.cosine_similarity(states.float(), alignment.anchors[:, None, :], dim=-1)
+                states = torch.stack([seen.pop()[:n, first_target] for seen in mid_states])  # [L, n, d]
+                centre = alignment.centre[:, None, :] if torch.is_tensor(alignment.centre) else 0.0
+                cosine = F.cosine_similarity(states.float() - centre, alignment.anchors[:, None, :] - centre, dim=-1)
                 loss = loss + alignment.weight * (1 - cosine).mean()
             if nll.item() < config.stop_nll or step == config.steps - 1:
                 break
@@ -183,15 +198,16 @@ def optimise_value(model, tokenizer, module, edit: Edit, templates: list[str], c
             handle.remove()
         for p in frozen:
             p.requires_grad_(True)
-    return initial + delta.detach()
+    # Template 0 is "{}": its row is the bare prompt (plus the target's first tokens).
+    return Solved(initial + delta.detach(), keys.mean(0), keys[0], initial)
 
 
 @dataclass
 class SplitBatch:
     """Prompts cut just before the subject's last token. Nothing before that token
-    depends on an edit at the subject, so the prefixes (left-padded, to end in one
-    column) run once into a KV cache, and each optimisation step runs only the
-    suffixes (right-padded) on top of it."""
+    depends on an edit at the subject, so the prefixes run once into a KV cache,
+    and each optimisation step runs only the suffixes on top of it. Both parts are
+    left-padded: the prefixes end in one column, and so do the suffixes."""
 
     prefix_ids: torch.Tensor
     prefix_mask: torch.Tensor
@@ -205,7 +221,7 @@ class SplitBatch:
         prefix_ids, prefix_mask = padded([r[:c] or [pad] for r, c in zip(rows, cuts)], pad, device, left=True)
         # A prompt whose subject starts it has no prefix: its one pad column stays masked.
         prefix_mask[[i for i, c in enumerate(cuts) if c == 0], -1] = 0
-        suffix_ids, suffix_mask = padded([r[c:] for r, c in zip(rows, cuts)], pad, device)
+        suffix_ids, suffix_mask = padded([r[c:] for r, c in zip(rows, cuts)], pad, device, left=True)
         return cls(prefix_ids, prefix_mask, suffix_ids, suffix_mask, suffix_mask.sum(1))
 
     def _positions(self, mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
@@ -216,13 +232,41 @@ class SplitBatch:
         return model(input_ids=self.prefix_ids, attention_mask=self.prefix_mask,
                      position_ids=self._positions(self.prefix_mask), use_cache=True).past_key_values
 
-    def suffix_logits(self, model, cache) -> torch.Tensor:
-        """Logits at the suffix positions [batch, suffix, vocab]; `cache` is copied
-        because a forward appends to it."""
+    def suffix_logits(self, model, cache, last: int = 0) -> torch.Tensor:
+        """Logits at the suffix columns [batch, suffix, vocab], or at its `last`
+        columns only; `cache` is copied because a forward appends to it."""
         offset = self.prefix_mask.sum(1, keepdim=True)
-        return model(input_ids=self.suffix_ids, attention_mask=torch.cat([self.prefix_mask, self.suffix_mask], 1),
-                     position_ids=self._positions(self.suffix_mask, offset), past_key_values=copy.deepcopy(cache),
-                     use_cache=True).logits
+        with _head_on_last_columns(model.get_output_embeddings(), last):
+            return model(input_ids=self.suffix_ids,
+                         attention_mask=torch.cat([self.prefix_mask, self.suffix_mask], 1),
+                         position_ids=self._positions(self.suffix_mask, offset),
+                         past_key_values=copy.deepcopy(cache), use_cache=True).logits
+
+
+@contextmanager
+def _head_on_last_columns(head, last: int):
+    """The LM head reads only the `last` columns of its input, as one matrix
+    product. (transformers' `logits_to_keep` hands it a strided slice, which CPU
+    matmul turns into a batched product over copies of the head: slower than
+    computing every column.)"""
+    if not last:
+        yield
+        return
+    shape = []
+
+    def take(m, args):
+        shape[:] = args[0].shape[:-1]
+        return (args[0][:, -last:].reshape(-1, args[0].shape[-1]),)
+
+    def unflatten(m, args, out):
+        return out.reshape(shape[0], last, -1)
+
+    handles = [head.register_forward_pre_hook(take), head.register_forward_hook(unflatten)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def rank_one_update(key: torch.Tensor, value: torch.Tensor, current_key: torch.Tensor,

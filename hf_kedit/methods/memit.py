@@ -49,7 +49,7 @@ def memit_edit(model, tokenizer, requests: list[Edit], config: MEMITConfig | Non
     second_moments = (key_second_moments(model, tokenizer, layers, config.stats_corpus, config.stats_tokens,
                                          progress=progress, source=config.stats_source) if config.covariance else {})
     templates = context_templates(model, tokenizer, config.context_templates)
-    targets = torch.stack([optimise_value(model, tokenizer, last_block, e, templates, config)
+    targets = torch.stack([optimise_value(model, tokenizer, last_block, e, templates, config).value
                            for e in tqdm(requests, desc="memit targets", disable=not progress)], 1)
     applied, factors = {}, {e.id: {} for e in requests}
     for i, layer in enumerate(layers):

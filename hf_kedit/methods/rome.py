@@ -11,7 +11,7 @@ from ..errors import EditRequestError
 from ..pack import Edit, EditPack
 from ..stats import corpus_name, key_second_moments
 from . import check_layers, check_requests, weight_delta_pack
-from .locate import ValueConfig, context_templates, io_at_subject, key_at_subject, optimise_value, rank_one_update
+from .locate import ValueConfig, context_templates, optimise_value, rank_one_update
 
 
 @dataclass
@@ -59,10 +59,9 @@ def rank_one_edits(model, tokenizer, requests: list[Edit], config: ROMEConfig, m
     factors = {}
     for edit in tqdm(requests, desc=f"{method} edits", disable=not progress):
         alignment = alignment_for(edit, layer) if alignment_for else None
-        key = key_at_subject(model, tokenizer, module, edit, templates)
-        value = optimise_value(model, tokenizer, module, edit, templates, config, alignment)
-        current_key, current_value = io_at_subject(model, tokenizer, module, edit)
-        factors[edit.id] = {name: rank_one_update(key, value, current_key, current_value, C)}
+        solved = optimise_value(model, tokenizer, module, edit, templates, config, alignment)
+        factors[edit.id] = {name: rank_one_update(solved.key, solved.value, solved.current_key,
+                                                  solved.current_value, C)}
     recorded = {**asdict(config), "layer": layer, "stats_corpus": corpus_name(config.stats_corpus),
                 **(hyperparameters or {})}
     return weight_delta_pack(model, method, recorded, requests, factors)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..anatomy import anatomy_of, hidden_states
+from ..batching import pad_id, padded
 from ..errors import EditRequestError
 from ..pack import Edit, EditPack
 from . import check_requests
@@ -21,21 +22,29 @@ from .locate import Alignment
 from .memit import edit_layers
 from .rome import ROMEConfig, rank_one_edits, resolve_layer
 
+RECALL_BATCH = 32  # facts per forward while looking for anchors
+
 
 @dataclass
 class STEAMConfig(ROMEConfig):
     """`fact_base`: a JSON file or a list of {"subject", "prompt", "object"} facts
     (the prompt holds the subject and ends before the object). `alignment_weight`
     (λ), `mid_layers` (indices or a (start, end) pair of relative depths, after
-    the edit layer) and `anchor_facts` (how many known facts, sampled evenly
-    across relations) are not given by the paper: defaults measured here, see
+    the edit layer), `anchor_facts` (how many known facts, sampled evenly
+    across relations) and `recall_top_k` (a fact is known when its object's first
+    token is among the model's top k predictions) and `centre_anchors` (compare
+    h − μ with φ − μ, μ the mean state over facts of any object: hidden states
+    share a few huge channels, so raw cosines of unrelated states are already
+    0.75-0.98 on the default model) are not given by the paper: defaults measured here, see
     docs/locate-and-edit.md. With no usable fact for a target, the edit falls
     back to ROME's loss with a warning, or fails if `strict`."""
 
     fact_base: object = None
-    alignment_weight: float = 0.5
+    alignment_weight: float = 2.0
     mid_layers: tuple = (0.33, 0.67)
     anchor_facts: int = 16
+    recall_top_k: int = 5
+    centre_anchors: bool = True
     strict: bool = False
 
 
@@ -63,15 +72,18 @@ def steam_edit(model, tokenizer, requests: list[Edit], config: STEAMConfig | Non
                                "give mid layers deeper than the edit layer")
     blocks = [model.get_submodule(anatomy.layer(l)) for l in mid]
     # Anchors come before the statistics and the optimisation, so that strict=True fails fast.
-    anchors = {target: semantic_anchors(model, tokenizer, blocks, facts, target, config.anchor_facts)
+    anchors = {target: semantic_anchors(model, tokenizer, blocks, facts, target, config.anchor_facts,
+                                       config.recall_top_k)
                for target in {edit.target_new for edit in requests}}
     for edit in requests:
         if anchors[edit.target_new] is None:
             _no_anchor(edit, config.strict)
 
+    centre = mean_fact_state(model, tokenizer, blocks, facts) if config.centre_anchors else 0.0
+
     def alignment_for(edit: Edit, _layer: int) -> Alignment | None:
         found = anchors[edit.target_new]
-        return None if found is None else Alignment(blocks, found, config.alignment_weight)
+        return None if found is None else Alignment(blocks, found, config.alignment_weight, centre)
 
     fixed = replace(config, layer=layer)
     recorded = {"mid_layers": mid, "fact_base": config.fact_base if isinstance(config.fact_base, str) else "list"}
@@ -117,11 +129,12 @@ def _read_json_facts(path: Path):
 
 
 @torch.no_grad()
-def semantic_anchors(model, tokenizer, blocks, facts: list[dict], target: str, count: int,
+def semantic_anchors(model, tokenizer, blocks, facts: list[dict], target: str, count: int, top_k: int = 5,
                      seed: int = 0) -> torch.Tensor | None:
     """φ^ℓ: the mean hidden state, at the position predicting the object, of up to
-    `count` facts whose object is `target` and that the model recalls (every
-    object token is the argmax), sampled evenly across relations."""
+    `count` facts whose object is `target` and that the model recalls (the
+    object's first token among its `top_k` predictions), sampled evenly across
+    relations."""
     matching = [f for f in facts if f["object"].strip().lower() == target.strip().lower()]
     by_relation = defaultdict(list)
     for fact in matching:
@@ -132,27 +145,37 @@ def semantic_anchors(model, tokenizer, blocks, facts: list[dict], target: str, c
     # Round-robin over relations: a balanced sample, not the most frequent relation's.
     ordered = [g[i] for i in range(max(map(len, by_relation.values()), default=0)) for g in by_relation.values()
                if i < len(g)]
-    known, states = 0, []
-    for fact in ordered:
-        recalled, hidden = _recall(model, tokenizer, blocks, fact)
-        if recalled:
-            states.append(hidden)
-            known += 1
-            if known == count:
-                break
-    return torch.stack(states).mean(0) if states else None
+    states = []
+    for start in range(0, len(ordered), RECALL_BATCH):  # in order, so the sample stays balanced
+        recalled, hidden = _recall(model, tokenizer, blocks, ordered[start:start + RECALL_BATCH], top_k)
+        states += [h for known, h in zip(recalled, hidden) if known]
+        if len(states) >= count:
+            break
+    return torch.stack(states[:count]).mean(0) if states else None
 
 
-def _recall(model, tokenizer, blocks, fact) -> tuple[bool, torch.Tensor]:
-    prompt = tokenizer(fact["prompt"]).input_ids
-    target = tokenizer(" " + fact["object"].strip(), add_special_tokens=False).input_ids
+@torch.no_grad()
+def mean_fact_state(model, tokenizer, blocks, facts: list[dict], count: int = 64, seed: int = 0) -> torch.Tensor:
+    """μ^ℓ: the mean hidden state at the position predicting the object, over
+    `count` facts drawn from the whole fact base (any object)."""
+    sample = random.Random(seed).sample(facts, min(count, len(facts)))
+    return _recall(model, tokenizer, blocks, sample, 1)[1].mean(0)
+
+
+def _recall(model, tokenizer, blocks, facts: list[dict], top_k: int) -> tuple[list[bool], torch.Tensor]:
+    """Per fact, whether the object's first token is among the model's `top_k`
+    predictions after the prompt, and the blocks' hidden states there [n, L, d]."""
+    rows = [tokenizer(f["prompt"]).input_ids for f in facts]
+    firsts = [tokenizer(" " + f["object"].strip(), add_special_tokens=False).input_ids[0] for f in facts]
+    ids, mask = padded(rows, pad_id(tokenizer), model.device)
+    last = torch.tensor([len(r) - 1 for r in rows], device=model.device)
+    at_last = torch.arange(len(rows), device=model.device), last
     seen = []
-    handles = [b.register_forward_hook(lambda m, a, out: seen.append(hidden_states(out)[0, len(prompt) - 1]))
-               for b in blocks]
+    handles = [b.register_forward_hook(lambda m, a, out: seen.append(hidden_states(out)[at_last])) for b in blocks]
     try:
-        logits = model(torch.tensor([prompt + target], device=model.device)).logits[0]
+        logits = model(input_ids=ids, attention_mask=mask).logits[at_last]
     finally:
         for h in handles:
             h.remove()
-    predicted = logits[len(prompt) - 1:len(prompt) + len(target) - 1].argmax(-1).tolist()
-    return predicted == target, torch.stack(seen).float()
+    top = logits.topk(top_k).indices.tolist()
+    return [first in t for first, t in zip(firsts, top)], torch.stack(seen, 1).float()

@@ -1,0 +1,338 @@
+"""`basis_intervention`: ReFT-style edits of a decoder layer's output (the
+residual stream) at chosen prompt positions.
+
+Each edit owns, per intervened layer, a rank-r intervention
+    Φ(h) = h + Rᵀ[w(h) ⊙ (W h + b − R h)]
+with R [r, d] of orthonormal rows, W [r, d] and b [r] (pyreft's
+`learned_source`), and a weight per basis direction w(h) ∈ [0, 1]^r:
+w ≡ 1 for LoReFT (`gate="none"`), w(h) = sigmoid(G h / RMS(h) + c) for BaFT
+(`gate="sigmoid_rms"`, G [r, d], c [r]). The paper's gate equation was not
+found; methods.md infers sigmoid(G h + c). Here the gate reads h divided by
+its root mean square, because the residual stream's norm varies by orders of
+magnitude (with depth, and at attention-sink tokens) and a gate on the raw h
+would have to learn that scale before it could learn where to open. Several interventions on one layer add their
+updates, each computed from the same h, in one forward hook per layer; with
+no pack left the hooks are gone, so removal is bit-exact.
+
+Positions follow pyreft: "f{n}+l{m}" (or "f{n}", "l{m}") is the first n and
+the last m *prompt* tokens of each row (padding skipped; a position in both
+sets is intervened once). What the prompt is:
+- a forward call over an empty KV cache is the prompt, all its real tokens;
+  a call that continues a cache (generation's one-token steps) is not
+  intervened, as pyreft's `intervene_on_prompt=True`. Cached generation thus
+  equals recomputing each step uncached inside `prompt_lengths(model,
+  [prompt length])`; `generate(use_cache=False)` sees every step as a new
+  prompt and is not that;
+- inside `prompt_lengths(model, lengths)` row i's prompt is its first
+  lengths[i] real tokens and the rest a continuation (teacher-forced scoring
+  and training read prompt + answer in one call).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import nn
+
+from ..anatomy import anatomy_of, hidden_states
+from ..errors import AnatomyError, IncompatiblePackError, KeditError, PackFormatError
+from .prompt_calls import ForwardCall, hidden_size
+
+PEFT_TYPES = {"LOREFT": "none", "BAFT": "sigmoid_rms"}  # peft_type -> the gate it uses
+RMS_EPS = 1e-6
+COMPONENTS = ("block_output",)
+POSITIONS = re.compile(r"^(?:f(\d+)(?:\+l(\d+))?|l(\d+))$")
+PARTS = ("rotation", "source.weight", "source.bias")
+GATE_PARTS = ("gate.weight", "gate.bias")
+# |R Rᵀ − I| allowed per entry: R is saved in float32 by the methods; a half-precision copy rounds more.
+ORTHONORMAL_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def parse_positions(spec, error: type[Exception] = PackFormatError) -> tuple[int, int]:
+    """(first n, last m) from pyreft's "f{n}+l{m}", "f{n}" or "l{m}"; `error` otherwise.
+
+    Example:
+        >>> parse_positions("f1+l2")
+        (1, 2)
+    """
+    match = POSITIONS.match(spec) if isinstance(spec, str) else None
+    if match is None:
+        raise error(f"positions={spec!r} does not parse: write \"f{{n}}+l{{m}}\" (the first n and last m prompt "
+                    "tokens), \"f{n}\" or \"l{m}\", e.g. \"l1\" or \"f1+l1\"")
+    first, last = int(match.group(1) or 0), int(match.group(2) or match.group(3) or 0)
+    if first + last == 0:
+        raise error(f"positions={spec!r} selects no token: n + m must be at least 1")
+    return first, last
+
+
+def intervention_delta(h: torch.Tensor, R: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
+                       gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Rᵀ[w(h) ⊙ (W h + b − R h)] for rows h [..., d]: what the interventions add.
+    `gate` = (G, c, gated): w = `gate_weights(h, G, c)` on the rows where `gated`, 1 elsewhere;
+    None: w ≡ 1 (LoReFT).
+
+    Example:
+        >>> phi = h + intervention_delta(h, R, W, b)          # LoReFT's Φ(h)
+    """
+    source = h @ W.T + b - h @ R.T
+    if gate is not None:
+        G, c, gated = gate
+        source = source * torch.where(gated, gate_weights(h, G, c), torch.ones_like(c))
+    return source @ R
+
+
+def gate_weights(h: torch.Tensor, G: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """BaFT's w(h) = sigmoid(G ĥ + c) [..., r], ĥ = h / RMS(h): the gate reads the
+    direction of h, not its norm, which grows with depth and is extreme at
+    attention-sink tokens."""
+    return torch.sigmoid(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + RMS_EPS) @ G.T + c)
+
+
+def part_name(edit_id: str, layer: int, part: str) -> str:
+    """The tensor name of an edit's `part` ("rotation", "source.weight", ...) at `layer`."""
+    return f"{edit_id}.layers.{layer}.{part}"
+
+
+@dataclass
+class BasisInterventionConfig:
+    """A `basis_intervention` pack's `kind_config`, in PEFT's config conventions
+    (saved as JSON inside kedit_config.json, never as adapter_config.json:
+    peft cannot register a third-party `peft_type`, and transformers would load
+    such a folder as a PEFT adapter).
+
+    `peft_type` "LOREFT" (gate "none") or "BAFT" (gate "sigmoid_rms"); `r`: the
+    rank of each edit's intervention; `layers`: decoder layer indices;
+    `positions`: pyreft's "f{n}+l{m}"; `component`: where on the layer
+    ("block_output", the residual stream after the layer); `hidden_size`: d.
+
+    Example:
+        >>> BasisInterventionConfig(peft_type="BAFT", gate="sigmoid_rms", r=4, layers=[12], hidden_size=576).to_dict()
+    """
+
+    peft_type: str = "LOREFT"
+    task_type: str = "CAUSAL_LM"
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    r: int = 4
+    layers: list[int] = field(default_factory=list)
+    positions: str = "l1"
+    gate: str = "none"
+    component: str = "block_output"
+    hidden_size: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "BasisInterventionConfig":
+        """The config in `config`; `PackFormatError` naming the first field that is wrong."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known) if isinstance(config, dict) else config
+        if not isinstance(config, dict) or unknown:
+            raise PackFormatError(f"basis_intervention pack: kind_config must be an object with the fields "
+                                  f"{sorted(known)}; unknown: {unknown}")
+        self = cls(**config)
+        if not isinstance(self.peft_type, str) or PEFT_TYPES.get(self.peft_type) != self.gate:
+            raise PackFormatError(f"basis_intervention pack: peft_type {self.peft_type!r} with gate {self.gate!r}; "
+                                  f"use one of {[{'peft_type': p, 'gate': g} for p, g in PEFT_TYPES.items()]}")
+        if self.task_type != "CAUSAL_LM" or self.component not in COMPONENTS:
+            raise PackFormatError(f"basis_intervention pack: task_type must be 'CAUSAL_LM' and component one of "
+                                  f"{COMPONENTS}, got {self.task_type!r} and {self.component!r}")
+        for name in ("r", "hidden_size"):
+            if type(getattr(self, name)) is not int or getattr(self, name) < 1:
+                raise PackFormatError(f"basis_intervention pack: {name} must be a positive integer, "
+                                      f"got {getattr(self, name)!r}")
+        if self.r > self.hidden_size:
+            raise PackFormatError(f"basis_intervention pack: rank r={self.r} exceeds hidden_size={self.hidden_size}: "
+                                  "R cannot have more orthonormal rows than the hidden size")
+        if not isinstance(self.layers, list) or not self.layers or len(set(self.layers)) != len(self.layers) \
+                or not all(type(i) is int and i >= 0 for i in self.layers):
+            raise PackFormatError(f"basis_intervention pack: layers must be distinct layer indices, "
+                                  f"got {self.layers!r}")
+        parse_positions(self.positions)
+        return self
+
+
+class BasisIntervention:
+    name = "basis_intervention"
+
+    @staticmethod
+    def validate(pack) -> None:
+        config = BasisInterventionConfig.from_dict(pack.kind_config)
+        parts = PARTS + (GATE_PARTS if config.gate == "sigmoid_rms" else ())
+        r, d = config.r, config.hidden_size
+        shapes = {"rotation": [r, d], "source.weight": [r, d], "source.bias": [r], "gate.weight": [r, d],
+                  "gate.bias": [r]}
+        for edit in pack.edits:
+            expected = {part_name(edit.id, layer, part) for layer in config.layers for part in parts}
+            owned = set(edit.tensors)
+            if owned != expected:
+                missing, extra = sorted(expected - owned), sorted(owned - expected)
+                raise PackFormatError(f"edit {edit.id!r} must own exactly its {', '.join(parts)} at layers "
+                                      f"{config.layers}; missing {missing[:5]}, unexpected {extra[:5]}")
+            for layer in config.layers:
+                for part in parts:
+                    t = pack.tensors[part_name(edit.id, layer, part)]
+                    if list(t.shape) != shapes[part]:
+                        raise PackFormatError(f"edit {edit.id!r} at layer {layer}: {part} has shape {list(t.shape)}, "
+                                              f"expected {shapes[part]} (r={r}, hidden_size={d})")
+                R = pack.tensors[part_name(edit.id, layer, "rotation")]
+                error = (R.double() @ R.double().T - torch.eye(r, dtype=torch.float64)).abs().max().item()
+                if error > ORTHONORMAL_TOLERANCE[R.dtype]:
+                    raise PackFormatError(f"edit {edit.id!r} at layer {layer}: the rows of rotation are not "
+                                          f"orthonormal (|R Rᵀ − I| reaches {error:.2g})")
+
+    @staticmethod
+    def modules(pack) -> list[str]:
+        """The modules fingerprinted for the pack. An intervention reads the residual
+        stream, which every earlier weight shapes; the methods fingerprint the MLP
+        output projection of each intervened layer as the witness of those weights."""
+        return sorted(pack.base_model["fingerprint"])
+
+    @staticmethod
+    def check_model(pack, model: nn.Module) -> None:
+        config = BasisInterventionConfig.from_dict(pack.kind_config)
+        try:
+            anatomy = anatomy_of(model)
+        except AnatomyError as e:
+            raise IncompatiblePackError(f"the pack intervenes on decoder layers, which hf_kedit cannot find in "
+                                        f"this model: {e}") from None
+        bad = [layer for layer in config.layers if layer >= anatomy.num_layers]
+        if bad:
+            raise IncompatiblePackError(f"the pack intervenes on layers {bad}; this model has {anatomy.num_layers} "
+                                        f"layers (0 to {anatomy.num_layers - 1})")
+        hidden = hidden_size(model)
+        if hidden != config.hidden_size:
+            raise IncompatiblePackError(f"the pack's interventions act on hidden size {config.hidden_size}; this "
+                                        f"model's hidden size is {hidden}")
+
+    class Runtime:
+        """Every attached basis_intervention pack of one model: one hook per
+        intervened layer, and one pre-hook on the layers' parent (the base model)
+        that reads each forward call's padding mask and cache state."""
+
+        def __init__(self, model: nn.Module):
+            self.model = model
+            self.enabled = True
+            self.merged: set[str] = set()
+            self.originals: dict[str, torch.Tensor] = {}
+            self.packs: dict[str, list[Interventions]] = {}
+            self.hooks: dict[int, FusedIntervention] = {}
+            self.call: ForwardCall | None = None
+            anatomy = anatomy_of(model)
+            self.layers = model.get_submodule(anatomy.layers)
+            self.base = model.get_submodule(anatomy.layers.rpartition(".")[0])
+            self.call_handles = []
+
+        def put(self, name: str, pack) -> None:
+            """Attach `pack` as `name`, or replace the pack of that name in place."""
+            old = {i.layer for i in self.packs.get(name, [])}
+            self.packs[name] = interventions_of(pack)
+            self._refresh(old | {i.layer for i in self.packs[name]})
+
+        def remove(self, name: str) -> None:
+            self._refresh({i.layer for i in self.packs.pop(name)})
+
+        def merge(self, name: str) -> None:
+            raise KeditError(f"pack {name!r} is a basis_intervention pack: it acts on hidden states at prompt "
+                             "positions, which no weight can hold; keep it hooked (merge=False)")
+
+        def unmerge(self, name: str) -> None:
+            """Nothing to do: `merge` never succeeds for this kind."""
+
+        def _refresh(self, layers: set[int]) -> None:
+            for layer in layers:
+                live = [i for packs in self.packs.values() for i in packs if i.layer == layer]
+                if not live:
+                    hook = self.hooks.pop(layer, None)
+                    if hook is not None:
+                        hook.handle.remove()
+                    continue
+                if layer not in self.hooks:
+                    self.hooks[layer] = FusedIntervention(self, self.layers[layer])
+                self.hooks[layer].set_groups(fuse(live))
+            if self.hooks and not self.call_handles:
+                self.call_handles = [self.base.register_forward_pre_hook(self._start_call, with_kwargs=True),
+                                     self.base.register_forward_hook(self._end_call, always_call=True)]
+            elif not self.hooks:
+                for handle in self.call_handles:
+                    handle.remove()
+                self.call_handles = []
+
+        def _start_call(self, module, args, kwargs) -> None:
+            self.call = ForwardCall.of(self.model, args, kwargs)
+
+        def _end_call(self, module, args, output) -> None:
+            self.call = None
+
+
+@dataclass
+class Interventions:
+    """Interventions on one layer at one positions setting, rows concatenated
+    over edits (and packs): R, W [k, d], b [k]; G [k, d], c [k] and `gated` [k]
+    (False rows: w ≡ 1)."""
+
+    layer: int
+    positions: tuple[int, int]
+    R: torch.Tensor
+    W: torch.Tensor
+    b: torch.Tensor
+    G: torch.Tensor
+    c: torch.Tensor
+    gated: torch.Tensor
+
+
+def interventions_of(pack) -> list[Interventions]:
+    """The pack's interventions, one entry per layer with every edit's rows."""
+    config = BasisInterventionConfig.from_dict(pack.kind_config)
+    positions, out = parse_positions(config.positions), []
+    for layer in config.layers:
+        def stacked(part):
+            return torch.cat([pack.tensors[part_name(e.id, layer, part)].float() for e in pack.edits])
+        R, W, b = (stacked(p) for p in PARTS)
+        gated = config.gate == "sigmoid_rms"
+        G, c = (stacked(p) for p in GATE_PARTS) if gated else (torch.zeros_like(W), torch.zeros_like(b))
+        out.append(Interventions(layer, positions, R, W, b, G, c, torch.full_like(b, gated, dtype=torch.bool)))
+    return out
+
+
+def fuse(interventions: list[Interventions]) -> list[Interventions]:
+    """Interventions of one layer grouped by positions, rows concatenated: one group per positions setting."""
+    groups = {}
+    for i in interventions:
+        groups.setdefault(i.positions, []).append(i)
+    return [Interventions(parts[0].layer, positions, *(torch.cat([getattr(i, f) for i in parts])
+                                                       for f in ("R", "W", "b", "G", "c", "gated")))
+            for positions, parts in groups.items()]
+
+
+class FusedIntervention:
+    """The forward hook of one decoder layer: h + Σ Rᵀ[w(h) ⊙ (W h + b − R h)] at the
+    selected positions. Computed in float32, where W h + b − R h, a difference of
+    nearby numbers, keeps its precision; tensors are cast once per device."""
+
+    def __init__(self, runtime, layer: nn.Module):
+        self.runtime = runtime
+        self.handle = layer.register_forward_hook(self)
+
+    def set_groups(self, groups: list[Interventions]) -> None:
+        self.groups, self.cast = groups, {}
+
+    def __call__(self, module, args, output):
+        call = self.runtime.call
+        if not self.runtime.enabled or call is None or call.continuing:
+            return None
+        h = hidden_states(output)
+        if h.shape[:2] != call.real.shape:
+            raise KeditError(f"a decoder layer returned hidden states of shape {list(h.shape)} for an input of "
+                             f"shape {list(call.real.shape)}: basis interventions cannot tell the positions apart")
+        if h.device not in self.cast:
+            self.cast[h.device] = [Interventions(g.layer, g.positions, *(getattr(g, f).to(h.device) for f in
+                                                 ("R", "W", "b", "G", "c", "gated"))) for g in self.groups]
+        source, edited = h.float(), h
+        for g in self.cast[h.device]:
+            where = call.selection(g.positions, h.device)
+            delta = intervention_delta(source, g.R, g.W, g.b, (g.G, g.c, g.gated) if g.gated.any() else None)
+            edited = torch.where(where[..., None], (edited.float() + delta).to(h.dtype), edited)
+        return (edited, *output[1:]) if isinstance(output, (tuple, list)) else edited

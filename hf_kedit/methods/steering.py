@@ -1,0 +1,213 @@
+"""Activation steering edits: what SAKE and ActAdd share (SAKE's reference code,
+`SAKE/distributions.py`; ../shared/docs/methods.md §3).
+
+Per edit, with P its prompt and paraphrases (the prompt first), o the true
+object and o* the new one, the last-token states after the final norm of
+- sources: each p in P, and its forced variant "Repeat this sentence: '{p} {o}'. {p}";
+- targets: "Do not mention '{o}'. Repeat this sentence: '{p} {o*}'. {p}"
+  (without the "Do not mention" clause, and without forced sources, when the
+  request has no true object).
+A method turns the two sets into a map (SAKE: the linear optimal-transport
+map; ActAdd: the mean difference). The scope centroid is the mean router
+representation of P; the threshold is given, or per edit `threshold_margin`
+times the distance of the farthest prompt of P from the centroid.
+
+Paraphrases come from `paraphrases`: None (the templates below, which frame
+the prompt with prefixes so that it still ends right before the object), a
+dict from edit id to a list (a dataset's own paraphrases), or a callable
+`edit -> list[str]` (a local model, an OpenAI-compatible endpoint). The pack
+records which (`paraphrase_source`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..anatomy import anatomy_of, hidden_states
+from ..batching import pad_id, padded
+from ..errors import EditRequestError
+from ..kinds.steering_map import METRICS, APPLY, SteeringMapConfig, scope_distances
+from ..kinds.prompt_calls import hidden_size
+from ..pack import Edit, EditPack
+from . import check_layers, check_requests, steering_map_pack
+from .transport import FactoredMap
+
+TEMPLATES = ("{}", "Fact: {}", "Here is a fact. {}", "Complete the sentence. {}", "Trivia. {}",
+             "Encyclopedia entry. {}", "I learned this at school. {}", "Everyone knows this. {}",
+             "True statement: {}", "Answer from memory. {}")
+FORCED = "Repeat this sentence: '{p} {old}'. {p}"
+TARGET = "Do not mention '{old}'. Repeat this sentence: '{p} {new}'. {p}"
+TARGET_WITHOUT_OLD = "Repeat this sentence: '{p} {new}'. {p}"
+MIN_THRESHOLD = 1e-6  # a scope no prompt can be exactly inside is still a valid threshold
+
+Paraphrases = dict[str, list[str]] | Callable[[Edit], list[str]] | None
+
+
+@dataclass
+class SteeringConfig:
+    """Settings SAKE and ActAdd share.
+
+    `paraphrases`: None (templates), {edit id: [texts]} or a callable edit -> [texts]
+    (filled-in prompts that end right before the object; the edit's own prompt is
+    added first if missing); `min_paraphrases`: the fewest distinct prompts
+    (counting the edit's own) an edit needs; `router_layer`: None (the router
+    reads the final norm's output) or a decoder layer index; `metric`: "cosine"
+    or "euclidean"; `threshold`: the scope distance, or None for
+    `threshold_margin` × the farthest of the edit's own prompts; `apply`:
+    "first" or "every" (when the map acts during generation, see
+    `hf_kedit.kinds.steering_map`); `batch_size`: prompts per forward pass.
+    """
+
+    paraphrases: Paraphrases = None
+    min_paraphrases: int = 2
+    router_layer: int | None = None
+    metric: str = "cosine"
+    threshold: float | None = None
+    threshold_margin: float = 1.1
+    apply: str = "first"
+    batch_size: int = 16
+
+
+Fit = Callable[[torch.Tensor, torch.Tensor], FactoredMap]
+
+
+def steering_edit(model, tokenizer, requests: list[Edit], config: SteeringConfig, method: str, fit: Fit,
+                  progress: bool = True) -> EditPack:
+    """Per request, the source and target states, `fit(sources, targets)` [n, d] float64
+    -> its map, and its scope; a `steering_map` pack. Every request and setting is
+    checked, and every paraphrase set gathered, before the model runs."""
+    check_requests(requests, subject_slot=False)
+    anatomy = anatomy_of(model)
+    _check_settings(config, anatomy.num_layers)
+    prompts = {edit.id: paraphrase_set(edit, config) for edit in requests}
+    sets = {edit.id: steering_sets(edit, prompts[edit.id]) for edit in requests}
+    texts = [t for edit in requests for t in (*sets[edit.id][0], *sets[edit.id][1])]
+    router_module = anatomy.final_norm if config.router_layer is None else anatomy.layer(config.router_layer)
+    modules = sorted({anatomy.final_norm, router_module})
+    states = last_token_states(model, tokenizer, texts + [p for e in requests for p in prompts[e.id]], modules,
+                               config.batch_size, progress)
+    final, router = states[anatomy.final_norm], states[router_module][len(texts):]
+
+    parts, offset, start = {}, 0, 0
+    for edit in requests:
+        n_source, n_target = map(len, sets[edit.id])
+        xs, xt = final[offset:offset + n_source], final[offset + n_source:offset + n_source + n_target]
+        offset += n_source + n_target
+        fitted = fit(xs.double(), xt.double())
+        own = router[start:start + len(prompts[edit.id])]
+        start += len(own)
+        centroid = own.mean(0)
+        threshold = config.threshold
+        if threshold is None:
+            farthest = scope_distances(own, centroid[None], config.metric).max().item()
+            threshold = max(config.threshold_margin * farthest, MIN_THRESHOLD)
+        parts[edit.id] = {"map.basis": fitted.basis, "map.core": fitted.core, "map.bias": fitted.bias,
+                          "scope.centroid": centroid, "scope.threshold": torch.tensor([threshold])}
+    d = hidden_size(model)
+    kind_config = SteeringMapConfig(hidden_size=d, representation="final_norm" if config.router_layer is None
+                                    else "layer", layer=config.router_layer, scope_size=d, metric=config.metric,
+                                    apply=config.apply)
+    hyperparameters = {**asdict(config), "paraphrases": None, "paraphrase_source": _source_name(config.paraphrases)}
+    return steering_map_pack(model, method, hyperparameters, requests, kind_config, parts)
+
+
+def paraphrase_set(edit: Edit, config: SteeringConfig) -> list[str]:
+    """The edit's prompt followed by its distinct paraphrases, from `config.paraphrases`;
+    `EditRequestError` when there are fewer than `config.min_paraphrases`.
+
+    Example:
+        >>> paraphrase_set(Edit("e0", "Paris", "{} is the capital of", "Italy", "France"), SteeringConfig())[:2]
+        ['Paris is the capital of', 'Fact: Paris is the capital of']
+    """
+    source = config.paraphrases
+    if source is None:
+        texts = [template.format(edit.text) for template in TEMPLATES]
+    elif isinstance(source, dict):
+        if edit.id not in source:
+            raise EditRequestError(f"paraphrases has no entry for edit {edit.id!r}: give a list for every edit "
+                                   "(its dataset's paraphrases), or paraphrases=None for templates")
+        texts = source[edit.id]
+    else:
+        texts = source(edit)
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or \
+            not all(isinstance(t, str) for t in texts):
+        raise EditRequestError(f"the paraphrases of edit {edit.id!r} must be a list of strings, got {texts!r}")
+    distinct = list(dict.fromkeys(t.strip() for t in [edit.text, *texts] if t.strip()))
+    if len(distinct) < config.min_paraphrases:
+        raise EditRequestError(f"edit {edit.id!r} has {len(distinct) - 1} distinct paraphrase(s) besides its "
+                               f"prompt; fitting its map needs at least min_paraphrases={config.min_paraphrases} "
+                               "distinct prompts in all: supply more paraphrases or use the templates "
+                               "(paraphrases=None)")
+    return distinct
+
+
+def steering_sets(edit: Edit, prompts: list[str]) -> tuple[list[str], list[str]]:
+    """(source texts, target texts) of an edit whose prompt and paraphrases are `prompts`.
+
+    Example:
+        >>> edit = Edit("e0", "Paris", "{} is the capital of", "Italy", "France")
+        >>> steering_sets(edit, ["Paris is the capital of"])[1]
+        ["Do not mention 'France'. Repeat this sentence: 'Paris is the capital of Italy'. Paris is the capital of"]
+    """
+    old, new = (edit.target_true or "").strip(), edit.target_new.strip()
+    if not old:
+        return list(prompts), [TARGET_WITHOUT_OLD.format(p=p, new=new) for p in prompts]
+    return ([*prompts, *(FORCED.format(p=p, old=old) for p in prompts)],
+            [TARGET.format(p=p, old=old, new=new) for p in prompts])
+
+
+@torch.no_grad()
+def last_token_states(model, tokenizer, texts: list[str], modules: list[str], batch_size: int = 16,
+                      progress: bool = False) -> dict[str, torch.Tensor]:
+    """Per module name, [N, d] float32: its output at the last token of each text, read
+    before any attached pack's hook on that module acts (the state a router sees)."""
+    device = next(model.parameters()).device
+    rows = [tokenizer(t).input_ids for t in texts]
+    out = {m: [] for m in modules}
+    captured = {}
+    handles = [model.get_submodule(m).register_forward_hook(
+        lambda module, args, output, m=m: captured.__setitem__(m, hidden_states(output)), prepend=True)
+        for m in modules]
+    try:
+        for start in tqdm(range(0, len(rows), batch_size), desc="steering states", disable=not progress):
+            ids, mask = padded(rows[start:start + batch_size], pad_id(tokenizer), device)
+            model(input_ids=ids, attention_mask=mask)
+            last = mask.sum(1) - 1
+            for m in modules:
+                out[m].append(captured[m][torch.arange(len(ids), device=device), last].float().cpu())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {m: torch.cat(states) for m, states in out.items()}
+
+
+def _source_name(paraphrases: Paraphrases) -> str:
+    """How the pack records where its paraphrases came from."""
+    if paraphrases is None:
+        return "templates"
+    if isinstance(paraphrases, dict):
+        return "supplied"
+    return f"callable:{getattr(paraphrases, '__qualname__', type(paraphrases).__name__)}"
+
+
+def _check_settings(config: SteeringConfig, num_layers: int) -> None:
+    if config.metric not in METRICS or config.apply not in APPLY:
+        raise EditRequestError(f"metric={config.metric!r}, apply={config.apply!r}: use a metric of {METRICS} and "
+                               f"an apply mode of {APPLY}")
+    if type(config.min_paraphrases) is not int or config.min_paraphrases < 1:
+        raise EditRequestError(f"min_paraphrases={config.min_paraphrases!r}: give a positive number of prompts")
+    top = 2.0 if config.metric == "cosine" else float("inf")
+    if config.threshold is not None and not 0 < config.threshold <= top:
+        raise EditRequestError(f"threshold={config.threshold!r} is out of range for the {config.metric} metric: "
+                               f"give a distance in (0, {top:g}], or None to derive one per edit")
+    if not config.threshold_margin > 0 or type(config.batch_size) is not int or config.batch_size < 1:
+        raise EditRequestError(f"threshold_margin={config.threshold_margin!r} and batch_size={config.batch_size!r} "
+                               "must be positive")
+    if config.router_layer is not None:
+        if type(config.router_layer) is not int:
+            raise EditRequestError(f"router_layer={config.router_layer!r}: give a decoder layer index, or None for "
+                                   "the final norm's output")
+        check_layers([config.router_layer], num_layers, "router_layer")

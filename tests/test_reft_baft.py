@@ -1,0 +1,192 @@
+"""The reft and baft methods on tiny random models with the default model's tokenizer
+(read from the converted model's cache folder; the model itself is not loaded)."""
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from hf_kedit import Edit, load_edits, remove_edits, stack_of
+from hf_kedit.errors import EditRequestError
+from hf_kedit.evaluate.harness import EvalConfig, evaluate
+from hf_kedit.evaluate.scoring import Scorer
+from hf_kedit.kinds.basis_intervention import gate_weights
+from hf_kedit.methods import baft, basis, make_pack
+from hf_kedit.methods.baft import locality_states
+from hf_kedit.models import default_cache_dir
+from test_bad_input import raises_exactly, untouched
+
+EDIT = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
+UNRELATED = ("The weather in Paris is mild in spring.", "Cats sleep for most of the day.",
+             "The stock market fell sharply on Monday.", "She plays the violin in an orchestra.")
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact.json"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(request):
+    cache = default_cache_dir()
+    if (cache / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(cache)
+    return request.getfixturevalue("default_model")[1]  # converts the default model once
+
+
+def tiny(tokenizer, arch="llama"):
+    extra = dict(n_embd=32, n_layer=3, n_head=4, n_positions=128) if arch == "gpt2" else dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128)
+    config = AutoConfig.for_model(arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id or 0,
+                                  eos_token_id=tokenizer.eos_token_id, **extra)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def target_nll(model, tokenizer, edit=EDIT) -> float:
+    return reading(model, tokenizer, edit).nll
+
+
+def reading(model, tokenizer, edit=EDIT):
+    """The teacher-forced reading of the edit's target after its prompt."""
+    return Scorer(model, tokenizer).forced([(edit.text, edit.target_new)])[0]
+
+
+SETTINGS = {"reft": {"layer": 1, "steps": 40}, "baft": {"layer": 1, "steps": 40, "locality_texts": UNRELATED}}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["reft", "baft"])
+def test_training_raises_the_targets_probability_and_leaves_the_model_alone(tokenizer, method, arch):
+    model = tiny(tokenizer, arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    unedited = reading(model, tokenizer)
+    pack = make_pack(method, model, tokenizer, [EDIT], SETTINGS[method], progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(not m._forward_hooks and p.requires_grad for m in model.modules() for p in m.parameters(False))
+    assert pack.kind == "basis_intervention" and pack.method == method
+    assert pack.kind_config["peft_type"] == {"reft": "LOREFT", "baft": "BAFT"}[method]
+    assert pack.kind_config["layers"] == [1] and pack.kind_config["r"] == 4
+    load_edits(model, pack, name="p")
+    edited = reading(model, tokenizer)
+    # A tiny random model's normed state and random head cap the target's probability far below 1
+    # (its NLL cannot go below about 10 nats here); what it can do is make the target the top token.
+    assert unedited.accuracy == 0 and edited.accuracy == 1 and edited.nll < unedited.nll - 0.4
+    target = tokenizer(" " + EDIT.target_new, add_special_tokens=False).input_ids
+    assert Scorer(model, tokenizer).generate([EDIT.text], len(target))[0] == target  # cached generation agrees
+    remove_edits(model, "p")
+    assert reading(model, tokenizer) == unedited
+
+
+@pytest.mark.parametrize("method", ["reft", "baft"])
+def test_rotation_stays_orthonormal_after_training(tokenizer, method):
+    model = tiny(tokenizer)
+    pack = make_pack(method, model, tokenizer, [EDIT, Edit("e1", "Paris", "{} is the capital of", "Italy")],
+                     {**SETTINGS[method], "rank": 6}, progress=False)
+    for e in pack.edits:
+        R = pack.tensors[f"{e.id}.layers.1.rotation"].double()
+        assert R.shape == (6, 32)
+        torch.testing.assert_close(R @ R.T, torch.eye(6, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.manual_seed(0)  # the rotation trained away from its initial value
+    initial = basis.Intervention(32, 6, method == "baft").rotation.weight.detach()
+    assert (pack.tensors["e0.layers.1.rotation"] - initial).abs().max() > 1e-3
+
+
+def test_baft_gates_open_on_the_edit_and_stay_low_on_unrelated_text(tokenizer):
+    model = tiny(tokenizer)
+    pack = make_pack("baft", model, tokenizer, [EDIT], SETTINGS["baft"], progress=False)
+    G, c = pack.tensors["e0.layers.1.gate.weight"], pack.tensors["e0.layers.1.gate.bias"]
+    prompt_state = locality_states(model, tokenizer, "model.layers.1", [EDIT.text])[-1]
+    unrelated = locality_states(model, tokenizer, "model.layers.1", list(UNRELATED))
+    assert gate_weights(unrelated, G, c).mean() < 0.5 * gate_weights(prompt_state, G, c).mean()
+
+
+def test_baft_samples_its_own_unrelated_text_when_given_none(tokenizer, monkeypatch):
+    model = tiny(tokenizer)
+    sampled = []
+    real = baft.sample_texts
+    monkeypatch.setattr(baft, "sample_texts", lambda *a, **k: sampled.append(real(*a, **k)) or sampled[-1])
+    make_pack("baft", model, tokenizer, [EDIT], {"layer": 1, "steps": 2, "locality_samples": 3,
+                                                 "locality_tokens": 5}, progress=False)
+    assert len(sampled) == 1 and len(sampled[0]) == 3
+
+
+def test_sequential_packs_stack_and_come_off(tokenizer):
+    model = tiny(tokenizer)
+    base = target_nll(model, tokenizer)
+    second = Edit("e1", "Paris", "{} is the capital of", "Italy")
+    load_edits(model, make_pack("baft", model, tokenizer, [EDIT], SETTINGS["baft"], progress=False), name="a")
+    load_edits(model, make_pack("baft", model, tokenizer, [second], SETTINGS["baft"], progress=False), name="b")
+    assert target_nll(model, tokenizer) < base - 0.4
+    remove_edits(model, "a")
+    remove_edits(model, "b")
+    assert target_nll(model, tokenizer) == base and len(stack_of(model)) == 0
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")
+@pytest.mark.parametrize("method", ["reft", "baft"])
+def test_the_harness_runs_the_methods_in_sequential_mode(tokenizer, method):
+    from hf_kedit.evaluate.datasets import read_cases
+
+    model = tiny(tokenizer)
+    cases = read_cases("counterfact", DATA, limit=2)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = model(ids).logits
+    config = EvalConfig(metrics=("efficacy", "locality"))
+    result = evaluate(model, tokenizer, cases, method, "sequential", {"layer": 1, "steps": 3}, config, progress=False)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before) and len(stack_of(model)) == 0
+    assert result["timing"]["pack_bytes_per_edit"] > 0
+
+
+# ----- bad requests: a typed error before any training ------------------------------------------
+
+@pytest.fixture
+def nothing_expensive(monkeypatch):
+    """Training and locality sampling fail the test if they start."""
+    def started(*args, **kwargs):
+        raise AssertionError("expensive work started before the request was checked")
+    monkeypatch.setattr(basis, "teacher_forced", started)
+    monkeypatch.setattr(baft, "sample_texts", started)
+    monkeypatch.setattr(baft, "locality_states", started)
+
+
+def edit(**fields) -> Edit:
+    return Edit(**{**EDIT.__dict__, **fields})
+
+
+BAD = [  # (id, method, requests, settings, regex)
+    ("rank-over-hidden", "reft", [EDIT], {"rank": 33}, r"rank=33: give an integer from 1 to the hidden size 32"),
+    ("rank-zero", "baft", [EDIT], {"rank": 0}, r"rank=0"),
+    ("layer-99", "reft", [EDIT], {"layer": 99}, r"layer=99 gives layers \[99\], out of range: the model has 3"),
+    ("layer-depth-1", "baft", [EDIT], {"layer": 1.0}, r"layer=1.0 gives layers \[3\]"),
+    ("positions-word", "reft", [EDIT], {"positions": "last"}, r"positions='last' does not parse: write \"f\{n\}\+l"),
+    ("positions-empty", "baft", [EDIT], {"positions": "f0+l0"}, r"positions='f0\+l0' selects no token"),
+    ("empty-target", "reft", [edit(target_new="")], {}, r"edit 'e0': target_new must be a non-empty string"),
+    ("blank-target", "baft", [edit(target_new=" ")], {}, r"target_new must be a non-empty string"),
+    ("no-requests", "baft", [], {}, r"give a non-empty list of Edit requests"),
+    ("empty-locality", "baft", [EDIT], {"locality_texts": ()}, r"locality_texts=\(\): give a non-empty list"),
+    ("locality-one-string", "baft", [EDIT], {"locality_texts": "text"}, r"locality_texts='text'"),
+    ("no-locality-samples", "baft", [EDIT], {"locality_samples": 0}, r"locality_samples=0"),
+    ("unknown-setting", "reft", [EDIT], {"locality_weight": 1.0}, r"reft has no setting \['locality_weight'\]"),
+]
+
+
+@pytest.mark.parametrize("method, requests, settings, match", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_request_fails_before_training(tokenizer, nothing_expensive, method, requests, settings, match):
+    model = tiny(tokenizer)
+    with untouched(model), raises_exactly(EditRequestError, match):
+        make_pack(method, model, tokenizer, requests, settings, progress=False)
+
+
+def test_a_prompt_without_subject_slot_is_fine(tokenizer):
+    model = tiny(tokenizer)
+    pack = make_pack("reft", model, tokenizer, [edit(prompt="Danielle Darrieux speaks")], {"steps": 1},
+                     progress=False)
+    assert pack.edits[0].prompt == "Danielle Darrieux speaks"
