@@ -76,13 +76,7 @@ def raises_exactly(exc: type[BaseException], match: str):
 
 # ----- fixtures and file helpers ------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine they spin: run on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -19,12 +19,7 @@ from tiny_models import tiny_inputs, tiny_model
 ARCHS = ["gpt2", "llama", "opt", "gpt_neox", "gemma"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logits(model, ids=None, **kwargs):

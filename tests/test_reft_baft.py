@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from hf_kedit import Edit, load_edits, remove_edits, stack_of
 from hf_kedit.errors import EditRequestError
@@ -15,19 +15,14 @@ from hf_kedit.methods import baft, basis, make_pack
 from hf_kedit.methods.baft import locality_states
 from hf_kedit.models import default_cache_dir
 from test_bad_input import raises_exactly, untouched
+from test_rome import tiny
 
 EDIT = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
 UNRELATED = ("The weather in Paris is mild in spring.", "Cats sleep for most of the day.",
              "The stock market fell sharply on Monday.", "She plays the violin in an orchestra.")
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact.json"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +31,6 @@ def tokenizer(request):
     if (cache / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(cache)
     return request.getfixturevalue("default_model")[1]  # converts the default model once
-
-
-def tiny(tokenizer, arch="llama"):
-    extra = dict(n_embd=32, n_layer=3, n_head=4, n_positions=128) if arch == "gpt2" else dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=128)
-    config = AutoConfig.for_model(arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id or 0,
-                                  eos_token_id=tokenizer.eos_token_id, **extra)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def target_nll(model, tokenizer, edit=EDIT) -> float:

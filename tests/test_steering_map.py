@@ -29,12 +29,7 @@ ARCHS = ["gpt2", "llama", "opt"]
 EDIT = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logits(model, ids=None, **kwargs):
