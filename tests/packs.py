@@ -1,9 +1,13 @@
-"""Random weight_delta packs for tests: the values do not matter, the plumbing does."""
+"""Random packs for tests, and tampering with saved ones: the values do not matter, the plumbing does."""
+import json
+
 import torch
+from safetensors.torch import load_file, save_file
 
 from hf_kedit import Edit
 from hf_kedit.anatomy import anatomy_of, linear_shape
 from hf_kedit.methods import weight_delta_pack
+from hf_kedit.pack import CONFIG_NAME, WEIGHTS_NAME
 
 
 def random_pack(model, layers=(1,), n_edits=1, rank=1, seed=0, prefix="e", scale=0.5, subject="S{}"):
@@ -85,3 +89,26 @@ def random_steering_pack(model, centroids, threshold=1e-3, rank=3, seed=0, prefi
     config = SteeringMapConfig(hidden_size=d, representation="final_norm" if layer is None else "layer", layer=layer,
                                scope_size=d, metric=metric, apply=apply)
     return steering_map_pack(model, "random", {"seed": seed}, edits, config, parts)
+
+
+def rewrite_pack(folder, change_tensors=None, change_manifest=None):
+    """Rewrite a saved pack in place (its tensors and/or manifest) as a tampered
+    upload would, with the manifest's tensor list kept consistent."""
+    path, manifest = folder / WEIGHTS_NAME, json.loads((folder / CONFIG_NAME).read_text())
+    if change_tensors:
+        tensors = load_file(str(path))
+        change_tensors(tensors)
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        manifest["tensors"] = {n: {"shape": list(t.shape), "dtype": "float32"} for n, t in tensors.items()}
+    if change_manifest:
+        change_manifest(manifest)
+    manifest.pop("files")
+    (folder / CONFIG_NAME).write_text(json.dumps(manifest))
+
+
+def set_tensor(name, value):
+    return lambda tensors: tensors.__setitem__(name, value(tensors[name]))
+
+
+def kind_config_update(**fields):
+    return lambda manifest: manifest["kind_config"].update(fields)

@@ -4,15 +4,14 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from hf_kedit import EditPack, load_edits, remove_edits, stack_of
 from hf_kedit.anatomy import anatomy_of, hidden_states
 from hf_kedit.errors import IncompatiblePackError, KeditError, PackFormatError
 from hf_kedit.kinds.basis_intervention import BasisInterventionConfig, intervention_delta, parse_positions
 from hf_kedit.kinds.prompt_calls import prompt_lengths, select_positions
-from hf_kedit.pack import CONFIG_NAME, WEIGHTS_NAME
-from packs import random_basis_pack
+from hf_kedit.pack import CONFIG_NAME
+from packs import kind_config_update, random_basis_pack, rewrite_pack, set_tensor
 from test_bad_input import raises_exactly, untouched
 from tiny_models import tiny_inputs, tiny_model
 
@@ -261,27 +260,6 @@ def test_hub_round_trip_gives_identical_outputs(hub_server):
 R0 = "e0.layers.1.rotation"
 
 
-def _rewrite(folder, change_tensors=None, change_manifest=None):
-    path, manifest = folder / WEIGHTS_NAME, json.loads((folder / CONFIG_NAME).read_text())
-    if change_tensors:
-        tensors = load_file(str(path))
-        change_tensors(tensors)
-        save_file(tensors, str(path), metadata={"format": "pt"})
-        manifest["tensors"] = {n: {"shape": list(t.shape), "dtype": "float32"} for n, t in tensors.items()}
-    if change_manifest:
-        change_manifest(manifest)
-    manifest.pop("files")
-    (folder / CONFIG_NAME).write_text(json.dumps(manifest))
-
-
-def _set(name, value):
-    return lambda tensors: tensors.__setitem__(name, value(tensors[name]))
-
-
-def _config(**fields):
-    return lambda manifest: manifest["kind_config"].update(fields)
-
-
 def _drop(name):
     def change(manifest):
         for e in manifest["edits"]:
@@ -291,19 +269,19 @@ def _drop(name):
 
 
 BROKEN = [  # (id, tensors change, manifest change, error, message)
-    ("wrong-shape", _set("e0.layers.1.source.weight", lambda t: t[:, :-1].contiguous()), None, PackFormatError,
+    ("wrong-shape", set_tensor("e0.layers.1.source.weight", lambda t: t[:, :-1].contiguous()), None, PackFormatError,
      r"source.weight has shape \[2, 31\], expected \[2, 32\]"),
-    ("nan", _set("e0.layers.1.gate.bias", lambda t: t.clone().fill_(float("nan"))), None, PackFormatError,
+    ("nan", set_tensor("e0.layers.1.gate.bias", lambda t: t.clone().fill_(float("nan"))), None, PackFormatError,
      r"'e0.layers.1.gate.bias' holds NaN"),
     ("missing", lambda tensors: tensors.pop("e0.layers.1.gate.weight"), _drop("e0.layers.1.gate.weight"),
      PackFormatError, r"must own exactly .* missing \['e0.layers.1.gate.weight'\]"),
-    ("not-orthonormal", _set(R0, lambda t: t * 1.5), None, PackFormatError, r"rows of rotation are not orthonormal"),
-    ("bad-positions", None, _config(positions="last2"), PackFormatError, r"positions='last2' does not parse"),
-    ("rank-over-hidden", None, _config(r=64), PackFormatError, r"rank r=64 exceeds hidden_size=32"),
-    ("gate-of-loreft", None, _config(peft_type="LOREFT"), PackFormatError,
+    ("not-orthonormal", set_tensor(R0, lambda t: t * 1.5), None, PackFormatError, r"rows of rotation are not orthonormal"),
+    ("bad-positions", None, kind_config_update(positions="last2"), PackFormatError, r"positions='last2' does not parse"),
+    ("rank-over-hidden", None, kind_config_update(r=64), PackFormatError, r"rank r=64 exceeds hidden_size=32"),
+    ("gate-of-loreft", None, kind_config_update(peft_type="LOREFT"), PackFormatError,
      r"peft_type 'LOREFT' with gate 'sigmoid_rms'"),
-    ("unknown-field", None, _config(alpha=2), PackFormatError, r"unknown: \['alpha'\]"),
-    ("layers-without-tensors", None, _config(layers=[7]), PackFormatError, r"must own exactly"),
+    ("unknown-field", None, kind_config_update(alpha=2), PackFormatError, r"unknown: \['alpha'\]"),
+    ("layers-without-tensors", None, kind_config_update(layers=[7]), PackFormatError, r"must own exactly"),
 ]
 
 
@@ -313,7 +291,7 @@ def test_a_broken_pack_fails_and_leaves_the_model_unchanged(tmp_path, change_ten
     model = tiny_model("llama")
     load_edits(model, random_basis_pack(model, layers=(0,), seed=5, prefix="other", subject="O{}"), name="other")
     folder = random_basis_pack(model, layers=(1,), gated=True).save_pretrained(tmp_path / "pack")
-    _rewrite(folder, change_tensors, change_manifest)
+    rewrite_pack(folder, change_tensors, change_manifest)
     with raises_exactly(exc, match):
         EditPack.from_pretrained(folder)
     with untouched(model), raises_exactly(exc, match):

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from hf_kedit import Edit, EditPack, load_edits, remove_edits, stack_of
@@ -19,8 +18,8 @@ from hf_kedit.methods import make_pack
 from hf_kedit.methods.steering import last_token_states, steering_sets
 from hf_kedit.methods.transport import linear_transport
 from hf_kedit.models import default_cache_dir
-from hf_kedit.pack import CONFIG_NAME, WEIGHTS_NAME
-from packs import random_steering_pack
+from hf_kedit.pack import CONFIG_NAME
+from packs import kind_config_update, random_steering_pack, rewrite_pack, set_tensor
 from test_bad_input import raises_exactly, untouched
 from test_reft_baft import tiny
 from tiny_models import tiny_inputs, tiny_model
@@ -237,52 +236,32 @@ def test_disk_round_trip_gives_identical_outputs(tmp_path, rank):
 
 # ----- broken packs: a typed error, and the model as it was --------------------------------------
 
-def _rewrite(folder, change_tensors=None, change_manifest=None):
-    path, manifest = folder / WEIGHTS_NAME, json.loads((folder / CONFIG_NAME).read_text())
-    if change_tensors:
-        tensors = load_file(str(path))
-        change_tensors(tensors)
-        save_file(tensors, str(path), metadata={"format": "pt"})
-        manifest["tensors"] = {n: {"shape": list(t.shape), "dtype": "float32"} for n, t in tensors.items()}
-    if change_manifest:
-        change_manifest(manifest)
-    manifest.pop("files")
-    (folder / CONFIG_NAME).write_text(json.dumps(manifest))
-
-
-def _set(name, value):
-    return lambda tensors: tensors.__setitem__(name, value(tensors[name]))
-
-
-def _config(**fields):
-    return lambda manifest: manifest["kind_config"].update(fields)
-
 
 BROKEN = [  # (id, tensors change, manifest change, error, message)
-    ("core-shape", _set("e0.map.core", lambda t: t[:, :-1].contiguous()), None, PackFormatError,
+    ("core-shape", set_tensor("e0.map.core", lambda t: t[:, :-1].contiguous()), None, PackFormatError,
      r"map.core has shape \[3, 2\], expected \[3, 3\]"),
-    ("centroid-shape", _set("e0.scope.centroid", lambda t: t[:-1].contiguous()), None, PackFormatError,
+    ("centroid-shape", set_tensor("e0.scope.centroid", lambda t: t[:-1].contiguous()), None, PackFormatError,
      r"scope.centroid has shape \[31\], expected \[32\]"),
-    ("threshold-shape", _set("e0.scope.threshold", lambda t: t.repeat(2)), None, PackFormatError,
+    ("threshold-shape", set_tensor("e0.scope.threshold", lambda t: t.repeat(2)), None, PackFormatError,
      r"scope.threshold has shape \[2\], expected \[1\]"),
-    ("nan", _set("e0.map.bias", lambda t: t.clone().fill_(float("nan"))), None, PackFormatError,
+    ("nan", set_tensor("e0.map.bias", lambda t: t.clone().fill_(float("nan"))), None, PackFormatError,
      r"'e0.map.bias' holds NaN"),
-    ("zero-threshold", _set("e0.scope.threshold", torch.zeros_like), None, PackFormatError,
+    ("zero-threshold", set_tensor("e0.scope.threshold", torch.zeros_like), None, PackFormatError,
      r"scope.threshold 0 is out of range for the cosine metric"),
-    ("negative-threshold", _set("e0.scope.threshold", lambda t: -t), None, PackFormatError,
+    ("negative-threshold", set_tensor("e0.scope.threshold", lambda t: -t), None, PackFormatError,
      r"scope.threshold -0.001 is out of range"),
-    ("cosine-over-2", _set("e0.scope.threshold", lambda t: t + 3), None, PackFormatError,
+    ("cosine-over-2", set_tensor("e0.scope.threshold", lambda t: t + 3), None, PackFormatError,
      r"out of range for the cosine metric: give a distance in \(0, 2\]"),
     ("missing", lambda tensors: tensors.pop("e0.map.core"),
      lambda m: m["edits"][0]["tensors"].remove("e0.map.core"), PackFormatError, r"missing \['e0.map.core'\]"),
-    ("bad-metric", None, _config(metric="manhattan"), PackFormatError, r"metric='manhattan'; use one of"),
-    ("bad-apply", None, _config(apply="always"), PackFormatError, r"apply='always'; use one of"),
-    ("layer-without-representation", None, _config(layer=1), PackFormatError, r"layer=1 with representation"),
-    ("unknown-field", None, _config(alpha=2), PackFormatError, r"unknown: \['alpha'\]"),
-    ("router-layer-out-of-range", None, _config(representation="layer", layer=7), IncompatiblePackError,
+    ("bad-metric", None, kind_config_update(metric="manhattan"), PackFormatError, r"metric='manhattan'; use one of"),
+    ("bad-apply", None, kind_config_update(apply="always"), PackFormatError, r"apply='always'; use one of"),
+    ("layer-without-representation", None, kind_config_update(layer=1), PackFormatError, r"layer=1 with representation"),
+    ("unknown-field", None, kind_config_update(alpha=2), PackFormatError, r"unknown: \['alpha'\]"),
+    ("router-layer-out-of-range", None, kind_config_update(representation="layer", layer=7), IncompatiblePackError,
      r"router reads layer 7; this model has 3 layers"),
     ("router-model-not-installed", None,
-     _config(representation="sentence_embedding", embedding_model="sentence-transformers/all-MiniLM-L6-v2",
+     kind_config_update(representation="sentence_embedding", embedding_model="sentence-transformers/all-MiniLM-L6-v2",
              scope_size=384), PackFormatError, r"scope.centroid has shape \[32\], expected \[384\]"),
 ]
 
@@ -294,7 +273,7 @@ def test_a_broken_pack_fails_and_leaves_the_model_unchanged(tmp_path, change_ten
     h = last_states(model, tiny_inputs(batch=3))
     load_edits(model, random_steering_pack(model, h[2:], seed=5, prefix="other", subject="O{}"), name="other")
     folder = random_steering_pack(model, h[:2]).save_pretrained(tmp_path / "pack")
-    _rewrite(folder, change_tensors, change_manifest)
+    rewrite_pack(folder, change_tensors, change_manifest)
     if exc is PackFormatError:
         with raises_exactly(exc, match):
             EditPack.from_pretrained(folder)
