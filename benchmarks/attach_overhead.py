@@ -112,7 +112,7 @@ def main():
             detach_all(model)
     base = statistics.median(speeds["base model"])
     rows = [{"condition": name, "tokens_per_s_median": statistics.median(v),
-             "tokens_per_s_iqr": _quartiles(v), "runs": v, "relative_to_base": statistics.median(v) / base,
+             "tokens_per_s_iqr": quartiles(v), "runs": v, "relative_to_base": statistics.median(v) / base,
              "hook_us_per_token": hook_us[name], "hook_share_of_base_token_time": hook_us[name] * 1e-6 * base}
             for name, v in speeds.items()]
 
@@ -159,15 +159,15 @@ def main():
     print(markdown)
     (out / "results.md").write_text(markdown + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    _plot(rows, out / "tokens_per_s.png")
+    plot_tokens_per_s(rows, out / "tokens_per_s.png")
 
 
-def _quartiles(values):
+def quartiles(values):
     q = statistics.quantiles(values, n=4)
     return [q[0], q[2]]
 
 
-def _plot(rows, path):
+def plot_tokens_per_s(rows, path, reference=0.95):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,7 +176,8 @@ def _plot(rows, path):
     fig, ax = plt.subplots(figsize=(8, 4.5))
     names = [r["condition"] for r in rows]
     ax.barh(names[::-1], [r["tokens_per_s_median"] for r in rows][::-1], color="tab:blue")
-    ax.axvline(rows[0]["tokens_per_s_median"] * 0.95, color="tab:red", linestyle="--", label="95 % of base")
+    ax.axvline(rows[0]["tokens_per_s_median"] * reference, color="tab:red", linestyle="--",
+               label=f"{100 * reference:.0f} % of base")
     ax.set_xlabel("generation tokens/s (median)")
     ax.legend(loc="lower right")
     fig.tight_layout()

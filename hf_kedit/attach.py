@@ -15,6 +15,7 @@ from torch import nn
 from .errors import EditConflictError, KeditError
 from .fingerprint import check_base_model
 from .kinds import kind_named
+from .kinds.prompt_calls import set_tokenizer, tokenizer_of
 from .pack import EditPack
 
 ON_CONFLICT = ("error", "last")
@@ -55,8 +56,19 @@ class EditStack:
         return len(self.packs)
 
     def add(self, pack: EditPack, name: str, merge: bool = False, verify: str = "strict",
-            on_conflict: str = "error") -> None:
+            on_conflict: str = "error", tokenizer=None) -> None:
         """Attach `pack` as `name` (checks everything first; see `load_edits`)."""
+        if tokenizer is None:
+            return self._add(pack, name, merge, verify, on_conflict)
+        previous = tokenizer_of(self.model)
+        set_tokenizer(self.model, tokenizer)
+        try:
+            self._add(pack, name, merge, verify, on_conflict)
+        except Exception:
+            set_tokenizer(self.model, previous)
+            raise
+
+    def _add(self, pack: EditPack, name: str, merge: bool, verify: str, on_conflict: str) -> None:
         if name in self.packs:
             raise KeditError(f"a pack named {name!r} is attached already; remove it first or pass another name=")
         if on_conflict not in ON_CONFLICT:
@@ -177,13 +189,15 @@ def stack_of(model: nn.Module) -> EditStack:
 
 def load_edits(model: nn.Module, source, name: str | None = None, revision: str | None = None,
                merge: bool = False, verify: str = "strict", on_conflict: str = "error",
-               token: str | None = None) -> nn.Module:
+               token: str | None = None, tokenizer=None) -> nn.Module:
     """Attach an edit pack to `model` and return the model.
 
     `source` is an `EditPack`, a local folder or a Hub repo id (`revision`: a
     branch, tag or commit sha). The pack is validated in full and checked
     against the model before any hook is added; on failure the model is
-    unchanged. `verify="shapes"` skips the weight fingerprint.
+    unchanged. `verify="shapes"` skips the weight fingerprint. `tokenizer`: the
+    model's tokenizer, kept for packs whose router reads the prompt's text
+    (steering packs with a sentence-embedding router or the subject gate).
 
     Example:
         >>> model = load_edits(model, "user/edits")
@@ -195,7 +209,7 @@ def load_edits(model: nn.Module, source, name: str | None = None, revision: str 
     else:
         pack = EditPack.from_pretrained(source, revision=revision, token=token)
         name = name or os.fspath(source)
-    stack_of(model).add(pack, name, merge=merge, verify=verify, on_conflict=on_conflict)
+    stack_of(model).add(pack, name, merge=merge, verify=verify, on_conflict=on_conflict, tokenizer=tokenizer)
     return model
 
 

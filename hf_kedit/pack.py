@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .card import model_card
-from .errors import PackFormatError
+from .errors import IncompatiblePackError, PackFormatError
 from .hub import file_sha256, push_pack, resolve_source
 from .kinds import kind_named
 
@@ -102,6 +102,31 @@ class EditPack:
         pack.revision = self.revision
         return pack
 
+    def extend(self, other: "EditPack") -> "EditPack":
+        """One pack holding this pack's edits, then `other`'s: how sequential edits
+        join an existing pack without retraining it (make `other` with this pack
+        attached, so it is trained on what the stack computes). Both must be of one
+        kind and method, for the same base model, with compatible `kind_config`s
+        (equal, or dicts whose shared keys agree) and distinct edit ids;
+        `IncompatiblePackError` otherwise.
+
+        Example:
+            >>> load_edits(model, pack, name="old")
+            >>> pack = pack.extend(baft_edit(model, tokenizer, new_edits))
+        """
+        if (other.kind, other.method) != (self.kind, self.method):
+            raise IncompatiblePackError(f"a {self.kind} pack made by {self.method} cannot hold the edits of a "
+                                        f"{other.kind} pack made by {other.method}: keep them as two packs")
+        shared = sorted({e.id for e in self.edits} & {e.id for e in other.edits})
+        if shared:
+            raise IncompatiblePackError(f"both packs hold edits {shared[:5]}: give the new edits other ids")
+        base_model = _merged(self.base_model, other.base_model, "base_model")
+        kind_config = _merged(self.kind_config, other.kind_config, "kind_config")
+        hyperparameters = (self.hyperparameters if self.hyperparameters == other.hyperparameters
+                           else {"packs": [self.hyperparameters, other.hyperparameters]})
+        return EditPack(self.kind, self.method, self.edits + other.edits, {**self.tensors, **other.tensors},
+                        base_model, hyperparameters, kind_config)
+
     # ----- validation -------------------------------------------------------------
     def validate(self) -> None:
         """Raise `PackFormatError` unless the pack is well formed: ids unique, each
@@ -178,6 +203,16 @@ class EditPack:
             raise PackFormatError(f"{self.kind} packs have no PEFT equivalent; only weight_delta packs export")
         kind.export_peft(self, save_directory)
         return Path(save_directory)
+
+
+def _merged(a, b, where: str):
+    """`a` and `b` as one: dicts merge key by key, anything else must be equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {key: _merged(a[key], b[key], f"{where}.{key}") if key in a and key in b else a.get(key, b.get(key))
+                for key in {**a, **b}}
+    if a != b:
+        raise IncompatiblePackError(f"the packs differ in {where} ({a!r} vs {b!r}): they cannot be one pack")
+    return a
 
 
 def read_pack(folder: Path) -> EditPack:

@@ -17,7 +17,7 @@ def test_ready_made_pack_holds_and_comes_off(default_model, config):
     ids = tokenizer(pack.edits[0].text, return_tensors="pt").input_ids
     with torch.no_grad():
         before = model(ids).logits
-    load_edits(model, config.parent, name="ready-made")
+    load_edits(model, config.parent, name="ready-made", tokenizer=tokenizer)
     try:
         for edit in pack.edits:
             answer = greedy_answer(model, tokenizer, edit.text)
@@ -29,4 +29,4 @@ def test_ready_made_pack_holds_and_comes_off(default_model, config):
 
 
 def test_there_are_ready_made_packs():
-    assert {p.parent.name for p in ADAPTERS} >= {"rome-smollm2-facts", "steam-smollm2-facts"}
+    assert {p.parent.name for p in ADAPTERS} >= {f"{m}-smollm2-facts" for m in ("rome", "steam", "sake", "baft")}

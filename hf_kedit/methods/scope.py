@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..anatomy import anatomy_of
 from ..errors import EditRequestError
-from ..kinds.steering_map import SteeringMapConfig, part_name, scope_distances
+from ..kinds.steering_map import SteeringMapConfig, names_subject, part_name, scope_distances
 from ..pack import EditPack
-from .steering import last_token_states
+from .steering import router_representations
 
 
 @dataclass
@@ -37,24 +36,26 @@ def calibrate_threshold(model, tokenizer, pack: EditPack, in_scope: dict[str, li
     """
     config = SteeringMapConfig.from_dict(pack.kind_config)
     ids = {e.id for e in pack.edits}
-    if config.representation == "sentence_embedding":
-        raise EditRequestError("calibration runs hidden-state routers only ('final_norm' or 'layer')")
     if not in_scope or set(in_scope) - ids or not all(in_scope.values()) or not out_of_scope:
         raise EditRequestError(f"give in-scope prompts for edits of the pack ({sorted(ids)}), each a non-empty "
                                f"list, and a non-empty list of out-of-scope prompts; got edits {sorted(in_scope)}")
-    anatomy = anatomy_of(model)
-    module = anatomy.final_norm if config.layer is None else anatomy.layer(config.layer)
     texts = [p for prompts in in_scope.values() for p in prompts] + list(out_of_scope)
-    states = last_token_states(model, tokenizer, texts, [module])[module]
+    states = router_representations(model, tokenizer, config, texts)
     order = [e.id for e in pack.edits]
     centroids = torch.stack([pack.tensors[part_name(i, "scope.centroid")].float() for i in order])
     distances = scope_distances(states, centroids, config.metric)
+    if config.subject_gate:
+        distances = distances.masked_fill(~names_subject(texts, [e.subject for e in pack.edits]), float("inf"))
     owners = torch.tensor([order.index(edit_id) for edit_id, prompts in in_scope.items() for _ in prompts])
     own = distances[torch.arange(len(owners)), owners]
     other = distances[len(owners):].min(1).values
     candidates = torch.cat([own, other]).unique()      # where the trade-off can change
+    candidates = candidates[candidates.isfinite()]
     top = 2.0 if config.metric == "cosine" else float("inf")
     candidates = candidates[(candidates > 0) & (candidates <= top)]
+    if not len(candidates):
+        raise EditRequestError("no threshold can put any in-scope prompt in its edit's scope: with the subject gate "
+                               "on, each in-scope prompt must name its edit's subject")
     inside = (own[None] <= candidates[:, None]).float().mean(1)
     outside = (other[None] > candidates[:, None]).float().mean(1)
     chosen = candidates[(inside + outside).argmax()].item()

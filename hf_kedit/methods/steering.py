@@ -10,7 +10,10 @@ object and o* the new one, the last-token states after the final norm of
 A method turns the two sets into a map (SAKE: the linear optimal-transport
 map; ActAdd: the mean difference). The scope centroid is the mean router
 representation of P; the threshold is given, or per edit `threshold_margin`
-times the distance of the farthest prompt of P from the centroid.
+times the distance of the farthest prompt of P from the centroid. The router
+measures the final norm's output, a decoder layer's output, or the prompt's
+sentence embedding (`embedding_model`), behind the subject gate when
+`subject_gate` is on (`hf_kedit.kinds.steering_map`).
 
 Paraphrases come from `paraphrases`: None (the templates below, which frame
 the prompt with prefixes so that it still ends right before the object), a
@@ -29,8 +32,9 @@ from tqdm.auto import tqdm
 from ..anatomy import anatomy_of, hidden_states
 from ..batching import pad_id, padded
 from ..errors import EditRequestError
-from ..kinds.steering_map import METRICS, APPLY, SteeringMapConfig, scope_distances
 from ..kinds.prompt_calls import hidden_size
+from ..kinds.sentence_embedding import EMBEDDING_MODELS, check_installed, embed
+from ..kinds.steering_map import METRICS, APPLY, SteeringMapConfig, scope_distances
 from ..pack import Edit, EditPack
 from . import check_layers, check_requests, steering_map_pack
 from .transport import FactoredMap
@@ -54,9 +58,13 @@ class SteeringConfig:
     (filled-in prompts that end right before the object; the edit's own prompt is
     added first if missing); `min_paraphrases`: the fewest distinct prompts
     (counting the edit's own) an edit needs; `router_layer`: None (the router
-    reads the final norm's output) or a decoder layer index; `metric`: "cosine"
-    or "euclidean"; `threshold`: the scope distance, or None for
-    `threshold_margin` × the farthest of the edit's own prompts; `apply`:
+    reads the final norm's output) or a decoder layer index; `embedding_model`:
+    None, or a sentence-embedding model the router measures prompts with
+    instead (see `hf_kedit.kinds.sentence_embedding.EMBEDDING_MODELS`);
+    `subject_gate`: only prompts that name the edit's subject are in its scope;
+    `metric`: "cosine" or "euclidean"; `threshold`: the scope distance (the
+    default 2.0 is the whole cosine range: the subject gate alone decides), or
+    None for `threshold_margin` × the farthest of the edit's own prompts; `apply`:
     "first" or "every" (when the map acts during generation, see
     `hf_kedit.kinds.steering_map`); `batch_size`: prompts per forward pass.
     """
@@ -64,8 +72,10 @@ class SteeringConfig:
     paraphrases: Paraphrases = None
     min_paraphrases: int = 2
     router_layer: int | None = None
+    embedding_model: str | None = None
+    subject_gate: bool = True
     metric: str = "cosine"
-    threshold: float | None = None
+    threshold: float | None = 2.0
     threshold_margin: float = 1.1
     apply: str = "first"
     batch_size: int = 16
@@ -85,11 +95,17 @@ def steering_edit(model, tokenizer, requests: list[Edit], config: SteeringConfig
     prompts = {edit.id: paraphrase_set(edit, config) for edit in requests}
     sets = {edit.id: steering_sets(edit, prompts[edit.id]) for edit in requests}
     texts = [t for edit in requests for t in (*sets[edit.id][0], *sets[edit.id][1])]
-    router_module = anatomy.final_norm if config.router_layer is None else anatomy.layer(config.router_layer)
-    modules = sorted({anatomy.final_norm, router_module})
-    states = last_token_states(model, tokenizer, texts + [p for e in requests for p in prompts[e.id]], modules,
-                               config.batch_size, progress)
-    final, router = states[anatomy.final_norm], states[router_module][len(texts):]
+    kind_config = SteeringMapConfig(
+        hidden_size=hidden_size(model), representation="sentence_embedding" if config.embedding_model else
+        "final_norm" if config.router_layer is None else "layer", layer=config.router_layer,
+        embedding_model=config.embedding_model, metric=config.metric, apply=config.apply,
+        subject_gate=config.subject_gate)
+    kind_config.scope_size = (EMBEDDING_MODELS[config.embedding_model][2] if config.embedding_model
+                              else kind_config.hidden_size)
+    final = last_token_states(model, tokenizer, texts, [anatomy.final_norm], config.batch_size,
+                              progress)[anatomy.final_norm]
+    router = router_representations(model, tokenizer, kind_config, [p for e in requests for p in prompts[e.id]],
+                                    config.batch_size)
 
     parts, offset, start = {}, 0, 0
     for edit in requests:
@@ -106,10 +122,6 @@ def steering_edit(model, tokenizer, requests: list[Edit], config: SteeringConfig
             threshold = max(config.threshold_margin * farthest, MIN_THRESHOLD)
         parts[edit.id] = {"map.basis": fitted.basis, "map.core": fitted.core, "map.bias": fitted.bias,
                           "scope.centroid": centroid, "scope.threshold": torch.tensor([threshold])}
-    d = hidden_size(model)
-    kind_config = SteeringMapConfig(hidden_size=d, representation="final_norm" if config.router_layer is None
-                                    else "layer", layer=config.router_layer, scope_size=d, metric=config.metric,
-                                    apply=config.apply)
     hyperparameters = {**asdict(config), "paraphrases": None, "paraphrase_source": _source_name(config.paraphrases)}
     return steering_map_pack(model, method, hyperparameters, requests, kind_config, parts)
 
@@ -184,6 +196,16 @@ def last_token_states(model, tokenizer, texts: list[str], modules: list[str], ba
     return {m: torch.cat(states) for m, states in out.items()}
 
 
+def router_representations(model, tokenizer, config: SteeringMapConfig, prompts: list[str],
+                           batch_size: int = 16) -> torch.Tensor:
+    """[N, scope_size] float32: what a router of kind config `config` measures of each prompt."""
+    if config.representation == "sentence_embedding":
+        return embed(config.embedding_model, prompts)
+    anatomy = anatomy_of(model)
+    module = anatomy.final_norm if config.layer is None else anatomy.layer(config.layer)
+    return last_token_states(model, tokenizer, prompts, [module], batch_size)[module]
+
+
 def _source_name(paraphrases: Paraphrases) -> str:
     """How the pack records where its paraphrases came from."""
     if paraphrases is None:
@@ -206,6 +228,14 @@ def _check_settings(config: SteeringConfig, num_layers: int) -> None:
     if not config.threshold_margin > 0 or type(config.batch_size) is not int or config.batch_size < 1:
         raise EditRequestError(f"threshold_margin={config.threshold_margin!r} and batch_size={config.batch_size!r} "
                                "must be positive")
+    if config.embedding_model is not None:
+        if config.embedding_model not in EMBEDDING_MODELS or config.router_layer is not None:
+            raise EditRequestError(f"embedding_model={config.embedding_model!r} with router_layer="
+                                   f"{config.router_layer!r}: give one of {sorted(EMBEDDING_MODELS)} and no "
+                                   "router_layer, or embedding_model=None for a hidden-state router")
+        check_installed(config.embedding_model)
+    if type(config.subject_gate) is not bool:
+        raise EditRequestError(f"subject_gate={config.subject_gate!r}: give True or False")
     if config.router_layer is not None:
         if type(config.router_layer) is not int:
             raise EditRequestError(f"router_layer={config.router_layer!r}: give a decoder layer index, or None for "
