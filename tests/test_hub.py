@@ -77,7 +77,8 @@ def test_model_card_on_the_hub(repo):
     assert card.data.base_model == "someone/tiny-llama"
     assert {"knowledge-editing", "random", "weight_delta"} <= set(card.data.tags)
     assert card.text.count("| e") == 3  # one table row per edit
-    assert f'load_edits(model, "{repo}")' in card.text
+    assert f'load_edits(model, "{repo}", tokenizer=tokenizer)' in card.text
+    assert 'tokenizer = AutoTokenizer.from_pretrained("someone/tiny-llama")' in card.text
 
 
 def test_missing_repo_and_revision_are_hub_errors_and_leave_the_model(repo):
