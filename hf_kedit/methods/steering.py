@@ -104,8 +104,9 @@ def steering_edit(model, tokenizer, requests: list[Edit], config: SteeringConfig
                               else kind_config.hidden_size)
     final = last_token_states(model, tokenizer, texts, [anatomy.final_norm], config.batch_size,
                               progress)[anatomy.final_norm]
-    router = router_representations(model, tokenizer, kind_config, [p for e in requests for p in prompts[e.id]],
-                                    config.batch_size)
+    # A final-norm router measures the prompts, which lead each edit's sources: no second pass.
+    router = None if kind_config.representation == "final_norm" else router_representations(
+        model, tokenizer, kind_config, [p for e in requests for p in prompts[e.id]], config.batch_size)
 
     parts, offset, start = {}, 0, 0
     for edit in requests:
@@ -113,8 +114,9 @@ def steering_edit(model, tokenizer, requests: list[Edit], config: SteeringConfig
         xs, xt = final[offset:offset + n_source], final[offset + n_source:offset + n_source + n_target]
         offset += n_source + n_target
         fitted = fit(xs.double(), xt.double())
-        own = router[start:start + len(prompts[edit.id])]
-        start += len(own)
+        n_prompts = len(prompts[edit.id])
+        own = xs[:n_prompts] if router is None else router[start:start + n_prompts]
+        start += n_prompts
         centroid = own.mean(0)
         threshold = config.threshold
         if threshold is None:
