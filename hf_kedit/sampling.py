@@ -1,10 +1,26 @@
-"""Text the model writes itself from its start token: the corpus for key
-statistics and the context templates of locate-and-edit, with no download."""
+"""Text the model writes itself: from its start token, the corpus for key
+statistics and the context templates of locate-and-edit; after a subject, the
+names it mentions with that subject. No download."""
 from __future__ import annotations
 
+import re
+import weakref
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
+
+_PER_MODEL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def per_model(model, key, make: Callable):
+    """`make()`, computed once per model and `key` and kept while the model lives:
+    text a model writes for every edit alike (context templates, unrelated text)
+    is sampled once, not once per edit."""
+    cache = _PER_MODEL.setdefault(model, {})
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
 
 
 @contextmanager
@@ -26,3 +42,24 @@ def sample_texts(model, tokenizer, n: int, new_tokens: int, top_k: int) -> list[
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=top_k,
                          max_new_tokens=new_tokens, pad_token_id=tokenizer.eos_token_id)
     return tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
+
+
+SIBLING_FRAME = "Names that are often mentioned together: {} and"
+_NAME_END = re.compile(r",|\band\b|\bis\b|\bare\b|\bhave\b|\.|;|:|\(|\n|–|—")
+
+
+@torch.no_grad()
+def sibling_names(model, tokenizer, subject: str, n: int, new_tokens: int = 8) -> list[str]:
+    """Up to `n` distinct names the model writes after "... {subject} and": things
+    of the subject's kind (for "Brazil": Argentina, Chile, Portugal, ...), never
+    the subject itself. Sampled with top-k 20; seed the caller's RNG (`seeded`)."""
+    ids = torch.tensor([tokenizer(SIBLING_FRAME.format(subject)).input_ids] * n, device=model.device)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=20,
+                         max_new_tokens=new_tokens, pad_token_id=tokenizer.eos_token_id)
+    names = []
+    for text in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True):
+        name = " ".join(_NAME_END.split(text)[0].split()[:3])
+        if name and subject.lower() not in name.lower() and name.lower() not in subject.lower() \
+                and name not in names:
+            names.append(name)
+    return names

@@ -100,6 +100,11 @@ def test_positions_that_do_not_parse(spec):
         parse_positions(spec)
 
 
+def test_all_selects_every_prompt_token_and_nothing_after():
+    real = torch.tensor([[0, 1, 1, 1, 1, 1]]).bool()
+    assert select_positions(real, *parse_positions("all"), torch.tensor([3])).int().tolist() == [[0, 1, 1, 1, 0, 0]]
+
+
 def test_selection_skips_padding_and_stops_at_the_prompt():
     real = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]).bool()
     assert select_positions(real, 1, 2).int().tolist() == [[1, 0, 0, 0, 1, 1], [0, 0, 1, 0, 1, 1],

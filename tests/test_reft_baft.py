@@ -12,8 +12,9 @@ from hf_kedit.evaluate.harness import EvalConfig, evaluate
 from hf_kedit.evaluate.scoring import Scorer
 from hf_kedit.kinds.basis_intervention import gate_weights
 from hf_kedit.methods import baft, basis, make_pack
-from hf_kedit.methods.baft import locality_states
+from hf_kedit.methods.basis import layer_states
 from hf_kedit.models import default_cache_dir
+from hf_kedit.sampling import sibling_names
 from test_bad_input import raises_exactly, untouched
 from test_rome import tiny
 
@@ -86,15 +87,15 @@ def test_baft_gates_open_on_the_edit_and_stay_low_on_unrelated_text(tokenizer):
     model = tiny(tokenizer)
     pack = make_pack("baft", model, tokenizer, [EDIT], {**SETTINGS["baft"], "contrast_subjects": ()}, progress=False)
     G, c = pack.tensors["e0.layers.1.gate.weight"], pack.tensors["e0.layers.1.gate.bias"]
-    prompt_state = locality_states(model, tokenizer, "model.layers.1", [EDIT.text])[-1]
-    unrelated = locality_states(model, tokenizer, "model.layers.1", list(UNRELATED))
+    prompt_state = layer_states(model, tokenizer, "model.layers.1", [EDIT.text])[-1]
+    unrelated = layer_states(model, tokenizer, "model.layers.1", list(UNRELATED))
     assert gate_weights(unrelated, G, c).mean() < 0.5 * gate_weights(prompt_state, G, c).mean()
 
 
 def test_baft_contrast_prompts_close_the_gates_on_other_subjects(tokenizer):
     model = tiny(tokenizer)
     others = ["Marie Curie", "Tokyo", "the BBC"]
-    contrast = locality_states(model, tokenizer, "model.layers.1", [EDIT.prompt.format(s) for s in others], (0, 1))
+    contrast = layer_states(model, tokenizer, "model.layers.1", [EDIT.prompt.format(s) for s in others], (0, 1))
     mean_gate = {}
     for subjects in ((), tuple(others)):
         pack = make_pack("baft", model, tokenizer, [EDIT], {**SETTINGS["baft"], "contrast_subjects": subjects},
@@ -102,6 +103,85 @@ def test_baft_contrast_prompts_close_the_gates_on_other_subjects(tokenizer):
         G, c = pack.tensors["e0.layers.1.gate.weight"], pack.tensors["e0.layers.1.gate.bias"]
         mean_gate[subjects] = gate_weights(contrast, G, c).mean()
     assert contrast.shape[0] == 3 and mean_gate[tuple(others)] < 0.8 * mean_gate[()]
+
+
+def test_an_edit_acts_at_its_subjects_last_token_when_the_positions_cover_it(tokenizer):
+    ids = tokenizer(EDIT.text).input_ids
+    subject_end = len(tokenizer("The mother tongue of Danielle Darrieux").input_ids) - 1
+    every = torch.ones(1, len(ids), dtype=torch.bool)
+    acting = basis.acting_positions(tokenizer, EDIT, every)
+    assert acting.nonzero().flatten().tolist() == [subject_end] and subject_end < len(ids) - 1
+    last = torch.zeros_like(every)
+    last[0, -1] = True
+    assert basis.acting_positions(tokenizer, EDIT, last).tolist() == [True]
+
+
+def test_baft_with_every_position_opens_its_gate_at_the_subject_only(tokenizer):
+    model = tiny(tokenizer)
+    settings = {**SETTINGS["baft"], "positions": "all", "steps": 60}
+    pack = make_pack("baft", model, tokenizer, [EDIT], settings, progress=False)
+    G, c = pack.tensors["e0.layers.1.gate.weight"], pack.tensors["e0.layers.1.gate.bias"]
+    gates = gate_weights(layer_states(model, tokenizer, "model.layers.1", [EDIT.text]), G, c).mean(-1)
+    subject_end = len(tokenizer("The mother tongue of Danielle Darrieux").input_ids) - 1
+    others = torch.cat([gates[:subject_end], gates[subject_end + 1:]])
+    assert gates[subject_end] > 0.9 > 0.2 > others.max()
+
+
+def test_worst_gate_shuts_the_most_open_unrelated_token(tokenizer):
+    model = tiny(tokenizer)
+    unrelated = layer_states(model, tokenizer, "model.layers.1", list(UNRELATED))
+    most_open = {}
+    for worst in (False, True):
+        settings = {**SETTINGS["baft"], "positions": "all", "steps": 0, "gate_steps": 100, "gate_margin": 1e-9,
+                    "worst_gate": worst}
+        pack = make_pack("baft", model, tokenizer, [EDIT], settings, progress=False)
+        G, c = pack.tensors["e0.layers.1.gate.weight"], pack.tensors["e0.layers.1.gate.bias"]
+        most_open[worst] = gate_weights(unrelated, G, c).max()
+    assert most_open[True] < most_open[False] - 0.02
+
+
+def test_sibling_names_are_the_first_names_written_never_the_subject(tokenizer, monkeypatch):
+    model = tiny(tokenizer)
+    written = [" Argentina, Chile", " Brazil and Peru", " Chile is big", " Portugal (country)", " the Brazilian"]
+
+    def generate(ids, **kwargs):
+        rows = [tokenizer(t, add_special_tokens=False).input_ids for t in written[:len(ids)]]
+        width = max(map(len, rows))
+        tail = torch.tensor([r + [tokenizer.eos_token_id] * (width - len(r)) for r in rows])
+        return torch.cat([ids, tail], 1)
+    monkeypatch.setattr(model, "generate", generate)
+    assert sibling_names(model, tokenizer, "Brazil", 5) == ["Argentina", "Chile", "Portugal"]
+
+
+def test_baft_fits_its_gate_without_a_forward_per_step(tokenizer):
+    model, forwards = tiny(tokenizer), []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    settings = {**SETTINGS["baft"], "steps": 0, "gate_steps": 300, "contrast_subjects": (),
+                "locality_texts": UNRELATED[1:]}  # the first has the edit's last word: on a random model, the same state
+    pack = make_pack("baft", model, tokenizer, [EDIT], settings, progress=False)
+    assert len(forwards) == 2  # the states of the unrelated texts and of the edit prompt
+    G, c = pack.tensors["e0.layers.1.gate.weight"], pack.tensors["e0.layers.1.gate.bias"]
+    edit_gate = gate_weights(layer_states(model, tokenizer, "model.layers.1", [EDIT.text])[-1], G, c)
+    unrelated = gate_weights(layer_states(model, tokenizer, "model.layers.1", list(UNRELATED[1:])), G, c)
+    assert edit_gate.min() > 0.9 and unrelated.mean() < 0.05 and unrelated.max() < 0.15
+
+
+@pytest.mark.parametrize("margin, settles", [(0.5, True), (1e-9, False)])
+def test_the_gate_fit_stops_once_every_gate_is_within_the_margin(tokenizer, monkeypatch, margin, settles):
+    calls = []
+
+    def counting(*args):
+        make = args[6]
+
+        def counted_for(layer):
+            loss = make(layer)
+            return lambda *a: (calls.append(1), loss(*a))[1]
+        return basis.train_interventions(*args[:6], counted_for, *args[7:])
+    monkeypatch.setattr(baft, "train_interventions", counting)
+    settings = {**SETTINGS["baft"], "steps": 0, "gate_steps": 300, "gate_margin": margin, "contrast_subjects": (),
+                "locality_texts": UNRELATED[1:]}  # the first has the edit's last word: on a random model, the same state
+    make_pack("baft", tiny(tokenizer), tokenizer, [EDIT], settings, progress=False)
+    assert (len(calls) < 300) if settles else len(calls) == 300
 
 
 def test_baft_samples_its_own_unrelated_text_when_given_none(tokenizer, monkeypatch):
@@ -177,7 +257,7 @@ def nothing_expensive(monkeypatch):
         raise AssertionError("expensive work started before the request was checked")
     monkeypatch.setattr(basis, "teacher_forced", started)
     monkeypatch.setattr(baft, "sample_texts", started)
-    monkeypatch.setattr(baft, "locality_states", started)
+    monkeypatch.setattr(baft, "layer_states", started)
 
 
 def edit(**fields) -> Edit:
@@ -199,7 +279,10 @@ BAD = [  # (id, method, requests, settings, regex)
     ("no-locality-samples", "baft", [EDIT], {"locality_samples": 0}, r"locality_samples=0"),
     ("contrast-one-string", "baft", [EDIT], {"contrast_subjects": "Tokyo"}, r"contrast_subjects='Tokyo': give a list"),
     ("contrast-blank", "baft", [EDIT], {"contrast_subjects": ["Tokyo", " "]}, r"contrast_subjects=\['Tokyo', ' '\]"),
-    ("unknown-setting", "reft", [EDIT], {"locality_weight": 1.0}, r"reft has no setting \['locality_weight'\]"),
+    ("siblings-negative", "baft", [EDIT], {"sibling_contrasts": -1}, r"sibling_contrasts=-1: give a number"),
+    ("gate-steps-negative", "baft", [EDIT], {"gate_steps": -1}, r"gate_steps=-1: give a number of steps"),
+    ("margin-one-half", "baft", [EDIT], {"gate_margin": 0.7}, r"gate_margin=0.7: give a number in \(0, 0.5\]"),
+    ("unknown-setting", "reft", [EDIT], {"gate_steps": 10}, r"reft has no setting \['gate_steps'\]"),
 ]
 
 

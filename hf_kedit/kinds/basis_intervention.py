@@ -16,7 +16,8 @@ no pack left the hooks are gone, so removal is bit-exact.
 
 Positions follow pyreft: "f{n}+l{m}" (or "f{n}", "l{m}") is the first n and
 the last m *prompt* tokens of each row (padding skipped; a position in both
-sets is intervened once). What the prompt is:
+sets is intervened once); "all" is every prompt token, for BaFT edits whose
+gates open at their subject's token and nowhere else. What the prompt is:
 - a forward call over an empty KV cache is the prompt, all its real tokens;
   a call that continues a cache (generation's one-token steps) is not
   intervened, as pyreft's `intervene_on_prompt=True`. Cached generation thus
@@ -43,6 +44,7 @@ PEFT_TYPES = {"LOREFT": "none", "BAFT": "sigmoid_rms"}  # peft_type -> the gate 
 RMS_EPS = 1e-6
 COMPONENTS = ("block_output",)
 POSITIONS = re.compile(r"^(?:f(\d+)(?:\+l(\d+))?|l(\d+))$")
+EVERY_PROMPT_TOKEN = (0, 1 << 30)  # "all": more last tokens than any prompt has
 PARTS = ("rotation", "source.weight", "source.bias")
 GATE_PARTS = ("gate.weight", "gate.bias")
 # |R Rᵀ − I| allowed per entry: R is saved in float32 by the methods; a half-precision copy rounds more.
@@ -50,16 +52,19 @@ ORTHONORMAL_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16
 
 
 def parse_positions(spec, error: type[Exception] = PackFormatError) -> tuple[int, int]:
-    """(first n, last m) from pyreft's "f{n}+l{m}", "f{n}" or "l{m}"; `error` otherwise.
+    """(first n, last m) from pyreft's "f{n}+l{m}", "f{n}" or "l{m}", or "all" (every
+    prompt token: for gated interventions, whose gates pick the tokens); `error` otherwise.
 
     Example:
         >>> parse_positions("f1+l2")
         (1, 2)
     """
+    if spec == "all":
+        return EVERY_PROMPT_TOKEN
     match = POSITIONS.match(spec) if isinstance(spec, str) else None
     if match is None:
         raise error(f"positions={spec!r} does not parse: write \"f{{n}}+l{{m}}\" (the first n and last m prompt "
-                    "tokens), \"f{n}\" or \"l{m}\", e.g. \"l1\" or \"f1+l1\"")
+                    "tokens), \"f{n}\" or \"l{m}\", e.g. \"l1\" or \"f1+l1\", or \"all\" (every prompt token)")
     first, last = int(match.group(1) or 0), int(match.group(2) or match.group(3) or 0)
     if first + last == 0:
         raise error(f"positions={spec!r} selects no token: n + m must be at least 1")

@@ -5,8 +5,8 @@ target tokens' teacher-forced cross-entropy given the prompt, with the model
 frozen; it acts at the prompt positions of the config, as at inference. R is
 kept orthonormal by `torch.nn.utils.parametrizations.orthogonal`, as pyreft
 does. W starts equal to R and b at 0, so Φ starts as the identity and the
-edit grows from the unedited model (pyreft starts W at random). BaFT adds a
-regulariser on its gates (`baft.py`).
+edit grows from the unedited model (pyreft starts W at random). BaFT's gates
+are fitted first, on their own loss (`baft.py`).
 """
 from __future__ import annotations
 
@@ -23,9 +23,11 @@ from tqdm.auto import tqdm
 from ..anatomy import anatomy_of, hidden_states
 from ..errors import EditRequestError
 from ..kinds.basis_intervention import BasisInterventionConfig, gate_weights, intervention_delta, parse_positions
+from ..batching import pad_id, padded
 from ..kinds.prompt_calls import hidden_size, prompt_lengths, select_positions
 from ..pack import Edit, EditPack
 from . import basis_intervention_pack, check_requests
+from .locate import subject_last_index
 from .rome import resolve_layer
 
 
@@ -79,16 +81,27 @@ class Intervention(nn.Module):
         return {k: v.detach().clone() for k, v in parts.items()}
 
 
-Regulariser = Callable[[Edit, Intervention, torch.Tensor], torch.Tensor]
+GateLoss = Callable[[Edit, Intervention, torch.Tensor, torch.Tensor], tuple[torch.Tensor, bool]]
 
 
 def train_interventions(model, tokenizer, requests: list[Edit], config: InterventionConfig, method: str,
-                        peft_type: str, regulariser_for: Callable[[int], Regulariser] | None = None,
+                        peft_type: str, gate_loss_for: Callable[[int], GateLoss] | None = None, gate_steps: int = 0,
                         progress: bool = True) -> EditPack:
     """One intervention per request at `config.layer`; a `basis_intervention` pack.
-    `regulariser_for(layer)` (called after every setting is checked) gives a term
-    added to the loss from the edit, its intervention and its gates at the edit
-    prompt's intervened positions [P, r]."""
+
+    With `gate_loss_for(layer)` (called after every setting is checked) the
+    interventions are gated, and each gate is fitted first, for up to
+    `gate_steps` steps, on its own loss: a function of the edit, its
+    intervention and its gates at the edit prompt's intervened positions [P, r]
+    split in two (where the edit acts, and the rest) that returns the loss and
+    whether its goal is reached. The gate reads the layer's unedited output,
+    which nothing trained here changes, so fitting it needs no forward pass per
+    step. Then R, W and b are trained through the frozen gate on the target's
+    cross-entropy until it is below `stop_loss`, as for ReFT.
+
+    The edit acts at the subject's last token when the positions include it
+    (the token whose state names the subject, as in ROME), else at every
+    intervened position."""
     # Interventions read the prompt as a whole: no subject slot needed.
     check_requests(requests, subject_slot=False)
     anatomy = anatomy_of(model)
@@ -98,34 +111,80 @@ def train_interventions(model, tokenizer, requests: list[Edit], config: Interven
                                "orthonormal directions R can hold")
     positions = parse_positions(config.positions, EditRequestError)
     layer = resolve_layer(config.layer, anatomy.num_layers, model, tokenizer, requests)
-    regulariser = regulariser_for(layer) if regulariser_for else None
+    gate_loss = gate_loss_for(layer) if gate_loss_for else None
     layer_module = model.get_submodule(anatomy.layer(layer))
     device = next(model.parameters()).device
     parts = {}
     with frozen(model):
         for edit in tqdm(requests, desc=f"{method} edits", disable=not progress):
             torch.manual_seed(config.seed)
-            intervention = Intervention(hidden, config.rank, regulariser is not None).to(device)
+            intervention = Intervention(hidden, config.rank, gate_loss is not None).to(device)
             ids, labels, prompt = teacher_forced(tokenizer, edit, device)
             where = select_positions(torch.ones_like(ids, dtype=torch.bool), *positions, torch.tensor([prompt]))
-            optimizer = torch.optim.Adam(intervention.parameters(), lr=config.lr)
-            with applied(layer_module, intervention, where) as gates, prompt_lengths(model, [prompt]):
+            if gate_loss is not None:
+                states = layer_states(model, tokenizer, anatomy.layer(layer), [edit.text], positions)
+                fit_gate(intervention, gate_loss, edit, states, acting_positions(tokenizer, edit, where), gate_steps,
+                         config.lr)
+            optimizer = torch.optim.Adam([p for p in intervention.parameters() if p.requires_grad], lr=config.lr)
+            with applied(layer_module, intervention, where), prompt_lengths(model, [prompt]):
                 for _ in range(config.steps):
                     logits = model(input_ids=ids).logits.float()
                     loss = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
-                    edit_gates = gates.pop()
-                    if regulariser is not None:
-                        loss = loss + regulariser(edit, intervention, edit_gates)
-                    if loss.item() < config.stop_loss:  # the whole loss: the gates must be trained too
+                    if loss.item() < config.stop_loss:
                         break
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
             parts[edit.id] = {layer: intervention.tensors()}
-    kind_config = BasisInterventionConfig(peft_type=peft_type, gate="sigmoid_rms" if regulariser else "none",
+    kind_config = BasisInterventionConfig(peft_type=peft_type, gate="sigmoid_rms" if gate_loss else "none",
                                           r=config.rank, layers=[layer], positions=config.positions,
                                           hidden_size=hidden)
     return basis_intervention_pack(model, method, {**asdict(config), "layer": layer}, requests, kind_config, parts)
+
+
+def fit_gate(intervention: Intervention, gate_loss: GateLoss, edit: Edit, states: torch.Tensor,
+             acting: torch.Tensor, steps: int, lr: float) -> None:
+    """Train the intervention's gate alone on `gate_loss` from the edit prompt's
+    states at the intervened positions [P, d] (`acting` [P]: where the edit
+    acts), until the loss says its goal is reached; then freeze it."""
+    optimizer = torch.optim.Adam(intervention.gate.parameters(), lr=lr)
+    for _ in range(steps):
+        gates = intervention.gates(states)
+        loss, settled = gate_loss(edit, intervention, gates[acting], gates[~acting])
+        if settled:
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    intervention.gate.requires_grad_(False)
+
+
+def acting_positions(tokenizer, edit: Edit, where: torch.Tensor) -> torch.Tensor:
+    """[P] bool over the intervened positions `where` [1, T]: where the edit should act."""
+    if edit.subject and edit.subject in edit.text:
+        subject = subject_last_index(tokenizer, edit.text, edit.subject)
+        if where[0, subject]:
+            return (torch.arange(where.shape[1], device=where.device) == subject)[where[0]]
+    return torch.ones(int(where.sum()), dtype=torch.bool, device=where.device)
+
+
+@torch.no_grad()
+def layer_states(model, tokenizer, layer: str, texts: list[str],
+                 positions: tuple[int, int] | None = None) -> torch.Tensor:
+    """[N, d] float32: the output of the decoder layer named `layer` at every real
+    token of `texts` (or at the (first n, last m) `positions`), before any
+    attached intervention."""
+    rows = [ids for ids in (tokenizer(t).input_ids for t in texts) if ids]
+    ids, mask = padded(rows, pad_id(tokenizer), next(model.parameters()).device)
+    captured = []
+    handle = model.get_submodule(layer).register_forward_hook(
+        lambda m, args, out: captured.append(hidden_states(out)), prepend=True)
+    try:
+        model(input_ids=ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    where = mask.bool() if positions is None else select_positions(mask.bool(), *positions)
+    return captured[0][where].float()
 
 
 @contextmanager
@@ -144,24 +203,22 @@ def frozen(model):
 @contextmanager
 def applied(layer_module: nn.Module, intervention: Intervention, where: torch.Tensor):
     """Add the intervention's update to the layer's output at `where` [1, T] for the
-    block; yields a list that receives, per forward, the gates at `where` [P, r].
-    The update is computed from the output *before* attached packs' interventions
-    (read by a hook that runs first), because that is the sum the stack computes
-    at inference: sequential edits train on what they will see."""
-    seen, gates = [], []
+    block. The update is computed from the output *before* attached packs'
+    interventions (read by a hook that runs first), because that is the sum the
+    stack computes at inference: sequential edits train on what they will see."""
+    seen = []
 
     def read(module, args, out):
         seen.append(hidden_states(out))
 
     def add(module, args, out):
         h, current = seen.pop().float(), hidden_states(out)
-        gates.append(intervention.gates(h[where]))
         edited = torch.where(where[..., None], (current.float() + intervention.delta(h)).to(current.dtype), current)
         return (edited, *out[1:]) if isinstance(out, (tuple, list)) else edited
 
     handles = [layer_module.register_forward_hook(read, prepend=True), layer_module.register_forward_hook(add)]
     try:
-        yield gates
+        yield
     finally:
         for handle in handles:
             handle.remove()

@@ -4,7 +4,6 @@ closed form. It reads the model and never leaves it changed."""
 from __future__ import annotations
 
 import copy
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -14,10 +13,7 @@ from torch.nn import functional as F
 from ..anatomy import hidden_states
 from ..batching import pad_id, padded
 from ..pack import Edit
-from ..sampling import sample_texts, seeded
-
-_TEMPLATE_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
+from ..sampling import per_model, sample_texts, seeded
 
 @dataclass
 class ValueConfig:
@@ -45,17 +41,14 @@ def subject_last_index(tokenizer, text: str, subject: str) -> int:
 def context_templates(model, tokenizer, counts=((5, 5), (5, 10))) -> list[str]:
     """["{}"] plus short texts the model writes itself ("<text>. {}"), as ROME
     uses to make an edit hold in context; cached per model."""
-    cached = _TEMPLATE_CACHE.get(model, {})
-    key = tuple(counts)
-    if key not in cached:
+    def sample():
         templates = ["{}"]
         with seeded(0):
             for n, length in counts:
                 for text in sample_texts(model, tokenizer, n, length, top_k=5):
                     templates.append(text.replace("{", " ").replace("}", " ").strip() + ". {}")
-        cached[key] = templates
-        _TEMPLATE_CACHE[model] = cached
-    return cached[key]
+        return templates
+    return per_model(model, ("context_templates", tuple(counts)), sample)
 
 
 @contextmanager
