@@ -41,9 +41,9 @@ def delta_matrix(pack, module):
 
 
 def random_basis_pack(model, layers=(1,), n_edits=1, rank=2, seed=0, prefix="e", positions="l1", gated=False,
-                      scale=1.0, subject="S{}"):
+                      scale=1.0, subject="S{}", gate_floor=0.0):
     """A basis_intervention pack of `n_edits` edits, each a rank-`rank` intervention (random
-    orthonormal R, random W, b and, `gated`, gate G, c) at every layer in `layers`."""
+    orthonormal R, random W, b and, `gated`, gate G, c with `gate_floor`) at every layer in `layers`."""
     from hf_kedit.kinds.basis_intervention import BasisInterventionConfig
     from hf_kedit.kinds.prompt_calls import hidden_size
     from hf_kedit.methods import basis_intervention_pack
@@ -63,7 +63,8 @@ def random_basis_pack(model, layers=(1,), n_edits=1, rank=2, seed=0, prefix="e",
                 parts[eid][layer].update({"gate.weight": torch.randn(rank, d, generator=g),
                                           "gate.bias": torch.randn(rank, generator=g)})
     config = BasisInterventionConfig(peft_type="BAFT" if gated else "LOREFT", gate="sigmoid_rms" if gated else "none",
-                                     r=rank, layers=list(layers), positions=positions, hidden_size=d)
+                                     r=rank, layers=list(layers), positions=positions, hidden_size=d,
+                                     gate_floor=gate_floor)
     return basis_intervention_pack(model, "random", {"seed": seed}, edits, config, parts)
 
 

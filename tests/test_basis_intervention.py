@@ -45,19 +45,20 @@ def by_hand(arch, *packs, prompt=None):
                 t = {part: pack.tensors[f"{e.id}.layers.{layer}.{part}"] for part in
                      ("rotation", "source.weight", "source.bias", "gate.weight", "gate.bias")
                      if f"{e.id}.layers.{layer}.{part}" in pack.tensors}
-                terms.setdefault(layer, []).append((first, last, t))
+                terms.setdefault(layer, []).append((first, last, config.get("gate_floor", 0.0), t))
 
     def hook(layer):
         def apply(module, args, out):
             h = hidden_states(out)
             length = h.shape[1] if prompt is None else prompt
             new = h.clone()
-            for first, last, t in terms[layer]:
+            for first, last, floor, t in terms[layer]:
                 pos = sorted(set(range(min(first, length))) | set(range(max(length - last, 0), length)))
                 x = h[:, pos]
                 R, W, b = t["rotation"], t["source.weight"], t["source.bias"]
                 x_hat = x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
                 w = torch.sigmoid(x_hat @ t["gate.weight"].T + t["gate.bias"]) if "gate.weight" in t else 1.0
+                w = w * (w >= floor) if floor else w
                 new[:, pos] += (w * (x @ W.T + b - x @ R.T)) @ R
             return (new, *out[1:]) if isinstance(out, tuple) else new
         return apply
@@ -85,8 +86,14 @@ def test_phi_with_unit_gate_is_loreft_and_the_gate_weighs_each_basis():
     gated = torch.tensor([True, False, True])
     h_hat = h / h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
     w = torch.where(gated, torch.sigmoid(h_hat @ G.T + c), torch.ones(r))
-    close(intervention_delta(h, R, W, b, (G, c, gated)),
+    close(intervention_delta(h, R, W, b, (G, c, gated, torch.zeros(r))),
           sum(w[:, k:k + 1] * ((h @ W[k] + b[k] - h @ R[k])[:, None] * R[k]) for k in range(r)))
+    # a floor zeroes the gated weights below it, and only those
+    floor = torch.full((r,), 0.5)
+    floored = torch.where(gated & (w < 0.5), torch.zeros_like(w), w)
+    assert 0 < int((gated & (w < 0.5)).sum()) < int(gated.sum()) * len(h)  # some, not all, gates are cut
+    close(intervention_delta(h, R, W, b, (G, c, gated, floor)),
+          sum(floored[:, k:k + 1] * ((h @ W[k] + b[k] - h @ R[k])[:, None] * R[k]) for k in range(r)))
 
 
 @pytest.mark.parametrize("spec, expected", [("f1+l1", (1, 1)), ("l3", (0, 3)), ("f2", (2, 0)), ("f0+l2", (0, 2))])
@@ -136,7 +143,8 @@ def test_two_stacked_packs_leave_no_trace_in_either_order(arch, first):
     model = tiny_model(arch)
     base = logits(model)
     a = random_basis_pack(model, layers=(0, 1), seed=1, prefix="a", positions="l1")
-    b = random_basis_pack(model, layers=(1, 2), seed=2, prefix="b", positions="f1+l2", gated=True, subject="B{}")
+    b = random_basis_pack(model, layers=(1, 2), seed=2, prefix="b", positions="f1+l2", gated=True, subject="B{}",
+                          gate_floor=0.5)  # one hook, rows with and without a floor
     load_edits(model, a, name="a")
     load_edits(model, b, name="b")
     assert sum(len(m._forward_hooks) for m in model.get_submodule(anatomy_of(model).layers)) == 3  # one per layer
@@ -145,6 +153,19 @@ def test_two_stacked_packs_leave_no_trace_in_either_order(arch, first):
     close(logits(model), logits(by_hand(arch, b if first == "a" else a)))
     remove_edits(model, "b" if first == "a" else "a")
     assert torch.equal(logits(model), base) and no_hooks(model)
+
+
+def test_packs_with_and_without_a_gate_floor_share_one_hook_each_with_its_own_floor():
+    model = tiny_model("llama")
+    floored = random_basis_pack(model, seed=1, prefix="a", gated=True, gate_floor=0.6)
+    plain = random_basis_pack(model, seed=2, prefix="b", gated=True, subject="B{}")
+    load_edits(model, floored, name="a")
+    with_floor = logits(model)
+    close(with_floor, logits(by_hand("llama", floored)))
+    load_edits(model, plain, name="b")
+    close(logits(model), logits(by_hand("llama", floored, plain)))
+    floored.kind_config["gate_floor"] = 0.0  # the same tensors, every gate counted
+    assert (logits(by_hand("llama", floored)) - with_floor).abs().max() > 1e-3
 
 
 def test_many_packs_on_one_layer_share_one_hook_and_removing_an_edit_leaves_the_others():
@@ -286,6 +307,10 @@ BROKEN = [  # (id, tensors change, manifest change, error, message)
     ("gate-of-loreft", None, kind_config_update(peft_type="LOREFT"), PackFormatError,
      r"peft_type 'LOREFT' with gate 'sigmoid_rms'"),
     ("unknown-field", None, kind_config_update(alpha=2), PackFormatError, r"unknown: \['alpha'\]"),
+    ("floor-one", None, kind_config_update(gate_floor=1.0), PackFormatError, r"gate_floor must be a number in \[0, 1\)"),
+    ("floor-text", None, kind_config_update(gate_floor="0.5"), PackFormatError, r"gate_floor must be a number"),
+    ("floor-of-loreft", None, kind_config_update(peft_type="LOREFT", gate="none", gate_floor=0.5), PackFormatError,
+     r"and 0 without a gate; got 0.5 with gate 'none'"),
     ("layers-without-tensors", None, kind_config_update(layers=[7]), PackFormatError, r"must own exactly"),
 ]
 

@@ -1,5 +1,6 @@
 """The reft and baft methods on tiny random models with the default model's tokenizer
 (read from the converted model's cache folder; the model itself is not loaded)."""
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,10 @@ def reading(model, tokenizer, edit=EDIT):
     return Scorer(model, tokenizer).forced([(edit.text, edit.target_new)])[0]
 
 
-SETTINGS = {"reft": {"layer": 1, "steps": 40}, "baft": {"layer": 1, "steps": 40, "locality_texts": UNRELATED}}
+# BaFT at the last prompt token, as ReFT: from the subject's token (its default) a tiny random model's
+# attention carries too little of an update to the last token for 40 steps to make the edit.
+SETTINGS = {"reft": {"layer": 1, "steps": 40},
+            "baft": {"layer": 1, "steps": 40, "locality_texts": UNRELATED, "positions": "l1"}}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -105,6 +109,21 @@ def test_baft_contrast_prompts_close_the_gates_on_other_subjects(tokenizer):
     assert contrast.shape[0] == 3 and mean_gate[tuple(others)] < 0.8 * mean_gate[()]
 
 
+def test_baft_leaves_a_prompt_whose_gates_are_below_the_floor_exactly_as_it_was(tokenizer):
+    model = tiny(tokenizer)
+    other = torch.tensor([tokenizer(EDIT.prompt.format("Tokyo")).input_ids])
+    unedited = model(input_ids=other).logits
+    for floor in (0.5, 0.0):
+        pack = make_pack("baft", model, tokenizer, [EDIT], {**SETTINGS["baft"], "contrast_subjects": ("Tokyo",),
+                                                            "gate_floor": floor}, progress=False)
+        assert pack.kind_config["gate_floor"] == floor
+        load_edits(model, pack, name="p")
+        moved = (model(input_ids=other).logits - unedited).abs().max()
+        assert reading(model, tokenizer).accuracy == 1  # the edit holds either way
+        remove_edits(model, "p")
+        assert moved == 0 if floor else moved > 0  # the gates it shut on "Tokyo" still let a little through
+
+
 def test_an_edit_acts_at_its_subjects_last_token_when_the_positions_cover_it(tokenizer):
     ids = tokenizer(EDIT.text).input_ids
     subject_end = len(tokenizer("The mother tongue of Danielle Darrieux").input_ids) - 1
@@ -163,7 +182,7 @@ def test_baft_fits_its_gate_without_a_forward_per_step(tokenizer):
     G, c = pack.tensors["e0.layers.1.gate.weight"], pack.tensors["e0.layers.1.gate.bias"]
     edit_gate = gate_weights(layer_states(model, tokenizer, "model.layers.1", [EDIT.text])[-1], G, c)
     unrelated = gate_weights(layer_states(model, tokenizer, "model.layers.1", list(UNRELATED[1:])), G, c)
-    assert edit_gate.min() > 0.9 and unrelated.mean() < 0.05 and unrelated.max() < 0.15
+    assert edit_gate.min() > 0.9 and unrelated.max() < 0.1  # within gate_margin of where they should be
 
 
 @pytest.mark.parametrize("margin, settles", [(0.5, True), (1e-9, False)])
@@ -171,12 +190,12 @@ def test_the_gate_fit_stops_once_every_gate_is_within_the_margin(tokenizer, monk
     calls = []
 
     def counting(*args):
-        make = args[6]
+        gate = args[6]
 
         def counted_for(layer):
-            loss = make(layer)
+            loss = gate.loss_for(layer)
             return lambda *a: (calls.append(1), loss(*a))[1]
-        return basis.train_interventions(*args[:6], counted_for, *args[7:])
+        return basis.train_interventions(*args[:6], dataclasses.replace(gate, loss_for=counted_for), *args[7:])
     monkeypatch.setattr(baft, "train_interventions", counting)
     settings = {**SETTINGS["baft"], "steps": 0, "gate_steps": 300, "gate_margin": margin, "contrast_subjects": (),
                 "locality_texts": UNRELATED[1:]}  # the first has the edit's last word: on a random model, the same state
@@ -282,6 +301,8 @@ BAD = [  # (id, method, requests, settings, regex)
     ("siblings-negative", "baft", [EDIT], {"sibling_contrasts": -1}, r"sibling_contrasts=-1: give a number"),
     ("gate-steps-negative", "baft", [EDIT], {"gate_steps": -1}, r"gate_steps=-1: give a number of steps"),
     ("margin-one-half", "baft", [EDIT], {"gate_margin": 0.7}, r"gate_margin=0.7: give a number in \(0, 0.5\]"),
+    ("floor-one", "baft", [EDIT], {"gate_floor": 1}, r"gate_floor=1: give a number in \[0, 1\)"),
+    ("floor-of-reft", "reft", [EDIT], {"gate_floor": 0.5}, r"reft has no setting \['gate_floor'\]"),
     ("unknown-setting", "reft", [EDIT], {"gate_steps": 10}, r"reft has no setting \['gate_steps'\]"),
 ]
 

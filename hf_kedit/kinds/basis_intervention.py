@@ -6,7 +6,8 @@ Each edit owns, per intervened layer, a rank-r intervention
 with R [r, d] of orthonormal rows, W [r, d] and b [r] (pyreft's
 `learned_source`), and a weight per basis direction w(h) ∈ [0, 1]^r:
 w ≡ 1 for LoReFT (`gate="none"`), w(h) = sigmoid(G h / RMS(h) + c) for BaFT
-(`gate="sigmoid_rms"`, G [r, d], c [r]). The paper's gate equation was not
+(`gate="sigmoid_rms"`, G [r, d], c [r]), read as 0 where it is below the
+pack's `gate_floor` (0: never). The paper's gate equation was not
 found; methods.md infers sigmoid(G h + c). Here the gate reads h divided by
 its root mean square, because the residual stream's norm varies by orders of
 magnitude (with depth, and at attention-sink tokens) and a gate on the raw h
@@ -46,6 +47,7 @@ COMPONENTS = ("block_output",)
 POSITIONS = re.compile(r"^(?:f(\d+)(?:\+l(\d+))?|l(\d+))$")
 EVERY_PROMPT_TOKEN = (0, 1 << 30)  # "all": more last tokens than any prompt has
 PARTS = ("rotation", "source.weight", "source.bias")
+FIELDS = ("R", "W", "b", "G", "c", "gated", "floor")  # the tensors of `Interventions`, in order
 GATE_PARTS = ("gate.weight", "gate.bias")
 # |R Rᵀ − I| allowed per entry: R is saved in float32 by the methods; a half-precision copy rounds more.
 ORTHONORMAL_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
@@ -72,18 +74,20 @@ def parse_positions(spec, error: type[Exception] = PackFormatError) -> tuple[int
 
 
 def intervention_delta(h: torch.Tensor, R: torch.Tensor, W: torch.Tensor, b: torch.Tensor,
-                       gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                       gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                       ) -> torch.Tensor:
     """Rᵀ[w(h) ⊙ (W h + b − R h)] for rows h [..., d]: what the interventions add.
-    `gate` = (G, c, gated): w = `gate_weights(h, G, c)` on the rows where `gated`, 1 elsewhere;
-    None: w ≡ 1 (LoReFT).
+    `gate` = (G, c, gated, floor): w = `gate_weights(h, G, c)` on the rows where `gated`,
+    0 where that is below the row's `floor`, 1 on the other rows; None: w ≡ 1 (LoReFT).
 
     Example:
         >>> phi = h + intervention_delta(h, R, W, b)          # LoReFT's Φ(h)
     """
     source = h @ W.T + b - h @ R.T
     if gate is not None:
-        G, c, gated = gate
-        source = source * torch.where(gated, gate_weights(h, G, c), torch.ones_like(c))
+        G, c, gated, floor = gate
+        w = gate_weights(h, G, c)
+        source = source * torch.where(gated, torch.where(w >= floor, w, torch.zeros_like(w)), torch.ones_like(c))
     return source @ R
 
 
@@ -109,7 +113,9 @@ class BasisInterventionConfig:
     `peft_type` "LOREFT" (gate "none") or "BAFT" (gate "sigmoid_rms"); `r`: the
     rank of each edit's intervention; `layers`: decoder layer indices;
     `positions`: pyreft's "f{n}+l{m}"; `component`: where on the layer
-    ("block_output", the residual stream after the layer); `hidden_size`: d.
+    ("block_output", the residual stream after the layer); `hidden_size`: d;
+    `gate_floor`: gates below it act as 0, so that an edit acts where its gate
+    is open and not a little everywhere else (0 for LOREFT).
 
     Example:
         >>> BasisInterventionConfig(peft_type="BAFT", gate="sigmoid_rms", r=4, layers=[12], hidden_size=576).to_dict()
@@ -125,6 +131,7 @@ class BasisInterventionConfig:
     gate: str = "none"
     component: str = "block_output"
     hidden_size: int = 0
+    gate_floor: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,6 +162,10 @@ class BasisInterventionConfig:
                 or not all(type(i) is int and i >= 0 for i in self.layers):
             raise PackFormatError(f"basis_intervention pack: layers must be distinct layer indices, "
                                   f"got {self.layers!r}")
+        floor = self.gate_floor
+        if type(floor) not in (int, float) or not 0 <= floor < 1 or (floor and self.gate == "none"):
+            raise PackFormatError(f"basis_intervention pack: gate_floor must be a number in [0, 1), and 0 without a "
+                                  f"gate; got {floor!r} with gate {self.gate!r}")
         parse_positions(self.positions)
         return self
 
@@ -275,8 +286,8 @@ class BasisIntervention:
 @dataclass
 class Interventions:
     """Interventions on one layer at one positions setting, rows concatenated
-    over edits (and packs): R, W [k, d], b [k]; G [k, d], c [k] and `gated` [k]
-    (False rows: w ≡ 1)."""
+    over edits (and packs): R, W [k, d], b [k]; G [k, d], c [k], `gated` [k]
+    (False rows: w ≡ 1) and `floor` [k] (the pack's gate_floor)."""
 
     layer: int
     positions: tuple[int, int]
@@ -286,6 +297,7 @@ class Interventions:
     G: torch.Tensor
     c: torch.Tensor
     gated: torch.Tensor
+    floor: torch.Tensor
 
 
 def interventions_of(pack) -> list[Interventions]:
@@ -298,7 +310,8 @@ def interventions_of(pack) -> list[Interventions]:
         R, W, b = (stacked(p) for p in PARTS)
         gated = config.gate == "sigmoid_rms"
         G, c = (stacked(p) for p in GATE_PARTS) if gated else (torch.zeros_like(W), torch.zeros_like(b))
-        out.append(Interventions(layer, positions, R, W, b, G, c, torch.full_like(b, gated, dtype=torch.bool)))
+        out.append(Interventions(layer, positions, R, W, b, G, c, torch.full_like(b, gated, dtype=torch.bool),
+                                 torch.full_like(b, config.gate_floor)))
     return out
 
 
@@ -308,7 +321,7 @@ def fuse(interventions: list[Interventions]) -> list[Interventions]:
     for i in interventions:
         groups.setdefault(i.positions, []).append(i)
     return [Interventions(parts[0].layer, positions, *(torch.cat([getattr(i, f) for i in parts])
-                                                       for f in ("R", "W", "b", "G", "c", "gated")))
+                                                       for f in FIELDS))
             for positions, parts in groups.items()]
 
 
@@ -334,10 +347,10 @@ class FusedIntervention:
                              f"shape {list(call.real.shape)}: basis interventions cannot tell the positions apart")
         if h.device not in self.cast:
             self.cast[h.device] = [Interventions(g.layer, g.positions, *(getattr(g, f).to(h.device) for f in
-                                                 ("R", "W", "b", "G", "c", "gated"))) for g in self.groups]
+                                                 FIELDS)) for g in self.groups]
         source, edited = h.float(), h
         for g in self.cast[h.device]:
             where = call.selection(g.positions, h.device)
-            delta = intervention_delta(source, g.R, g.W, g.b, (g.G, g.c, g.gated) if g.gated.any() else None)
+            delta = intervention_delta(source, g.R, g.W, g.b, (g.G, g.c, g.gated, g.floor) if g.gated.any() else None)
             edited = torch.where(where[..., None], (edited.float() + delta).to(h.dtype), edited)
         return (edited, *output[1:]) if isinstance(output, (tuple, list)) else edited

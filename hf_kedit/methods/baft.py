@@ -45,7 +45,7 @@ from ..errors import EditRequestError
 from ..pack import Edit, EditPack
 from ..sampling import per_model, sample_texts, seeded, sibling_names
 from ..kinds.basis_intervention import parse_positions
-from .basis import Intervention, InterventionConfig, layer_states, train_interventions
+from .basis import GateFit, Intervention, InterventionConfig, layer_states, train_interventions
 
 CONTRAST_SUBJECTS = ("Barack Obama", "Marie Curie", "Pablo Picasso", "William Shakespeare", "Serena Williams",
                      "Toyota", "Microsoft", "the BBC", "Tokyo", "Brazil", "the Nile", "Mount Everest", "the Louvre",
@@ -64,14 +64,17 @@ class BaFTConfig(InterventionConfig):
     the model writes next to the edit's subject (`sampling.sibling_names`: for
     "Brazil", Argentina, Portugal, ...). `worst_gate` adds the most open of the
     gates that should shut to the loss (for `positions="all"`, where one open
-    token is enough to change the answer)."""
+    token is enough to change the answer). At inference, and while R, W and b
+    train, gates below `gate_floor` act as 0."""
 
+    positions: str = "all"
     gate_steps: int = 500
     balance_weight: float = 0.1
     contrast_subjects: tuple[str, ...] = CONTRAST_SUBJECTS
     sibling_contrasts: int = 0
-    worst_gate: bool = False
+    worst_gate: bool = True
     gate_margin: float = 0.1
+    gate_floor: float = 0.5
     locality_texts: tuple[str, ...] | None = None
     locality_samples: int = 16
     locality_tokens: int = 32
@@ -98,6 +101,9 @@ def baft_edit(model, tokenizer, requests: list[Edit], config: BaFTConfig | None 
     if not isinstance(config.gate_margin, (int, float)) or not 0 < config.gate_margin <= 0.5:
         raise EditRequestError(f"gate_margin={config.gate_margin!r}: give a number in (0, 0.5], how far from 0 and "
                                "1 the gates may stay when training stops")
+    if not isinstance(config.gate_floor, (int, float)) or not 0 <= config.gate_floor < 1:
+        raise EditRequestError(f"gate_floor={config.gate_floor!r}: give a number in [0, 1), the gate below which "
+                               "an edit does not act (0: it acts wherever its gate is above 0)")
 
     def gate_loss_for(layer: int):
         name = anatomy_of(model).layer(layer)
@@ -132,8 +138,8 @@ def baft_edit(model, tokenizer, requests: list[Edit], config: BaFTConfig | None 
             return locality + opening + config.balance_weight * balance, settled
         return gate_loss
 
-    return train_interventions(model, tokenizer, requests, config, "baft", "BAFT", gate_loss_for, config.gate_steps,
-                               progress)
+    return train_interventions(model, tokenizer, requests, config, "baft", "BAFT",
+                               GateFit(gate_loss_for, config.gate_steps, config.gate_floor), progress)
 
 
 def _locality_texts(model, tokenizer, config: BaFTConfig) -> list[str]:

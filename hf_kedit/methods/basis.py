@@ -50,10 +50,11 @@ class InterventionConfig:
 
 class Intervention(nn.Module):
     """One edit's trainable intervention: `rotation` (R [r, d], orthonormal rows),
-    `source` (W, b) and, gated, `gate` (G, c)."""
+    `source` (W, b) and, gated, `gate` (G, c), which acts as 0 below `floor`."""
 
-    def __init__(self, hidden: int, rank: int, gated: bool):
+    def __init__(self, hidden: int, rank: int, gated: bool, floor: float = 0.0):
         super().__init__()
+        self.floor = floor
         self.rotation = orthogonal(nn.Linear(hidden, rank, bias=False))
         self.source = nn.Linear(hidden, rank)
         self.gate = nn.Linear(hidden, rank) if gated else None
@@ -62,14 +63,15 @@ class Intervention(nn.Module):
             self.source.bias.zero_()
 
     def gates(self, h: torch.Tensor) -> torch.Tensor:
-        """w(h) [..., r]; ones without a gate."""
+        """w(h) [..., r] before the floor (what the gate is fitted on); ones without a gate."""
         if self.gate is None:
             return h.new_ones(*h.shape[:-1], self.source.out_features)
         return gate_weights(h, self.gate.weight, self.gate.bias)
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
         gate = None if self.gate is None else (
-            self.gate.weight, self.gate.bias, torch.ones_like(self.gate.bias, dtype=torch.bool))
+            self.gate.weight, self.gate.bias, torch.ones_like(self.gate.bias, dtype=torch.bool),
+            torch.full_like(self.gate.bias, self.floor))
         return intervention_delta(h, self.rotation.weight, self.source.weight, self.source.bias, gate)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -84,20 +86,29 @@ class Intervention(nn.Module):
 GateLoss = Callable[[Edit, Intervention, torch.Tensor, torch.Tensor], tuple[torch.Tensor, bool]]
 
 
-def train_interventions(model, tokenizer, requests: list[Edit], config: InterventionConfig, method: str,
-                        peft_type: str, gate_loss_for: Callable[[int], GateLoss] | None = None, gate_steps: int = 0,
-                        progress: bool = True) -> EditPack:
-    """One intervention per request at `config.layer`; a `basis_intervention` pack.
-
-    With `gate_loss_for(layer)` (called after every setting is checked) the
-    interventions are gated, and each gate is fitted first, for up to
-    `gate_steps` steps, on its own loss: a function of the edit, its
+@dataclass
+class GateFit:
+    """How gated interventions fit their gates: `loss_for(layer)` (called after every
+    setting is checked) gives the `GateLoss`, a function of the edit, its
     intervention and its gates at the edit prompt's intervened positions [P, r]
     split in two (where the edit acts, and the rest) that returns the loss and
-    whether its goal is reached. The gate reads the layer's unedited output,
-    which nothing trained here changes, so fitting it needs no forward pass per
-    step. Then R, W and b are trained through the frozen gate on the target's
-    cross-entropy until it is below `stop_loss`, as for ReFT.
+    whether its goal is reached; at most `steps` steps; gates below `floor` act as 0."""
+
+    loss_for: Callable[[int], GateLoss]
+    steps: int
+    floor: float
+
+
+def train_interventions(model, tokenizer, requests: list[Edit], config: InterventionConfig, method: str,
+                        peft_type: str, gate: GateFit | None = None, progress: bool = True) -> EditPack:
+    """One intervention per request at `config.layer`; a `basis_intervention` pack.
+
+    With `gate` the interventions are gated, and each gate is fitted first on
+    its own loss. The gate reads the layer's unedited output, which nothing
+    trained here changes, so fitting it needs no forward pass per step. Then R,
+    W and b are trained through the frozen gate (its floor applied, as at
+    inference) on the target's cross-entropy until it is below `stop_loss`, as
+    for ReFT.
 
     The edit acts at the subject's last token when the positions include it
     (the token whose state names the subject, as in ROME), else at every
@@ -111,19 +122,19 @@ def train_interventions(model, tokenizer, requests: list[Edit], config: Interven
                                "orthonormal directions R can hold")
     positions = parse_positions(config.positions, EditRequestError)
     layer = resolve_layer(config.layer, anatomy.num_layers, model, tokenizer, requests)
-    gate_loss = gate_loss_for(layer) if gate_loss_for else None
+    gate_loss = gate.loss_for(layer) if gate else None
     layer_module = model.get_submodule(anatomy.layer(layer))
     device = next(model.parameters()).device
     parts = {}
     with frozen(model):
         for edit in tqdm(requests, desc=f"{method} edits", disable=not progress):
             torch.manual_seed(config.seed)
-            intervention = Intervention(hidden, config.rank, gate_loss is not None).to(device)
+            intervention = Intervention(hidden, config.rank, gate is not None, gate.floor if gate else 0.0).to(device)
             ids, labels, prompt = teacher_forced(tokenizer, edit, device)
             where = select_positions(torch.ones_like(ids, dtype=torch.bool), *positions, torch.tensor([prompt]))
             if gate_loss is not None:
                 states = layer_states(model, tokenizer, anatomy.layer(layer), [edit.text], positions)
-                fit_gate(intervention, gate_loss, edit, states, acting_positions(tokenizer, edit, where), gate_steps,
+                fit_gate(intervention, gate_loss, edit, states, acting_positions(tokenizer, edit, where), gate.steps,
                          config.lr)
             optimizer = torch.optim.Adam([p for p in intervention.parameters() if p.requires_grad], lr=config.lr)
             with applied(layer_module, intervention, where), prompt_lengths(model, [prompt]):
@@ -136,9 +147,9 @@ def train_interventions(model, tokenizer, requests: list[Edit], config: Interven
                     loss.backward()
                     optimizer.step()
             parts[edit.id] = {layer: intervention.tensors()}
-    kind_config = BasisInterventionConfig(peft_type=peft_type, gate="sigmoid_rms" if gate_loss else "none",
+    kind_config = BasisInterventionConfig(peft_type=peft_type, gate="sigmoid_rms" if gate else "none",
                                           r=config.rank, layers=[layer], positions=config.positions,
-                                          hidden_size=hidden)
+                                          hidden_size=hidden, gate_floor=gate.floor if gate else 0.0)
     return basis_intervention_pack(model, method, {**asdict(config), "layer": layer}, requests, kind_config, parts)
 
 
