@@ -4,7 +4,7 @@ import torch
 
 from hf_kedit import Edit, load_edits
 from hf_kedit.anatomy import anatomy_of
-from hf_kedit.methods.memit import MEMITConfig, edit_layers, least_squares_update, memit_edit
+from hf_kedit.methods.memit import MEMITConfig, edit_layers, least_squares_update, memit_edit, scaled_update_weight
 from test_rome import tiny
 
 EDITS = [Edit("a", "Danielle Darrieux", "The mother tongue of {} is", "English", "French"),
@@ -41,6 +41,16 @@ def test_memit_pack_has_one_rank_one_pair_per_edit_and_layer(tokenizer):
     assert sorted(pack.kind_config["modules"]) == [anatomy_of(model).mlp_out(i) for i in range(3)]
     assert all(len(e.tensors) == 6 for e in pack.edits)  # A and B at 3 layers
     load_edits(model, pack, name="memit")
+
+
+def test_the_default_update_weight_scales_memits_to_the_mlp_width(tokenizer):
+    model = tiny(tokenizer)
+    config = MEMITConfig(layers=(0, 1), covariance=False, steps=1, context_templates=((2, 3),))
+    pack = memit_edit(model, tokenizer, EDITS[:1], config, progress=False)
+    width = model.config.intermediate_size
+    assert pack.hyperparameters["update_weight"] == scaled_update_weight(width) == 15000 * width / 16384
+    # a key with kᵀC⁻¹k = d_ff (typical under C = E[kkᵀ]) gets about half of its residual written, as on GPT-J
+    assert abs(16384 / (15000 + 16384) - width / (scaled_update_weight(width) + width)) < 1e-12
 
 
 def test_layer_specs():
