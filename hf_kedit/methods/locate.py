@@ -15,6 +15,7 @@ from ..batching import pad_id, padded
 from ..pack import Edit
 from ..sampling import per_model, sample_texts, seeded
 
+
 @dataclass
 class ValueConfig:
     """The v* optimisation (ROME's compute_v): Adam on δ, NLL on the target,
