@@ -31,6 +31,7 @@ from .batching import pad_id, padded
 from .errors import StatsError
 from .fingerprint import base_model_record
 from .hub import file_sha256, push_folder, resolve_source
+from .partial_forward import run_until
 from .sampling import sample_texts, seeded
 
 STATS_MANIFEST = "kedit_stats.json"
@@ -242,7 +243,7 @@ def _accumulate(model, tokenizer, modules: dict, texts, n_tokens, max_length, ba
             rows = [tokenizer(t, truncation=True, max_length=max_length).input_ids
                     for t in texts[start:start + batch_size]]
             ids, mask = padded(rows, pad_id(tokenizer), model.device)
-            model(input_ids=ids, attention_mask=mask)
+            run_until(model, modules.values(), input_ids=ids, attention_mask=mask)
             take = min(int(mask.sum()), n_tokens - count)
             for layer, k in captured.items():
                 keys = k[mask.bool()].float()[:take]

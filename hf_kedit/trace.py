@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .anatomy import anatomy_of, hidden_states
+from .partial_forward import lm_head_at
 
 KINDS = ("hidden", "mlp")
 
@@ -87,7 +88,8 @@ def trace(model, tokenizer, prompt: str, subject: str, kind: str = "hidden", sam
 
     clean_states = []
     handles = [m.register_forward_hook(lambda mod, a, out: clean_states.append(hidden_states(out)[0])) for m in modules]
-    probs = model(inputs).logits[0, -1].float().softmax(-1)
+    with lm_head_at(model, (slice(None), -1)):
+        probs = model(inputs).logits[0].float().softmax(-1)
     for h in handles:
         h.remove()
     answer_id = int(probs.argmax())
@@ -113,7 +115,8 @@ def trace(model, tokenizer, prompt: str, subject: str, kind: str = "hidden", sam
 
             handle = modules[layer].register_forward_hook(put_back)
         try:
-            logits = model(inputs_embeds=embeds).logits[:, -1].float()
+            with lm_head_at(model, (slice(None), -1)):
+                logits = model(inputs_embeds=embeds).logits.float()
         finally:
             if handle is not None:
                 handle.remove()

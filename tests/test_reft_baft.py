@@ -174,7 +174,7 @@ def test_sibling_names_are_the_first_names_written_never_the_subject(tokenizer, 
 
 def test_baft_fits_its_gate_without_a_forward_per_step(tokenizer):
     model, forwards = tiny(tokenizer), []
-    model.register_forward_hook(lambda *args: forwards.append(1))
+    model.register_forward_pre_hook(lambda *args: forwards.append(1))  # a pass may stop before the end
     settings = {**SETTINGS["baft"], "steps": 0, "gate_steps": 300, "contrast_subjects": (),
                 "locality_texts": UNRELATED[1:]}  # the first has the edit's last word: on a random model, the same state
     pack = make_pack("baft", model, tokenizer, [EDIT], settings, progress=False)

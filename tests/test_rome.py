@@ -7,6 +7,8 @@ from hf_kedit import Edit, load_edits, remove_edits
 from hf_kedit.anatomy import anatomy_of
 from hf_kedit.methods.locate import (ValueConfig, context_templates, io_at_subject, key_at_subject, optimise_value,
                                      rank_one_update, subject_last_index)
+from hf_kedit.methods import locate
+from hf_kedit.methods import rome as rome_module
 from hf_kedit.methods.rome import ROMEConfig, rome_edit
 from hf_kedit import stats
 from packs import delta_matrix
@@ -131,3 +133,46 @@ def test_the_value_optimisation_reads_the_same_keys_as_a_plain_forward(tokenizer
     torch.testing.assert_close(solved.current_key, k, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(solved.current_value, v, atol=1e-5, rtol=1e-4)
     assert not torch.equal(solved.value, v)  # δ moved it
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_layers_before_the_edit_run_once_per_value_optimisation(tokenizer, arch, monkeypatch):
+    model = tiny(tokenizer, arch)
+    layers = model.get_submodule(anatomy_of(model).layers)
+    calls = {0: 0, 2: 0}
+    for i in calls:  # a submodule: it runs only when its layer's own forward does
+        next(layers[i].children()).register_forward_pre_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+    module = model.get_submodule(anatomy_of(model).mlp_out(1))
+    templates, config = ["{}", "Hello there. {}"], ValueConfig(steps=6, stop_nll=0.0)
+    replayed = optimise_value(model, tokenizer, module, EDIT, templates, config)
+    assert calls == {0: 2, 2: 7}  # the prefix pass, then layer 0 once and layer 2 at each of the 6 steps
+    assert all("forward" not in layer.__dict__ for layer in layers)  # the layers' own forwards are back
+    monkeypatch.setattr(locate, "_layers_before", lambda model, module: [])
+    plain = optimise_value(model, tokenizer, module, EDIT, templates, config)
+    torch.testing.assert_close(replayed.value, plain.value)
+    assert not torch.equal(replayed.value, replayed.current_value)
+
+
+def test_context_templates_given_as_json_lists_are_used_as_pairs(tokenizer):
+    model = tiny(tokenizer)
+    as_json = rome_edit(model, tokenizer, [EDIT], ROMEConfig(layer=1, covariance=False, steps=2,
+                                                             context_templates=[[2, 3]]), progress=False)
+    as_pairs = rome_edit(model, tokenizer, [EDIT], ROMEConfig(layer=1, covariance=False, steps=2,
+                                                              context_templates=((2, 3),)), progress=False)
+    assert as_json.tensors.keys() == as_pairs.tensors.keys()
+    assert all(torch.equal(as_json.tensors[k], as_pairs.tensors[k]) for k in as_json.tensors)
+
+
+@pytest.mark.parametrize("solve_at", ["templates", "prompt"])
+def test_the_update_adds_delta_exactly_at_the_key_it_is_solved_at(tokenizer, solve_at, monkeypatch):
+    model = tiny(tokenizer)
+    name = anatomy_of(model).mlp_out(1)
+    templates = ["{}", "Long ago, in a land far away, people told many stories. {}", "Yes. {}"]
+    monkeypatch.setattr(rome_module, "context_templates", lambda *args: templates)
+    config = ROMEConfig(layer=1, covariance=False, steps=4, solve_at=solve_at)
+    solved = optimise_value(model, tokenizer, model.get_submodule(name), EDIT, templates, config)
+    delta = delta_matrix(rome_edit(model, tokenizer, [EDIT], config, progress=False), name)
+    at, other = (solved.key, solved.current_key) if solve_at == "templates" else (solved.current_key, solved.key)
+    wanted = solved.value - solved.current_value
+    torch.testing.assert_close(delta @ at, wanted, atol=1e-6, rtol=1e-4)
+    assert (delta @ other - wanted).norm() > 0.01 * wanted.norm()  # k̄ and k differ: only one is exact

@@ -26,6 +26,7 @@ from ..kinds.basis_intervention import BasisInterventionConfig, gate_weights, in
 from ..batching import pad_id, padded
 from ..kinds.prompt_calls import hidden_size, prompt_lengths, select_positions
 from ..pack import Edit, EditPack
+from ..partial_forward import run_until
 from . import basis_intervention_pack, check_requests
 from .locate import subject_last_index
 from .rome import resolve_layer
@@ -191,7 +192,7 @@ def layer_states(model, tokenizer, layer: str, texts: list[str],
     handle = model.get_submodule(layer).register_forward_hook(
         lambda m, args, out: captured.append(hidden_states(out)), prepend=True)
     try:
-        model(input_ids=ids, attention_mask=mask)
+        run_until(model, [model.get_submodule(layer)], input_ids=ids, attention_mask=mask)
     finally:
         handle.remove()
     where = mask.bool() if positions is None else select_positions(mask.bool(), *positions)

@@ -4,15 +4,17 @@ closed form. It reads the model and never leaves it changed."""
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
-from ..anatomy import hidden_states
+from ..anatomy import anatomy_of, hidden_states
 from ..batching import pad_id, padded
+from ..errors import EditRequestError
 from ..pack import Edit
+from ..partial_forward import lm_head_at, run_until
 from ..sampling import per_model, sample_texts, seeded
 
 
@@ -49,7 +51,18 @@ def context_templates(model, tokenizer, counts=((5, 5), (5, 10))) -> list[str]:
                 for text in sample_texts(model, tokenizer, n, length, top_k=5):
                     templates.append(text.replace("{", " ").replace("}", " ").strip() + ". {}")
         return templates
-    return per_model(model, ("context_templates", tuple(counts)), sample)
+    return per_model(model, ("context_templates", template_counts(counts)), sample)
+
+
+def template_counts(counts) -> tuple[tuple[int, int], ...]:
+    """The context templates' (how many, tokens) pairs as a tuple, from any sequence
+    of pairs (JSON gives lists); `EditRequestError` if `counts` is not one."""
+    if not (isinstance(counts, (list, tuple)) and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(type(x) is int and x >= 0 for x in p)
+            for p in counts)):
+        raise EditRequestError(f"context_templates={counts!r}: give (count, tokens) pairs, e.g. ((5, 5), (5, 10)) "
+                               "for 5 texts of 5 tokens and 5 of 10")
+    return tuple(tuple(p) for p in counts)
 
 
 @contextmanager
@@ -79,7 +92,7 @@ def key_at_subject(model, tokenizer, module, edit: Edit, templates: list[str]) -
     ids, mask, _ = _batch(tokenizer, texts, model.device)
     index = torch.tensor([subject_last_index(tokenizer, t, edit.subject) for t in texts], device=model.device)
     with _capture(module, inputs=True) as seen:
-        model(input_ids=ids, attention_mask=mask)
+        run_until(model, [module], input_ids=ids, attention_mask=mask)
     return seen[0][torch.arange(len(texts)), index].float().mean(0)
 
 
@@ -89,7 +102,7 @@ def io_at_subject(model, tokenizer, module, edit: Edit) -> tuple[torch.Tensor, t
     ids, mask, _ = _batch(tokenizer, [edit.text], model.device)
     index = subject_last_index(tokenizer, edit.text, edit.subject)
     with _capture(module, inputs=True) as k, _capture(module, inputs=False) as v:
-        model(input_ids=ids, attention_mask=mask)
+        run_until(model, [module], input_ids=ids, attention_mask=mask)
     return k[0][0, index].float(), v[0][0, index].float()
 
 
@@ -140,17 +153,18 @@ def optimise_value(model, tokenizer, module, edit: Edit, templates: list[str], c
     first_target = batch.suffix_ids.shape[1] - len(target)
     target_ids = torch.tensor(target, device=model.device).expand(n, -1)
 
-    delta = None
+    delta, captured = None, {}
 
     def add_delta(m, args, out):
+        nonlocal delta
         h = hidden_states(out)
-        if delta is None:
-            captured.extend([args[0][rows[:n], starts[:n]].detach().float(), h[0, starts[0]].detach().float()])
-            return out
+        if delta is None:  # the first pass reads k and v unedited and starts δ at zero
+            captured["keys"] = args[0][rows[:n], starts[:n]].detach().float()
+            captured["initial"] = h[0, starts[0]].detach().float()
+            delta = torch.zeros_like(captured["initial"], requires_grad=True)
         h = h.index_put((rows, starts), h[rows, starts] + delta.to(h.dtype))
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
-    captured = []
     mid_states = [[] for _ in alignment.layers] if alignment else []
     handles = [module.register_forward_hook(add_delta)] + (
         [layer.register_forward_hook(lambda m, args, out, seen=seen: seen.append(hidden_states(out)))
@@ -159,41 +173,80 @@ def optimise_value(model, tokenizer, module, edit: Edit, templates: list[str], c
     for p in frozen:
         p.requires_grad_(False)
     try:
-        with torch.no_grad():
-            logits = batch.suffix_logits(model, cache, len(target))
-        keys, initial = captured
-        kl_initial = F.log_softmax(logits[n, -1].float(), -1)
-        for seen in mid_states:
-            seen.clear()
-        delta = torch.zeros_like(initial, requires_grad=True)
-        optimizer = torch.optim.Adam([delta], lr=config.lr)
-        for step in range(config.steps):
-            logits = batch.suffix_logits(model, cache, len(target))
-            log_probs = F.log_softmax(logits[:n].float(), -1)
-            nll = -log_probs.gather(-1, target_ids[..., None]).mean()
-            kl = F.kl_div(F.log_softmax(logits[n, -1].float(), -1), kl_initial, log_target=True, reduction="sum")
-            loss = nll + config.kl_factor * kl + config.weight_decay * delta.norm() / initial.norm() ** 2
-            if alignment is not None:
-                states = torch.stack([seen.pop()[:n, first_target] for seen in mid_states])  # [L, n, d]
-                centre = alignment.centre[:, None, :] if torch.is_tensor(alignment.centre) else 0.0
-                cosine = F.cosine_similarity(states.float() - centre, alignment.anchors[:, None, :] - centre, dim=-1)
-                loss = loss + alignment.weight * (1 - cosine).mean()
-            if nll.item() < config.stop_nll or step == config.steps - 1:
-                break
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                limit = config.clamp_norm_factor * initial.norm()
-                if delta.norm() > limit:
-                    delta.mul_(limit / delta.norm())
+        with _replayed(_layers_before(model, module)):
+            for step in range(max(config.steps, 1)):  # the first pass is also the first step
+                logits = batch.suffix_logits(model, cache, len(target))
+                if step == 0:
+                    initial = captured["initial"]
+                    kl_initial = F.log_softmax(logits[n, -1].detach().float(), -1)
+                    optimizer = torch.optim.Adam([delta], lr=config.lr)
+                log_probs = F.log_softmax(logits[:n].float(), -1)
+                nll = -log_probs.gather(-1, target_ids[..., None]).mean()
+                kl = F.kl_div(F.log_softmax(logits[n, -1].float(), -1), kl_initial, log_target=True,
+                              reduction="sum")
+                loss = nll + config.kl_factor * kl + config.weight_decay * delta.norm() / initial.norm() ** 2
+                if alignment is not None:
+                    states = torch.stack([seen.pop()[:n, first_target] for seen in mid_states])  # [L, n, d]
+                    centre = alignment.centre[:, None, :] if torch.is_tensor(alignment.centre) else 0.0
+                    cosine = F.cosine_similarity(states.float() - centre, alignment.anchors[:, None, :] - centre,
+                                                 dim=-1)
+                    loss = loss + alignment.weight * (1 - cosine).mean()
+                if nll.item() < config.stop_nll or step >= config.steps - 1:
+                    break
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    limit = config.clamp_norm_factor * initial.norm()
+                    if delta.norm() > limit:
+                        delta.mul_(limit / delta.norm())
     finally:
         for handle in handles:
             handle.remove()
         for p in frozen:
             p.requires_grad_(True)
+    keys = captured["keys"]
     # Template 0 is "{}": its row is the bare prompt (plus the target's first tokens).
     return Solved(initial + delta.detach(), keys.mean(0), keys[0], initial)
+
+
+def _layers_before(model, module) -> list:
+    """The decoder layers before the one that is or holds `module`."""
+    layers = model.get_submodule(anatomy_of(model).layers)
+    index = next(i for i, layer in enumerate(layers) if any(m is module for m in layer.modules()))
+    return list(layers[:index])
+
+
+@contextmanager
+def _replayed(modules):
+    """Each module's forward runs on the first call only; later calls get (a copy
+    of) what it returned then. For the layers before the edited one, whose inputs
+    (the suffix tokens over a fixed prefix) do not change from step to step: the
+    steps then run only the layers from the edited one on. Forward hooks still run
+    on the replayed output, as they ran on the recorded one."""
+    own = [m.__dict__.get("forward") for m in modules]  # accelerate sets instance forwards
+    for m in modules:
+        m.forward = _replaying(m.forward)
+    try:
+        yield
+    finally:
+        for m, forward in zip(modules, own):
+            if forward is None:
+                del m.forward
+            else:
+                m.forward = forward
+
+
+def _replaying(forward):
+    recorded = []
+
+    def replay(*args, **kwargs):
+        if not recorded:
+            recorded.append(forward(*args, **kwargs))
+        out = recorded[0]
+        # A copy: the next layer may write into its input.
+        return tuple(t.clone() if torch.is_tensor(t) else t for t in out) if isinstance(out, tuple) else out.clone()
+    return replay
 
 
 @dataclass
@@ -223,52 +276,29 @@ class SplitBatch:
 
     @torch.no_grad()
     def prefix_cache(self, model):
-        return model(input_ids=self.prefix_ids, attention_mask=self.prefix_mask,
-                     position_ids=self._positions(self.prefix_mask), use_cache=True).past_key_values
+        with lm_head_at(model, (slice(None), -1)):  # the pass is for the cache: skip the head's work
+            return model(input_ids=self.prefix_ids, attention_mask=self.prefix_mask,
+                         position_ids=self._positions(self.prefix_mask), use_cache=True).past_key_values
 
     def suffix_logits(self, model, cache, last: int = 0) -> torch.Tensor:
         """Logits at the suffix columns [batch, suffix, vocab], or at its `last`
         columns only; `cache` is copied because a forward appends to it."""
         offset = self.prefix_mask.sum(1, keepdim=True)
-        with _head_on_last_columns(model.get_output_embeddings(), last):
+        with lm_head_at(model, (slice(None), slice(-last, None))) if last else nullcontext():
             return model(input_ids=self.suffix_ids,
                          attention_mask=torch.cat([self.prefix_mask, self.suffix_mask], 1),
                          position_ids=self._positions(self.suffix_mask, offset),
                          past_key_values=copy.deepcopy(cache), use_cache=True).logits
 
 
-@contextmanager
-def _head_on_last_columns(head, last: int):
-    """The LM head reads only the `last` columns of its input, as one matrix
-    product. (transformers' `logits_to_keep` hands it a strided slice, which CPU
-    matmul turns into a batched product over copies of the head: slower than
-    computing every column.)"""
-    if not last:
-        yield
-        return
-    shape = []
-
-    def take(m, args):
-        shape[:] = args[0].shape[:-1]
-        return (args[0][:, -last:].reshape(-1, args[0].shape[-1]),)
-
-    def unflatten(m, args, out):
-        return out.reshape(shape[0], last, -1)
-
-    handles = [head.register_forward_pre_hook(take), head.register_forward_hook(unflatten)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def rank_one_update(key: torch.Tensor, value: torch.Tensor, current_key: torch.Tensor,
                     current_value: torch.Tensor, second_moment: torch.Tensor | None = None,
                     ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """ROME's closed form: ΔW = w uᵀ with u = C⁻¹k̄ / ‖C⁻¹k̄‖ (k̄ / ‖k̄‖ without C)
-    and w = (v* − v) / (k·u), so that the edited module maps the current key k to
-    v*. Returns the weight_delta factors (A = uᵀ [1, in], B = w [out, 1])."""
+    and w = (v* − v) / (k·u), so that the update adds exactly v* − v to the
+    module's output at the key k given as `current_key`: the bare prompt's key in
+    ROME's code (the edited module then maps it to v*), k̄ itself in r-ROME's.
+    Returns the weight_delta factors (A = uᵀ [1, in], B = w [out, 1])."""
     u = key.double()
     if second_moment is not None:
         C = second_moment.double()

@@ -14,7 +14,8 @@ from ..kinds.weight_delta import deltas_applied
 from ..pack import Edit, EditPack
 from ..stats import corpus_name, key_second_moments
 from . import check_layers, check_requests, weight_delta_pack
-from .locate import ValueConfig, context_templates, io_at_subject, key_at_subject, optimise_value
+from .locate import (ValueConfig, context_templates, io_at_subject, key_at_subject, optimise_value,
+                     template_counts)
 
 
 @dataclass
@@ -47,6 +48,7 @@ def memit_edit(model, tokenizer, requests: list[Edit], config: MEMITConfig | Non
     if weight is not None and (type(weight) not in (int, float) or not weight > 0):
         raise EditRequestError(f"update_weight={weight!r}: give a positive number (λ), or None to scale MEMIT's "
                                "to the model's MLP width")
+    template_counts(config.context_templates)
     anatomy = anatomy_of(model)
     layers = edit_layers(config.layers, anatomy.num_layers)
     names = {layer: anatomy.mlp_out(layer) for layer in layers}

@@ -11,7 +11,10 @@ from ..errors import EditRequestError
 from ..pack import Edit, EditPack
 from ..stats import corpus_name, key_second_moments
 from . import check_layers, check_requests, weight_delta_pack
-from .locate import ValueConfig, context_templates, optimise_value, rank_one_update
+from .locate import ValueConfig, context_templates, optimise_value, rank_one_update, template_counts
+
+
+SOLVE_AT = ("prompt", "templates")
 
 
 @dataclass
@@ -22,7 +25,13 @@ class ROMEConfig(ValueConfig):
     the key statistics C (`stats.key_second_moments`) over `stats_tokens` tokens of
     `stats_corpus` (None: text the model samples itself), read from `stats_source`
     (a folder or Hub repo id written by `stats.push_stats`) where the local cache
-    lacks them. The value optimisation's settings are `ValueConfig`'s."""
+    lacks them. `solve_at`: the key at which the update adds exactly δ = v* − v:
+    "prompt" (the default, as ROME's code: the bare prompt's key, which then maps
+    to v*) or "templates" (k̄, the key averaged over the context templates, as
+    r-ROME: an edit whose bare prompt's key is atypical no longer gets a far
+    larger update, which helps many edits attached together and costs single
+    edits some efficacy; measured in docs/locate-and-edit.md). The value
+    optimisation's settings are `ValueConfig`'s."""
 
     layer: float | int | str = 0.17
     covariance: bool = True
@@ -30,6 +39,7 @@ class ROMEConfig(ValueConfig):
     stats_corpus: object = None
     stats_source: str | None = None
     context_templates: tuple = ((5, 5), (5, 10))
+    solve_at: str = "prompt"
 
 
 def rome_edit(model, tokenizer, requests: list[Edit], config: ROMEConfig | None = None,
@@ -48,6 +58,9 @@ def rank_one_edits(model, tokenizer, requests: list[Edit], config: ROMEConfig, m
                    alignment_for=None, hyperparameters: dict | None = None, progress: bool = True) -> EditPack:
     """The ROME loop, shared with STEAM: per request, k̄, v* (with the alignment term
     `alignment_for(edit, layer)` returns, if any) and the rank-one closed form."""
+    template_counts(config.context_templates)
+    if config.solve_at not in SOLVE_AT:
+        raise EditRequestError(f"solve_at={config.solve_at!r}: give one of {', '.join(map(repr, SOLVE_AT))}")
     anatomy = anatomy_of(model)
     layer = resolve_layer(config.layer, anatomy.num_layers, model, tokenizer, requests)
     name = anatomy.mlp_out(layer)
@@ -60,8 +73,8 @@ def rank_one_edits(model, tokenizer, requests: list[Edit], config: ROMEConfig, m
     for edit in tqdm(requests, desc=f"{method} edits", disable=not progress):
         alignment = alignment_for(edit, layer) if alignment_for else None
         solved = optimise_value(model, tokenizer, module, edit, templates, config, alignment)
-        factors[edit.id] = {name: rank_one_update(solved.key, solved.value, solved.current_key,
-                                                  solved.current_value, C)}
+        key = solved.key if config.solve_at == "templates" else solved.current_key
+        factors[edit.id] = {name: rank_one_update(solved.key, solved.value, key, solved.current_value, C)}
     recorded = {**asdict(config), "layer": layer, "stats_corpus": corpus_name(config.stats_corpus),
                 **(hyperparameters or {})}
     return weight_delta_pack(model, method, recorded, requests, factors)

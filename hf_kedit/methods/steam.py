@@ -17,8 +17,9 @@ from ..anatomy import anatomy_of, hidden_states
 from ..batching import pad_id, padded
 from ..errors import EditRequestError
 from ..pack import Edit, EditPack
+from ..partial_forward import lm_head_at
 from . import check_requests
-from .locate import Alignment
+from .locate import Alignment, template_counts
 from .memit import edit_layers
 from .rome import ROMEConfig, rank_one_edits, resolve_layer
 
@@ -61,6 +62,7 @@ def steam_edit(model, tokenizer, requests: list[Edit], config: STEAMConfig | Non
     if config.fact_base is None:
         raise EditRequestError("STEAM needs a fact base: set fact_base to a JSON file or a list of "
                                "{subject, prompt, object} facts")
+    template_counts(config.context_templates)
     facts = read_fact_base(config.fact_base)
     anatomy = anatomy_of(model)
     mid_layers = edit_layers(config.mid_layers, anatomy.num_layers, "mid_layers")
@@ -173,7 +175,8 @@ def _recall(model, tokenizer, blocks, facts: list[dict], top_k: int) -> tuple[li
     seen = []
     handles = [b.register_forward_hook(lambda m, a, out: seen.append(hidden_states(out)[at_last])) for b in blocks]
     try:
-        logits = model(input_ids=ids, attention_mask=mask).logits[at_last]
+        with lm_head_at(model, at_last):
+            logits = model(input_ids=ids, attention_mask=mask).logits
     finally:
         for h in handles:
             h.remove()

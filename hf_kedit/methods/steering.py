@@ -36,6 +36,7 @@ from ..kinds.prompt_calls import hidden_size
 from ..kinds.sentence_embedding import EMBEDDING_MODELS, check_installed, embed
 from ..kinds.steering_map import METRICS, APPLY, SteeringMapConfig, scope_distances
 from ..pack import Edit, EditPack
+from ..partial_forward import run_until
 from . import check_layers, check_requests, steering_map_pack
 from .transport import FactoredMap
 
@@ -188,7 +189,7 @@ def last_token_states(model, tokenizer, texts: list[str], modules: list[str], ba
     try:
         for start in tqdm(range(0, len(rows), batch_size), desc="steering states", disable=not progress):
             ids, mask = padded(rows[start:start + batch_size], pad_id(tokenizer), device)
-            model(input_ids=ids, attention_mask=mask)
+            run_until(model, [model.get_submodule(m) for m in modules], input_ids=ids, attention_mask=mask)
             last = mask.sum(1) - 1
             for m in modules:
                 out[m].append(captured[m][torch.arange(len(ids), device=device), last].float().cpu())

@@ -1,0 +1,106 @@
+"""How fast the locate-and-edit methods are on this machine, model load and
+scoring excluded: the key statistics from an empty cache (ROME's layer, then
+MEMIT's layers) and the context templates (both once per model), seconds per
+ROME and STEAM edit (one call per edit, median and spread), and one MEMIT
+batch (--memit-batch 0: none). ROME and STEAM take turns edit by edit, in the
+same process, on the same CounterFact cases. Prints a Markdown table; writes
+results.json, results.md and speed.png into --out.
+
+    python benchmarks/locate_speed.py --edits 20 --memit-batch 100 --out docs/bench/locate-speed
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+from tqdm.auto import tqdm
+
+from hf_kedit.anatomy import anatomy_of
+from hf_kedit.evaluate.datasets import read_cases
+from hf_kedit.methods.locate import context_templates
+from hf_kedit.methods.memit import MEMITConfig, edit_layers, memit_edit
+from hf_kedit.methods.rome import ROMEConfig, resolve_layer, rome_edit
+from hf_kedit.methods.steam import STEAMConfig, steam_edit
+from hf_kedit.models import load_model
+from hf_kedit.stats import key_second_moments
+
+EASYEDIT_ROME_SECONDS = 16.7  # EasyEdit's ROME on the default model on this machine (the issue's measurement)
+
+
+def timed(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="../shared/data/counterfact.json")
+    p.add_argument("--fact-base", default="../shared/data/factbase_counterfact_true.json")
+    p.add_argument("--edits", type=int, default=20, help="ROME and STEAM edits timed, one call each")
+    p.add_argument("--memit-batch", type=int, default=100, help="0: no MEMIT batch")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    model, tokenizer = load_model("default")
+    edits = [c.edits[0] for c in read_cases("counterfact", args.data, limit=max(args.edits, args.memit_batch))]
+    num_layers = anatomy_of(model).num_layers
+    rome_layer = resolve_layer(ROMEConfig().layer, num_layers)
+    memit_layers = edit_layers(MEMITConfig().layers, num_layers)
+    results = {}
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["HF_KEDIT_CACHE"] = cache  # statistics from scratch; the edits below then read them
+        results["statistics, ROME's layer (s)"] = timed(lambda: key_second_moments(model, tokenizer, [rome_layer]))
+        results["statistics, MEMIT's other layers (s)"] = timed(
+            lambda: key_second_moments(model, tokenizer, memit_layers))
+        results["context templates, once per model (s)"] = timed(
+            lambda: context_templates(model, tokenizer, ROMEConfig().context_templates))
+        steam = STEAMConfig(fact_base=args.fact_base)
+        per_edit = {"rome": [], "steam": []}
+        for edit in tqdm(edits[:args.edits], desc="rome and steam edits"):
+            per_edit["rome"].append(timed(lambda: rome_edit(model, tokenizer, [edit], progress=False)))
+            per_edit["steam"].append(timed(lambda: steam_edit(model, tokenizer, [edit], steam, progress=False)))
+        if args.memit_batch:
+            results[f"memit, s for a batch of {args.memit_batch}"] = timed(
+                lambda: memit_edit(model, tokenizer, edits[:args.memit_batch]))
+
+    for method, seconds in per_edit.items():
+        results[f"{method}, s per edit (median)"] = statistics.median(seconds)
+        results[f"{method}, s per edit (min-max)"] = (min(seconds), max(seconds))
+    speedup = EASYEDIT_ROME_SECONDS / results["rome, s per edit (median)"]
+    lines = ["| measure | value |", "|---|---|"]
+    lines += [f"| {name} | " + ("–".join(f"{v:.2f}" for v in value) if isinstance(value, tuple) else f"{value:.2f}")
+              + " |" for name, value in results.items()]
+    memit = f"; MEMIT edits the first {args.memit_batch}" if args.memit_batch else ""
+    table = "\n".join(lines) + (f"\n\nROME: {speedup:.1f}× faster than EasyEdit's {EASYEDIT_ROME_SECONDS} s per edit "
+                                f"on this machine. ROME and STEAM take turns edit by edit, on the first "
+                                f"{args.edits} CounterFact cases{memit}.\n")
+    print(table)
+    (out / "results.md").write_text(table)
+    (out / "results.json").write_text(json.dumps({"edits": args.edits, "memit_batch": args.memit_batch,
+                                                  "per_edit_seconds": per_edit, "summary": results,
+                                                  "speedup_over_easyedit_rome": speedup}, indent=1))
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.boxplot(list(per_edit.values()), tick_labels=list(per_edit))
+    ax.axhline(EASYEDIT_ROME_SECONDS, color="grey", linestyle=":", label="EasyEdit's ROME (median)")
+    ax.axhline(EASYEDIT_ROME_SECONDS / 5, color="grey", linestyle="--", label="5× faster")
+    ax.set_ylabel("seconds per edit")
+    ax.set_ylim(0, EASYEDIT_ROME_SECONDS * 1.1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "speed.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
