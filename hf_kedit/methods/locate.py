@@ -41,9 +41,10 @@ def subject_last_index(tokenizer, text: str, subject: str) -> int:
     return len(tokenizer(text[:where + len(subject)]).input_ids) - 1
 
 
-def context_templates(model, tokenizer, counts=((5, 5), (5, 10))) -> list[str]:
+def context_templates(model, tokenizer, counts) -> list[str]:
     """["{}"] plus short texts the model writes itself ("<text>. {}"), as ROME
-    uses to make an edit hold in context; cached per model."""
+    uses to make an edit hold in context: `counts` (how many, tokens) pairs;
+    cached per model."""
     def sample():
         templates = ["{}"]
         with seeded(0):
