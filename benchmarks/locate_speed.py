@@ -2,8 +2,10 @@
 scoring excluded: the key statistics from an empty cache (ROME's layer, then
 MEMIT's layers) and the context templates (both once per model), seconds per
 ROME and STEAM edit (one call per edit, median and spread), and one MEMIT
-batch (--memit-batch 0: none). ROME and STEAM take turns edit by edit, in the
-same process, on the same CounterFact cases. Prints a Markdown table; writes
+batch (--memit-batch 0: none). ROME, STEAM and ROME with its previous
+defaults ("rome, before": eleven context templates, the value loss through the
+head's logits) take turns edit by edit, in the same process, on the
+same CounterFact cases. Prints a Markdown table; writes
 results.json, results.md and speed.png into --out.
 
     python benchmarks/locate_speed.py --edits 20 --memit-batch 100 --out docs/bench/locate-speed
@@ -16,6 +18,7 @@ import os
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +26,7 @@ from tqdm.auto import tqdm
 
 from hf_kedit.anatomy import anatomy_of
 from hf_kedit.evaluate.datasets import read_cases
+from hf_kedit.methods import locate
 from hf_kedit.methods.locate import context_templates
 from hf_kedit.methods.memit import MEMITConfig, edit_layers, memit_edit
 from hf_kedit.methods.rome import ROMEConfig, resolve_layer, rome_edit
@@ -31,6 +35,20 @@ from hf_kedit.models import load_model
 from hf_kedit.stats import key_second_moments
 
 EASYEDIT_ROME_SECONDS = 16.7  # EasyEdit's ROME on the default model on this machine (the issue's measurement)
+
+
+PREVIOUS_TEMPLATES = ((5, 5), (5, 10))  # ROME's default before five templates of five tokens
+
+
+@contextmanager
+def loss_through_logits():
+    """The value optimisation as before `head_loss`: log-softmax of the logits."""
+    read = locate._HeadTargets.read
+    locate._HeadTargets.read = classmethod(lambda *args: None)
+    try:
+        yield
+    finally:
+        locate._HeadTargets.read = read
 
 
 def timed(call) -> float:
@@ -43,7 +61,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/data/counterfact.json")
     p.add_argument("--fact-base", default="../shared/data/factbase_counterfact_true.json")
-    p.add_argument("--edits", type=int, default=20, help="ROME and STEAM edits timed, one call each")
+    p.add_argument("--edits", type=int, default=20, help="edits timed per method, one call each")
     p.add_argument("--memit-batch", type=int, default=100, help="0: no MEMIT batch")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -63,11 +81,15 @@ def main() -> None:
             lambda: key_second_moments(model, tokenizer, memit_layers))
         results["context templates, once per model (s)"] = timed(
             lambda: context_templates(model, tokenizer, ROMEConfig().context_templates))
-        steam = STEAMConfig(fact_base=args.fact_base)
-        per_edit = {"rome": [], "steam": []}
-        for edit in tqdm(edits[:args.edits], desc="rome and steam edits"):
+        context_templates(model, tokenizer, PREVIOUS_TEMPLATES)
+        steam, before = STEAMConfig(fact_base=args.fact_base), ROMEConfig(context_templates=PREVIOUS_TEMPLATES)
+        per_edit = {"rome": [], "steam": [], "rome, before": []}
+        for edit in tqdm(edits[:args.edits], desc="rome, steam and rome as before"):
             per_edit["rome"].append(timed(lambda: rome_edit(model, tokenizer, [edit], progress=False)))
             per_edit["steam"].append(timed(lambda: steam_edit(model, tokenizer, [edit], steam, progress=False)))
+            with loss_through_logits():
+                per_edit["rome, before"].append(
+                    timed(lambda: rome_edit(model, tokenizer, [edit], before, progress=False)))
         if args.memit_batch:
             results[f"memit, s for a batch of {args.memit_batch}"] = timed(
                 lambda: memit_edit(model, tokenizer, edits[:args.memit_batch]))
@@ -76,12 +98,14 @@ def main() -> None:
         results[f"{method}, s per edit (median)"] = statistics.median(seconds)
         results[f"{method}, s per edit (min-max)"] = (min(seconds), max(seconds))
     speedup = EASYEDIT_ROME_SECONDS / results["rome, s per edit (median)"]
+    results["rome, before / rome (median of per-edit ratios)"] = statistics.median(
+        b / r for b, r in zip(per_edit["rome, before"], per_edit["rome"]))
     lines = ["| measure | value |", "|---|---|"]
     lines += [f"| {name} | " + ("–".join(f"{v:.2f}" for v in value) if isinstance(value, tuple) else f"{value:.2f}")
               + " |" for name, value in results.items()]
     memit = f"; MEMIT edits the first {args.memit_batch}" if args.memit_batch else ""
     table = "\n".join(lines) + (f"\n\nROME: {speedup:.1f}× faster than EasyEdit's {EASYEDIT_ROME_SECONDS} s per edit "
-                                f"on this machine. ROME and STEAM take turns edit by edit, on the first "
+                                f"on this machine. ROME, STEAM and ROME as before take turns edit by edit, on the first "
                                 f"{args.edits} CounterFact cases{memit}.\n")
     print(table)
     (out / "results.md").write_text(table)

@@ -40,26 +40,31 @@ def run_until(model, modules, **inputs) -> None:
 
 
 @contextmanager
-def lm_head_at(model, index):
+def lm_head_at(model, index, compute: bool = True):
     """Inside the block, the LM head reads only `hidden[index]` (e.g. `(slice(None),
     -1)` for the last column, `(rows, columns)` for one position per row) as one
     matrix product, and the logits have that shape: [..., vocab]. (transformers'
     `logits_to_keep` hands the head a strided slice, which CPU matmul turns into a
-    batched product over copies of the head: slower than computing every column.)"""
+    batched product over copies of the head: slower than computing every column.)
+    The list it yields gets each pass's `hidden[index]`; with `compute=False` the
+    head reads nothing (logits [0, vocab]), for callers that take those states
+    to the vocabulary themselves (`head_loss`)."""
     head = model.get_output_embeddings()
-    shape = []
+    shape, read = [], []
 
     def take(m, args):
         picked = args[0][index]
+        read.append(picked)
         shape[:] = picked.shape[:-1]
-        return (picked.reshape(-1, picked.shape[-1]),)
+        flat = picked.reshape(-1, picked.shape[-1])
+        return (flat if compute else flat[:0],)
 
     def unflatten(m, args, out):
-        return out.reshape(*shape, out.shape[-1])
+        return out.reshape(*shape, out.shape[-1]) if compute else out
 
     handles = [head.register_forward_pre_hook(take), head.register_forward_hook(unflatten)]
     try:
-        yield
+        yield read
     finally:
         for h in handles:
             h.remove()

@@ -15,11 +15,12 @@ def test_suffix_logits_on_the_prefix_cache_equal_the_whole_prompts(arch):
     rows = [torch.randint(3, 128, (n,), generator=g).tolist() for n in lengths]
     batch = SplitBatch.cut(rows, cuts, pad=0, device="cpu")
     with torch.no_grad():
-        suffix = batch.suffix_logits(model, batch.prefix_cache(model))
+        heads, suffix = batch.suffix_pass(model, batch.prefix_cache(model), batch.suffix_ids.shape[1])
         for row, cut, logits, n in zip(rows, cuts, suffix, batch.suffix_lengths):
             whole = model(torch.tensor([row])).logits[0]
             assert n == len(row) - cut
             torch.testing.assert_close(logits[len(logits) - n:], whole[cut:], atol=1e-4, rtol=1e-4)
+    assert heads.shape == (*suffix.shape[:2], model.get_output_embeddings().in_features)
 
 
 def test_the_prefix_cache_is_not_consumed_by_a_step():
@@ -27,5 +28,16 @@ def test_the_prefix_cache_is_not_consumed_by_a_step():
     batch = SplitBatch.cut([[5, 6, 7, 8], [9, 10, 11]], [2, 1], pad=0, device="cpu")
     cache = batch.prefix_cache(model)
     with torch.no_grad():
-        first, second = batch.suffix_logits(model, cache), batch.suffix_logits(model, cache, last=2)
+        (_, first), (_, second) = batch.suffix_pass(model, cache, 3), batch.suffix_pass(model, cache, 2)
     assert second.shape[1] == 2 and torch.equal(first[:, -2:], second)
+
+
+def test_a_suffix_pass_without_logits_gives_the_head_its_input_and_no_work():
+    model = tiny_model("llama")
+    batch = SplitBatch.cut([[5, 6, 7, 8], [9, 10, 11]], [2, 1], pad=0, device="cpu")
+    cache = batch.prefix_cache(model)
+    with torch.no_grad():
+        heads, logits = batch.suffix_pass(model, cache, 2)
+        bare_heads, none = batch.suffix_pass(model, cache, 2, logits=False)
+    assert none is None and torch.equal(bare_heads, heads)
+    torch.testing.assert_close(model.get_output_embeddings()(heads), logits)

@@ -48,3 +48,13 @@ def test_the_head_at_positions_gives_those_positions_logits(arch):
             with lm_head_at(model, index):
                 torch.testing.assert_close(model(input_ids=ids).logits, expected)
         torch.testing.assert_close(model(input_ids=ids).logits, full)  # the head's hooks are gone
+
+
+def test_the_head_at_positions_without_compute_hands_over_its_input():
+    model, ids = tiny_model("llama"), tiny_inputs(batch=3)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        with lm_head_at(model, (slice(None), slice(-2, None)), compute=False) as read:
+            assert model(input_ids=ids).logits.shape == (0, 128)  # the head did no work
+        assert read[0].shape == (3, 2, 32)
+        torch.testing.assert_close(model.get_output_embeddings()(read[0]), full[:, -2:])

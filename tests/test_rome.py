@@ -11,6 +11,7 @@ from hf_kedit.methods import locate
 from hf_kedit.methods import rome as rome_module
 from hf_kedit.methods.rome import ROMEConfig, rome_edit
 from hf_kedit import stats
+from hf_kedit.head_loss import head_cross_entropy
 from packs import delta_matrix
 
 EDIT = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
@@ -44,6 +45,14 @@ def test_the_rank_one_update_maps_the_current_key_to_the_new_value(with_covarian
     # u is C⁻¹k̄ (normalised): the update is orthogonal, under C, to keys C-orthogonal to k̄.
     direction = torch.linalg.solve(C, k_bar) if with_covariance else k_bar
     torch.testing.assert_close(A[0], direction / direction.norm(), atol=1e-5, rtol=1e-5)
+
+
+def test_the_rank_one_update_leaves_the_statistics_as_they_were():
+    X = torch.randn(50, 10, dtype=torch.float64)
+    C = X.T @ X / 50
+    before = C.clone()
+    rank_one_update(torch.randn(10), torch.randn(6), torch.randn(10), torch.randn(6), C)
+    assert torch.equal(C, before)
 
 
 def test_subject_last_index_points_at_the_subject(tokenizer):
@@ -151,6 +160,35 @@ def test_the_layers_before_the_edit_run_once_per_value_optimisation(tokenizer, a
     plain = optimise_value(model, tokenizer, module, EDIT, templates, config)
     torch.testing.assert_close(replayed.value, plain.value)
     assert not torch.equal(replayed.value, replayed.current_value)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi"])  # phi's head has a bias
+def test_the_one_pass_head_loss_gives_the_plain_loss_value(tokenizer, arch, monkeypatch):
+    model = tiny(tokenizer, arch)
+    module = model.get_submodule(anatomy_of(model).mlp_out(1))
+    templates, config = ["{}", "Hello there. {}"], ValueConfig(steps=6, stop_nll=0.0)
+    calls = []
+    monkeypatch.setattr(locate, "head_cross_entropy", lambda *a: calls.append(1) or head_cross_entropy(*a))
+    fused = optimise_value(model, tokenizer, module, EDIT, templates, config)
+    assert len(calls) == 5  # every step after the first, which reads p₀ from the logits
+    monkeypatch.setattr(locate._HeadTargets, "read", classmethod(lambda *args: None))
+    plain = optimise_value(model, tokenizer, module, EDIT, templates, config)
+    assert len(calls) == 5
+    torch.testing.assert_close(fused.value, plain.value, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(fused.value, fused.current_value)
+
+
+def test_a_model_that_caps_its_logits_keeps_the_plain_loss(tokenizer, monkeypatch):
+    config = AutoConfig.for_model("gemma2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  final_logit_softcapping=1.0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    calls = []
+    monkeypatch.setattr(locate, "head_cross_entropy", lambda *a: calls.append(1) or head_cross_entropy(*a))
+    solved = optimise_value(model, tokenizer, model.get_submodule(anatomy_of(model).mlp_out(1)), EDIT, ["{}"],
+                            ValueConfig(steps=3, stop_nll=0.0))
+    assert calls == [] and not torch.equal(solved.value, solved.current_value)
 
 
 def test_context_templates_given_as_json_lists_are_used_as_pairs(tokenizer):

@@ -4,7 +4,7 @@ closed form. It reads the model and never leaves it changed."""
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from ..anatomy import anatomy_of, hidden_states
 from ..batching import pad_id, padded
 from ..errors import EditRequestError
+from ..head_loss import head_cross_entropy
 from ..pack import Edit
 from ..partial_forward import lm_head_at, run_until
 from ..sampling import per_model, sample_texts, seeded
@@ -154,7 +155,7 @@ def optimise_value(model, tokenizer, module, edit: Edit, templates: list[str], c
     first_target = batch.suffix_ids.shape[1] - len(target)
     target_ids = torch.tensor(target, device=model.device).expand(n, -1)
 
-    delta, captured = None, {}
+    delta, captured, targets = None, {}, None
 
     def add_delta(m, args, out):
         nonlocal delta
@@ -176,15 +177,19 @@ def optimise_value(model, tokenizer, module, edit: Edit, templates: list[str], c
     try:
         with _replayed(_layers_before(model, module)):
             for step in range(max(config.steps, 1)):  # the first pass is also the first step
-                logits = batch.suffix_logits(model, cache, len(target))
+                heads, logits = batch.suffix_pass(model, cache, len(target), logits=targets is None)
                 if step == 0:
                     initial = captured["initial"]
                     kl_initial = F.log_softmax(logits[n, -1].detach().float(), -1)
                     optimizer = torch.optim.Adam([delta], lr=config.lr)
-                log_probs = F.log_softmax(logits[:n].float(), -1)
-                nll = -log_probs.gather(-1, target_ids[..., None]).mean()
-                kl = F.kl_div(F.log_softmax(logits[n, -1].float(), -1), kl_initial, log_target=True,
-                              reduction="sum")
+                    targets = _HeadTargets.read(model, heads, logits, target_ids, kl_initial)
+                if logits is not None:
+                    log_probs = F.log_softmax(logits[:n].float(), -1)
+                    nll = -log_probs.gather(-1, target_ids[..., None]).mean()
+                    kl = F.kl_div(F.log_softmax(logits[n, -1].float(), -1), kl_initial, log_target=True,
+                                  reduction="sum")
+                else:
+                    nll, kl = targets.losses(heads)
                 loss = nll + config.kl_factor * kl + config.weight_decay * delta.norm() / initial.norm() ** 2
                 if alignment is not None:
                     states = torch.stack([seen.pop()[:n, first_target] for seen in mid_states])  # [L, n, d]
@@ -281,15 +286,56 @@ class SplitBatch:
             return model(input_ids=self.prefix_ids, attention_mask=self.prefix_mask,
                          position_ids=self._positions(self.prefix_mask), use_cache=True).past_key_values
 
-    def suffix_logits(self, model, cache, last: int = 0) -> torch.Tensor:
-        """Logits at the suffix columns [batch, suffix, vocab], or at its `last`
-        columns only; `cache` is copied because a forward appends to it."""
+    def suffix_pass(self, model, cache, last: int, logits: bool = True):
+        """(the LM head's input at the suffix's `last` columns [batch, last, hidden],
+        the logits there [batch, last, vocab], or None if not `logits`); `cache`
+        is copied because a forward appends to it."""
         offset = self.prefix_mask.sum(1, keepdim=True)
-        with lm_head_at(model, (slice(None), slice(-last, None))) if last else nullcontext():
-            return model(input_ids=self.suffix_ids,
-                         attention_mask=torch.cat([self.prefix_mask, self.suffix_mask], 1),
-                         position_ids=self._positions(self.suffix_mask, offset),
-                         past_key_values=copy.deepcopy(cache), use_cache=True).logits
+        with lm_head_at(model, (slice(None), slice(-last, None)), compute=logits) as read:
+            out = model(input_ids=self.suffix_ids,
+                        attention_mask=torch.cat([self.prefix_mask, self.suffix_mask], 1),
+                        position_ids=self._positions(self.suffix_mask, offset),
+                        past_key_values=copy.deepcopy(cache), use_cache=True).logits
+        return read[0], (out if logits else None)
+
+
+@dataclass
+class _HeadTargets:
+    """The value optimisation's NLL (rows 0..n-1: the target tokens) and KL (row n:
+    the first step's next-token distribution p₀) as `head_cross_entropy` terms,
+    which read the LM head's weight once per step instead of twice."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    rows: torch.Tensor  # [n·len(target) + 1, hidden]: the targets' head rows, then p₀ @ W
+    row_bias: torch.Tensor
+    entropy: torch.Tensor  # H(p₀): KL(p₀‖p) = cross-entropy − H(p₀)
+
+    @classmethod
+    @torch.no_grad()
+    def read(cls, model, heads, logits, target_ids, kl_initial) -> "_HeadTargets | None":
+        """None unless the model's logits are its head's plain affine map of the
+        head's input: a model that scales or caps its logits keeps the plain loss."""
+        head = model.get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear):
+            return None
+        n = len(target_ids)
+        expected = F.linear(heads[n, -1:], head.weight, head.bias).float()
+        if not torch.allclose(logits[n, -1:].float(), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item()):
+            return None
+        p0 = kl_initial.exp()
+        weight, bias = head.weight, head.bias
+        rows = torch.cat([weight[target_ids.reshape(-1)].float(), (p0 @ weight.float())[None]])
+        row_bias = (torch.cat([bias[target_ids.reshape(-1)].float(), (p0 @ bias.float())[None]])
+                    if bias is not None else torch.zeros(len(rows), device=rows.device))
+        return cls(weight, bias, rows, row_bias, -(p0 * kl_initial).sum())
+
+    def losses(self, heads) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean NLL of the target tokens, KL(p₀‖p) of the KL prompt) from the head's input."""
+        n = len(heads) - 1
+        states = torch.cat([heads[:n].reshape(-1, heads.shape[-1]), heads[n, -1:]])
+        cross_entropy = head_cross_entropy(states, self.weight, self.bias, self.rows, self.row_bias)
+        return cross_entropy[:-1].mean(), cross_entropy[-1] - self.entropy
 
 
 def rank_one_update(key: torch.Tensor, value: torch.Tensor, current_key: torch.Tensor,
@@ -302,9 +348,9 @@ def rank_one_update(key: torch.Tensor, value: torch.Tensor, current_key: torch.T
     Returns the weight_delta factors (A = uᵀ [1, in], B = w [out, 1])."""
     u = key.double()
     if second_moment is not None:
-        C = second_moment.double()
+        C = second_moment.to(torch.float64, copy=True)  # the ridge is added in place
         # A small ridge keeps C invertible when the statistics saw few tokens.
-        C = C + ridge * C.diagonal().mean() * torch.eye(len(C), dtype=C.dtype, device=C.device)
+        C.diagonal().add_(ridge * C.diagonal().mean())
         u = torch.linalg.solve(C, u)
     u = u / u.norm()
     w = (value.double() - current_value.double()) / (current_key.double() @ u)
