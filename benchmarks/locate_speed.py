@@ -105,8 +105,8 @@ def main() -> None:
               + " |" for name, value in results.items()]
     memit = f"; MEMIT edits the first {args.memit_batch}" if args.memit_batch else ""
     table = "\n".join(lines) + (f"\n\nROME: {speedup:.1f}× faster than EasyEdit's {EASYEDIT_ROME_SECONDS} s per edit "
-                                f"on this machine. ROME, STEAM and ROME as before take turns edit by edit, on the first "
-                                f"{args.edits} CounterFact cases{memit}.\n")
+                                f"on this machine. ROME, STEAM and ROME as before take turns edit by edit, "
+                                f"on the first {args.edits} CounterFact cases{memit}.\n")
     print(table)
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps({"edits": args.edits, "memit_batch": args.memit_batch,

@@ -28,13 +28,13 @@ class ROMEConfig(ValueConfig):
     lacks them. `context_templates`: (how many, tokens) pairs of texts the model
     samples to put before the prompt; five of five tokens by default (five more
     of ten tokens, the previous default, took 30 % longer per edit at about equal
-    quality: docs/locate-and-edit.md). `solve_at`: the key at which the update adds exactly δ = v* − v:
-    "prompt" (the default, as ROME's code: the bare prompt's key, which then maps
-    to v*) or "templates" (k̄, the key averaged over the context templates, as
-    r-ROME: an edit whose bare prompt's key is atypical no longer gets a far
-    larger update, which helps many edits attached together and costs single
-    edits some efficacy; measured in docs/locate-and-edit.md). The value
-    optimisation's settings are `ValueConfig`'s."""
+    quality: docs/locate-and-edit.md). `solve_at`: the key at which the update
+    adds exactly δ = v* − v: "prompt" (the default, as ROME's code: the bare
+    prompt's key, which then maps to v*) or "templates" (k̄, the key averaged
+    over the context templates, as r-ROME: an edit whose bare prompt's key is
+    atypical no longer gets a far larger update, which helps many edits
+    attached together and costs single edits some efficacy; measured in
+    docs/locate-and-edit.md). The value optimisation's settings are `ValueConfig`'s."""
 
     layer: float | int | str = 0.17
     covariance: bool = True
