@@ -83,6 +83,29 @@ def _has_weighted(module: nn.Module, name: str) -> bool:
         return False
 
 
+def is_linear(module: nn.Module) -> bool:
+    """Whether `module` is a linear map of its input (`nn.Linear` or GPT-2's `Conv1D`),
+    which a low-rank weight change can act on as an added output."""
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def shared_weights(model: nn.Module) -> dict[str, list[str]]:
+    """Module name -> the other modules whose `weight` is the same parameter (tied
+    input and output embeddings): writing into one writes into all of them.
+
+    Example:
+        >>> shared_weights(gpt2)
+        {'transformer.wte': ['lm_head'], 'lm_head': ['transformer.wte']}
+    """
+    owners: dict[int, dict[int, str]] = {}
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor):
+            owners.setdefault(id(w), {}).setdefault(id(m), name)
+    return {name: [o for o in names.values() if o != name]
+            for names in owners.values() if len(names) > 1 for name in names.values()}
+
+
 def weight_layout(module: nn.Module) -> str:
     """"out_in" for `nn.Linear` (y = x Wᵀ), "in_out" for GPT-2's `Conv1D` (y = x W)."""
     return "in_out" if isinstance(module, Conv1D) else "out_in"

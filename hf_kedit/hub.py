@@ -5,14 +5,26 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+def is_repo_id(text: str) -> bool:
+    """Whether `text` is a valid Hub repo id ("name" or "user/name"), by the Hub's own rules.
+
+    Example:
+        >>> is_repo_id("user/edits"), is_repo_id("user/..")
+        (True, False)
+    """
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return text.count("/") <= 1
 
 
 def resolve_source(source: str | os.PathLike, revision: str | None = None, token: str | None = None,
@@ -20,6 +32,8 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None, token
     """A local folder for `source`, and the Hub commit sha it came from (None for
     a local folder). An existing path wins; a path-like string that does not exist
     is a `FileNotFoundError`, never a confusing repo-id error."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"expected a folder or a Hub repo id 'user/name', got {type(source).__name__}: {source!r}")
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -27,8 +41,7 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None, token
                                     "shared statistics kedit_stats.json) or a Hub repo id")
         return path, None
     text = str(source)
-    if isinstance(source, os.PathLike) or text.startswith((".", "/", "~")) or not REPO_ID.match(text) \
-            or text.count("/") > 1:
+    if isinstance(source, os.PathLike) or text.startswith((".", "/", "~")) or not is_repo_id(text):
         raise FileNotFoundError(f"no such folder: {text} (nor is it a Hub repo id 'user/name')")
     folder = Path(snapshot_download(text, revision=revision, allow_patterns=allow_patterns, token=token))
     return folder, folder.name

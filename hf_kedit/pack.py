@@ -8,6 +8,7 @@ Safetensors and JSON only: nothing here can execute code from a file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .card import model_card
 from .errors import IncompatiblePackError, PackFormatError
+from .fingerprint import check_record
 from .hub import file_sha256, push_pack, resolve_source
 from .kinds import kind_named
 
@@ -31,8 +33,15 @@ CARD_NAME = "README.md"
 PACK_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-EDIT_ID = re.compile(r"^[A-Za-z0-9_-]+$")
-OPTIONAL = ("kind_config", "files")
+EDIT_ID = re.compile(r"[A-Za-z0-9_-]+")  # matched whole (fullmatch)
+SHA256 = re.compile(r"[0-9a-f]{64}")
+OPTIONAL = ("kind_config", "created_with")
+MANIFEST_KEYS = ("format_version", "kind", "method", "base_model", "kind_config", "edits", "tensors", "files",
+                 "created_with")
+METHOD_KEYS = ("name", "hyperparameters")
+# A manifest of 100,000 edits stays well below both; a file beyond them is refused before it is parsed in full.
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_MANIFEST_DEPTH = 64
 _JSON_NAMES = {str: "string", dict: "object", list: "array"}
 
 
@@ -88,6 +97,20 @@ class EditPack:
         return (f"EditPack(kind={self.kind!r}, method={self.method!r}, edits={len(self.edits)}, "
                 f"base_model={self.base_model.get('name_or_path')!r})")
 
+    def edit_digest(self, edit_id: str) -> str:
+        """A sha256 of one edit: its id, fields and tensors (names, dtypes, shapes,
+        bytes). Two packs holding the same edit give the same digest."""
+        digests = self.__dict__.setdefault("_digests", {})
+        if edit_id not in digests:
+            e = next(e for e in self.edits if e.id == edit_id)
+            h = hashlib.sha256(json.dumps([self.kind, e.id, e.subject, e.prompt, e.target_new]).encode())
+            for name in sorted(e.tensors):
+                t = self.tensors[name].detach().to("cpu").contiguous()
+                h.update(f"{name}|{t.dtype}|{list(t.shape)}".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            digests[edit_id] = h.hexdigest()
+        return digests[edit_id]
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
@@ -123,7 +146,7 @@ class EditPack:
         base_model = _merged(self.base_model, other.base_model, "base_model")
         kind_config = _merged(self.kind_config, other.kind_config, "kind_config")
         hyperparameters = (self.hyperparameters if self.hyperparameters == other.hyperparameters
-                           else {"packs": [self.hyperparameters, other.hyperparameters]})
+                           else {"packs": _settings_list(self.hyperparameters) + _settings_list(other.hyperparameters)})
         return EditPack(self.kind, self.method, self.edits + other.edits, {**self.tensors, **other.tensors},
                         base_model, hyperparameters, kind_config)
 
@@ -135,7 +158,7 @@ class EditPack:
         if not self.edits:
             raise PackFormatError("the pack holds no edits")
         check_edits(self.edits)
-        _check_base_model(self.base_model)
+        check_record(self.base_model)
         owned = [name for e in self.edits for name in e.tensors]
         if len(set(owned)) != len(owned):
             raise PackFormatError("a tensor is owned by more than one edit")
@@ -165,10 +188,12 @@ class EditPack:
             "created_with": f"hf_kedit {__version__}",
         }
 
-    def save_pretrained(self, save_directory: str | Path, repo_id: str | None = None) -> Path:
+    def save_pretrained(self, save_directory: str | Path, repo_id: str | None = None, overwrite: bool = False) -> Path:
         """Write the pack's three files into `save_directory` (created if needed);
-        `repo_id` names the Hub repo in the model card's usage example."""
+        `repo_id` names the Hub repo in the model card's usage example. A folder
+        that holds a pack already is refused (`FileExistsError`) unless `overwrite`."""
         out = Path(save_directory)
+        refuse_overwrite(out, PACK_FILES, overwrite)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {n: t.detach().to("cpu").contiguous().clone() for n, t in self.tensors.items()}
         save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -195,14 +220,22 @@ class EditPack:
         returns the commit sha."""
         return push_pack(self, repo_id, branch=branch, private=private, commit_message=commit_message, token=token)
 
-    def export_peft(self, save_directory: str | Path) -> Path:
+    def export_peft(self, save_directory: str | Path, overwrite: bool = False) -> Path:
         """Write a PEFT adapter folder equivalent to this pack (weight_delta packs),
-        loadable by `peft.PeftModel.from_pretrained(base, save_directory)`."""
+        loadable by `peft.PeftModel.from_pretrained(base, save_directory)`. A folder
+        that holds an adapter already is refused (`FileExistsError`) unless `overwrite`."""
         kind = kind_named(self.kind)
         if not hasattr(kind, "export_peft"):
             raise PackFormatError(f"{self.kind} packs have no PEFT equivalent; only weight_delta packs export")
+        refuse_overwrite(Path(save_directory), kind.PEFT_FILES, overwrite)
         kind.export_peft(self, save_directory)
         return Path(save_directory)
+
+
+def _settings_list(hyperparameters: dict) -> list[dict]:
+    """The settings a pack's edits were made with, as a flat list (packs that
+    `extend` joined hold one entry per part), so that joins do not nest."""
+    return list(hyperparameters["packs"]) if set(hyperparameters) == {"packs"} else [hyperparameters]
 
 
 def _merged(a, b, where: str):
@@ -215,6 +248,48 @@ def _merged(a, b, where: str):
     return a
 
 
+def refuse_overwrite(folder: Path, names, overwrite: bool) -> None:
+    """`FileExistsError` if `folder` holds any of the files `names` and not `overwrite`."""
+    present = sorted(n for n in names if (folder / n).exists()) if folder.is_dir() else []
+    if present and not overwrite:
+        raise FileExistsError(f"{folder} holds {present} already; pass overwrite=True to replace them, "
+                              "or give another folder")
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file; give a folder")
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest at `path` as a JSON object; `PackFormatError` for a file too
+    large, too deeply nested, or not JSON."""
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise PackFormatError(f"{path} is {path.stat().st_size} bytes, more than a manifest may be "
+                              f"({MAX_MANIFEST_BYTES} bytes): it is not an hf_kedit manifest")
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PackFormatError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise PackFormatError(f"{path} is nested deeper than a manifest may be ({MAX_MANIFEST_DEPTH})") from None
+    except ValueError as e:  # an integer of more digits than Python converts
+        raise PackFormatError(f"{path} holds a value that does not parse: {e}") from None
+    if _depth(manifest) > MAX_MANIFEST_DEPTH:
+        raise PackFormatError(f"{path} is nested deeper than a manifest may be ({MAX_MANIFEST_DEPTH})")
+    if not isinstance(manifest, dict):
+        raise PackFormatError(f"{path} must hold a JSON object")
+    return manifest
+
+
+def _depth(value) -> int:
+    """How deeply JSON containers nest in `value` (without recursion)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            todo.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def read_pack(folder: Path) -> EditPack:
     """Read a pack folder, checking every file against the manifest."""
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
@@ -224,41 +299,49 @@ def read_pack(folder: Path) -> EditPack:
             hint = (f"; it holds {pickles}, but hf_kedit never loads pickle files (they can run code)"
                     if pickles else "")
             raise PackFormatError(f"{folder} is not an edit pack: {path.name} is missing{hint}")
-    try:
-        manifest = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PackFormatError(f"{config_path} is not valid JSON: {e}") from None
-    if not isinstance(manifest, dict):
-        raise PackFormatError(f"{config_path} must hold a JSON object")
+    manifest = read_manifest(config_path)
     if "format_version" not in manifest:
         raise PackFormatError(f"{config_path} has no format_version: it is not an hf_kedit manifest")
     version = manifest["format_version"]
     if type(version) is not int or version != FORMAT_VERSION:
         raise PackFormatError(f"{config_path}: format_version {version!r} is not supported (this hf_kedit "
                               f"reads version {FORMAT_VERSION}); a newer pack needs a newer hf_kedit")
+    unknown = sorted(set(manifest) - set(MANIFEST_KEYS))
+    if unknown:
+        raise PackFormatError(f"{config_path}: unknown keys {unknown[:5]}; a version-{FORMAT_VERSION} manifest "
+                              f"holds {list(MANIFEST_KEYS)}")
     for key, typ in (("kind", str), ("method", dict), ("base_model", dict), ("edits", list), ("tensors", dict),
-                     ("kind_config", dict), ("files", dict)):
+                     ("kind_config", dict), ("files", dict), ("created_with", str)):
         if key in manifest and not isinstance(manifest[key], typ) or key not in manifest and key not in OPTIONAL:
             raise PackFormatError(f"{config_path}: '{key}' must be a JSON {_JSON_NAMES[typ]}")
     kind_named(manifest["kind"])
+    method = manifest["method"]
+    if set(method) - set(METHOD_KEYS) or not isinstance(method.get("name"), str) \
+            or not isinstance(method.get("hyperparameters", {}), dict):
+        raise PackFormatError(f"{config_path}: 'method' must be {{\"name\": a string, \"hyperparameters\": an "
+                              f"object}}, got keys {sorted(method)}")
     for name, spec in manifest["tensors"].items():
-        if not (isinstance(spec, dict) and isinstance(spec.get("shape"), list)
-                and all(type(n) is int and n >= 0 for n in spec["shape"]) and spec.get("dtype") in DTYPES):
+        if not (isinstance(spec, dict) and set(spec) == {"shape", "dtype"} and isinstance(spec["shape"], list)
+                and all(type(n) is int and n >= 0 for n in spec["shape"])
+                and isinstance(spec["dtype"], str) and spec["dtype"] in DTYPES):
             raise PackFormatError(f"{config_path}: tensors[{name!r}] must be {{\"shape\": [ints], \"dtype\": one "
                                   f"of {sorted(DTYPES)}}}, got {spec!r}")
     if not all(isinstance(e, dict) for e in manifest["edits"]):
         raise PackFormatError(f"{config_path}: every entry of 'edits' must be a JSON object")
-    entry = manifest.get("files", {}).get(WEIGHTS_NAME, {})
-    expected_sha = entry.get("sha256") if isinstance(entry, dict) else None
-    if expected_sha and expected_sha != file_sha256(weights_path):
+    entry = manifest["files"].get(WEIGHTS_NAME)
+    if set(manifest["files"]) != {WEIGHTS_NAME} or not isinstance(entry, dict) or set(entry) != {"sha256"} \
+            or not isinstance(entry["sha256"], str) or not SHA256.fullmatch(entry["sha256"]):
+        raise PackFormatError(f"{config_path}: 'files' must be {{\"{WEIGHTS_NAME}\": {{\"sha256\": 64 hex digits}}}}, "
+                              "the check that the weights arrived whole")
+    if entry["sha256"] != file_sha256(weights_path):
         raise PackFormatError(f"{weights_path} is corrupted: its sha256 differs from the manifest's")
     tensors = _read_tensors(weights_path, manifest["tensors"])
     try:
         edits = [Edit(**e) for e in manifest["edits"]]
     except TypeError as e:
         raise PackFormatError(f"{config_path}: an edit entry is malformed ({e})") from None
-    return EditPack(manifest["kind"], manifest["method"].get("name", ""), edits, tensors, manifest["base_model"],
-                    manifest["method"].get("hyperparameters", {}), manifest.get("kind_config", {}))
+    return EditPack(manifest["kind"], method["name"], edits, tensors, manifest["base_model"],
+                    method.get("hyperparameters", {}), manifest.get("kind_config", {}))
 
 
 def _read_tensors(path: Path, declared: dict) -> dict[str, torch.Tensor]:
@@ -289,9 +372,9 @@ def check_edits(edits: list[Edit], error: type[Exception] = PackFormatError) -> 
     for e in edits:
         _check_edit_fields(e, error)
     ids = [e.id for e in edits]
-    bad = [i for i in ids if not isinstance(i, str) or not EDIT_ID.match(i)]
+    bad = [i for i in ids if not isinstance(i, str) or not EDIT_ID.fullmatch(i)]
     if bad:
-        raise error(f"edit ids must match {EDIT_ID.pattern}: {bad}")
+        raise error(f"edit ids must match {EDIT_ID.pattern} (letters, digits, '_' and '-'): {bad[:5]}")
     if len(set(ids)) != len(ids):
         raise error(f"edit ids repeat: {sorted({i for i in ids if ids.count(i) > 1})}; give each edit its own id")
 
@@ -307,15 +390,6 @@ def _check_edit_fields(e: Edit, error: type[Exception]) -> None:
         raise error(f"edit {e.id!r}: metrics must be an object and created a string")
     if not isinstance(e.tensors, list) or not all(isinstance(t, str) for t in e.tensors):
         raise error(f"edit {e.id!r}: tensors must be a list of tensor names, got {e.tensors!r}")
-
-
-def _check_base_model(record: dict) -> None:
-    fingerprint = record.get("fingerprint") if isinstance(record, dict) else None
-    if not isinstance(fingerprint, dict) or not all(
-            isinstance(v, dict) and isinstance(v.get("shape"), list) and isinstance(v.get("sha256_bf16"), str)
-            and isinstance(v.get("sample"), list) for v in fingerprint.values()):
-        raise PackFormatError("base_model.fingerprint must map each module to its shape, sha256_bf16 and "
-                              "sample: the pack cannot be checked against a model without it")
 
 
 def _safetensors_dtype(name) -> str:

@@ -1,4 +1,5 @@
 """Random packs for tests, and tampering with saved ones: the values do not matter, the plumbing does."""
+import hashlib
 import json
 
 import torch
@@ -103,7 +104,7 @@ def rewrite_pack(folder, change_tensors=None, change_manifest=None):
         manifest["tensors"] = {n: {"shape": list(t.shape), "dtype": "float32"} for n, t in tensors.items()}
     if change_manifest:
         change_manifest(manifest)
-    manifest.pop("files")
+    manifest["files"] = {WEIGHTS_NAME: {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}}
     (folder / CONFIG_NAME).write_text(json.dumps(manifest))
 
 

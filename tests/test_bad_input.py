@@ -111,12 +111,11 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def rewrite_tensors(change, sha: str, manifest_too: bool = False, manifest_change=None):
+def rewrite_tensors(change, manifest_too: bool = False, manifest_change=None):
     """A breaker that rewrites the safetensors file with `change(tensors)`.
 
-    sha="update" writes the new file's sha256 into the manifest, sha="drop"
-    removes the `files` entry: either way the integrity check does not mask the
-    problem. With `manifest_too`, the manifest's `tensors` entry is rewritten to
+    The new file's sha256 goes into the manifest, so the integrity check does
+    not mask the problem. With `manifest_too`, the manifest's `tensors` entry is rewritten to
     describe the new file (file and manifest agree); otherwise it still describes
     the original file."""
     def breaker(folder):
@@ -130,21 +129,20 @@ def rewrite_tensors(change, sha: str, manifest_too: bool = False, manifest_chang
                                    for n, t in tensors.items()}
         if manifest_change:
             manifest_change(manifest)
-        if sha == "update":
-            manifest["files"][WEIGHTS_NAME]["sha256"] = sha256(path)
-        else:
-            del manifest["files"]
+        manifest["files"][WEIGHTS_NAME]["sha256"] = sha256(path)
         write_manifest(folder, manifest)
     return breaker
 
 
 def rewrite_bytes(change, keep_sha: bool = True):
-    """A breaker that changes the safetensors file's raw bytes (`change(bytes) -> bytes`)."""
+    """A breaker that changes the safetensors file's raw bytes (`change(bytes) -> bytes`);
+    without `keep_sha` the manifest gets the damaged file's sha256, so that the
+    file's own checks are what must catch it."""
     def breaker(folder):
         path = folder / WEIGHTS_NAME
         path.write_bytes(change(path.read_bytes()))
         if not keep_sha:
-            edit_manifest(lambda m: m.pop("files"))(folder)
+            edit_manifest(lambda m: m["files"][WEIGHTS_NAME].update(sha256=sha256(path)))(folder)
     return breaker
 
 
@@ -228,7 +226,7 @@ BROKEN = [
     ("data-bytes-flipped", rewrite_bytes(lambda d: flip(range(len(d) - 12, len(d) - 4))(d)),
      PackFormatError, "corrupted.*sha256"),
     ("header-bytes-flipped", rewrite_bytes(flip_header), PackFormatError, "corrupted.*sha256"),
-    # ... and without a sha256 in the manifest, safetensors' own checks do
+    # ... and with the damaged file's sha256 in the manifest, safetensors' own checks do
     ("truncated-no-sha", rewrite_bytes(lambda d: d[: len(d) // 2], keep_sha=False),
      PackFormatError, "not a readable safetensors file"),
     ("header-bytes-flipped-no-sha", rewrite_bytes(flip_header, keep_sha=False),
@@ -258,37 +256,35 @@ BROKEN = [
     ("bin-beside-manifest", only_pickle("pytorch_model.bin", keep_pack_files=True), PackFormatError,
      f"{re.escape(WEIGHTS_NAME)} is missing.*pickle"),
 ]
-# 3. tensors: the file disagrees with the manifest (sha256 updated, or removed)
-for sha in ("update", "drop"):
-    BROKEN += [
-        (f"tensor-missing-{sha}", rewrite_tensors(drop_tensor(A0), sha), PackFormatError,
-         f"lacks tensors.*{re.escape(A0)}"),
-        (f"tensor-extra-{sha}", rewrite_tensors(set_tensor("e9.stowaway", torch.zeros(2)), sha), PackFormatError,
-         "does not declare.*e9.stowaway"),
-        (f"tensor-shape-{sha}", rewrite_tensors(set_tensor(A0, torch.zeros(1, 63)), sha), PackFormatError,
-         f"{re.escape(A0)}.*shape \\[1, 63\\]"),
-        (f"tensor-dtype-{sha}", rewrite_tensors(set_tensor(A0, lambda t: t.half()), sha), PackFormatError,
-         f"{re.escape(A0)}.*dtype F16"),
-        (f"tensor-nan-{sha}", rewrite_tensors(set_tensor(A0, with_nonfinite(float("nan"))), sha), PackFormatError,
-         f"{re.escape(A0)}.*NaN"),
-        (f"tensor-inf-{sha}", rewrite_tensors(set_tensor(B0, with_nonfinite(float("inf"))), sha), PackFormatError,
-         f"{re.escape(B0)}.*inf"),
-    ]
+# 3. tensors: the file disagrees with the manifest (sha256 updated)
+BROKEN += [
+    ("tensor-missing", rewrite_tensors(drop_tensor(A0)), PackFormatError, f"lacks tensors.*{re.escape(A0)}"),
+    ("tensor-extra", rewrite_tensors(set_tensor("e9.stowaway", torch.zeros(2))), PackFormatError,
+     "does not declare.*e9.stowaway"),
+    ("tensor-shape", rewrite_tensors(set_tensor(A0, torch.zeros(1, 63))), PackFormatError,
+     f"{re.escape(A0)}.*shape \\[1, 63\\]"),
+    ("tensor-dtype", rewrite_tensors(set_tensor(A0, lambda t: t.half())), PackFormatError,
+     f"{re.escape(A0)}.*dtype F16"),
+    ("tensor-nan", rewrite_tensors(set_tensor(A0, with_nonfinite(float("nan")))), PackFormatError,
+     f"{re.escape(A0)}.*NaN"),
+    ("tensor-inf", rewrite_tensors(set_tensor(B0, with_nonfinite(float("inf")))), PackFormatError,
+     f"{re.escape(B0)}.*inf"),
+]
 # 3. tensors: file and manifest agree, but the pack is not a well-formed weight_delta pack
 BROKEN += [
-    ("agreed-tensor-missing", rewrite_tensors(drop_tensor(A0), "update", manifest_too=True), PackFormatError,
+    ("agreed-tensor-missing", rewrite_tensors(drop_tensor(A0), manifest_too=True), PackFormatError,
      f"edits name tensors the pack does not hold.*{re.escape(A0)}"),
-    ("agreed-tensor-extra", rewrite_tensors(set_tensor("e9.stowaway", torch.zeros(2)), "update", manifest_too=True),
+    ("agreed-tensor-extra", rewrite_tensors(set_tensor("e9.stowaway", torch.zeros(2)), manifest_too=True),
      PackFormatError, "tensors no edit owns.*e9.stowaway"),
     ("agreed-tensor-extra-owned",
-     rewrite_tensors(set_tensor("e0.stowaway", torch.zeros(2)), "update", manifest_too=True,
+     rewrite_tensors(set_tensor("e0.stowaway", torch.zeros(2)), manifest_too=True,
                      manifest_change=lambda m: m["edits"][0]["tensors"].append("e0.stowaway")),
      PackFormatError, "'e0' owns tensors that are no weight_delta factors.*e0.stowaway"),
-    ("agreed-shape-not-factors", rewrite_tensors(set_tensor(A0, torch.zeros(1, 63)), "update", manifest_too=True),
+    ("agreed-shape-not-factors", rewrite_tensors(set_tensor(A0, torch.zeros(1, 63)), manifest_too=True),
      PackFormatError, f"'e0' on {re.escape(MODULE0)}.*not factors"),
-    ("agreed-rank-mismatch", rewrite_tensors(set_tensor(A0, torch.zeros(2, 64)), "update", manifest_too=True),
+    ("agreed-rank-mismatch", rewrite_tensors(set_tensor(A0, torch.zeros(2, 64)), manifest_too=True),
      PackFormatError, f"'e0' on {re.escape(MODULE0)}.*not factors"),
-    ("agreed-dtype-int32", rewrite_tensors(set_tensor(A0, lambda t: t.int()), "update", manifest_too=True),
+    ("agreed-dtype-int32", rewrite_tensors(set_tensor(A0, lambda t: t.int()), manifest_too=True),
      PackFormatError, f"{re.escape(A0)}.*dtype"),
 ]
 
@@ -325,7 +321,7 @@ def test_file_with_nonfinite_bf16_values(llama, good_folder):
         for n in tensors:
             tensors[n] = tensors[n].bfloat16()
         tensors[A1_LAYER2] = with_nonfinite(float("nan"))(tensors[A1_LAYER2])
-    rewrite_tensors(to_bf16_with_nan, "update", manifest_too=True)(good_folder)
+    rewrite_tensors(to_bf16_with_nan, manifest_too=True)(good_folder)
     with untouched(llama), raises_exactly(PackFormatError, f"{re.escape(A1_LAYER2)}.*NaN"):
         load_edits(llama, good_folder)
 
@@ -334,7 +330,7 @@ def test_file_with_nonfinite_bf16_values(llama, good_folder):
 
 def test_factors_do_not_fit_the_module(llama, good_folder):
     """File, manifest and kind_config agree on in=63; the model's module has in=64."""
-    rewrite_tensors(_shrink_module0_a, "update", manifest_too=True, manifest_change=_module0_in_63)(good_folder)
+    rewrite_tensors(_shrink_module0_a, manifest_too=True, manifest_change=_module0_in_63)(good_folder)
     EditPack.from_pretrained(good_folder)  # a well-formed pack ...
     with untouched(llama), raises_exactly(IncompatiblePackError, f"{re.escape(MODULE0)}.*\\[32, 64\\].*\\[32, 63\\]"):
         load_edits(llama, good_folder)  # ... that does not fit this model

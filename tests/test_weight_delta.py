@@ -154,7 +154,8 @@ def test_export_peft_loads_in_peft_with_the_same_outputs(arch, tmp_path):
     a = random_pack(model, layers=(0, 2), n_edits=2, rank=1)
     b = random_pack(model, layers=(1,), n_edits=1, rank=3, seed=5, prefix="b", subject="B{}")  # another rank: rank_pattern
     tensors, edits = {**a.tensors, **b.tensors}, a.edits + b.edits
-    combined = type(a)("weight_delta", "random", edits, tensors, a.base_model,
+    base_model = {**a.base_model, "fingerprint": {**a.base_model["fingerprint"], **b.base_model["fingerprint"]}}
+    combined = type(a)("weight_delta", "random", edits, tensors, base_model,
                        kind_config={"modules": {**a.kind_config["modules"], **b.kind_config["modules"]}})
     combined.export_peft(tmp_path / "lora")
     load_edits(model, combined, name="p")

@@ -39,12 +39,13 @@ from torch import nn
 
 from ..anatomy import anatomy_of, hidden_states
 from ..errors import AnatomyError, IncompatiblePackError, KeditError, PackFormatError
-from .prompt_calls import ForwardCall, hidden_size
+from .hooked_runtime import HookedRuntime
+from .prompt_calls import hidden_size
 
 PEFT_TYPES = {"LOREFT": "none", "BAFT": "sigmoid_rms"}  # peft_type -> the gate it uses
 RMS_EPS = 1e-6
 COMPONENTS = ("block_output",)
-POSITIONS = re.compile(r"^(?:f(\d+)(?:\+l(\d+))?|l(\d+))$")
+POSITIONS = re.compile(r"f(\d+)(?:\+l(\d+))?|l(\d+)")  # matched whole (fullmatch)
 EVERY_PROMPT_TOKEN = (0, 1 << 30)  # "all": more last tokens than any prompt has
 PARTS = ("rotation", "source.weight", "source.bias")
 FIELDS = ("R", "W", "b", "G", "c", "gated", "floor")  # the tensors of `Interventions`, in order
@@ -63,10 +64,14 @@ def parse_positions(spec, error: type[Exception] = PackFormatError) -> tuple[int
     """
     if spec == "all":
         return EVERY_PROMPT_TOKEN
-    match = POSITIONS.match(spec) if isinstance(spec, str) else None
+    match = POSITIONS.fullmatch(spec) if isinstance(spec, str) else None
     if match is None:
         raise error(f"positions={spec!r} does not parse: write \"f{{n}}+l{{m}}\" (the first n and last m prompt "
                     "tokens), \"f{n}\" or \"l{m}\", e.g. \"l1\" or \"f1+l1\", or \"all\" (every prompt token)")
+    digits = [g for g in match.groups() if g]
+    if any(len(g) > 10 or int(g) > EVERY_PROMPT_TOKEN[1] for g in digits):
+        raise error(f"positions={spec!r}: a count of tokens above {EVERY_PROMPT_TOKEN[1]} is no prompt's; "
+                    "write \"all\" for every prompt token")
     first, last = int(match.group(1) or 0), int(match.group(2) or match.group(3) or 0)
     if first + last == 0:
         raise error(f"positions={spec!r} selects no token: n + m must be at least 1")
@@ -151,6 +156,10 @@ class BasisInterventionConfig:
         if self.task_type != "CAUSAL_LM" or self.component not in COMPONENTS:
             raise PackFormatError(f"basis_intervention pack: task_type must be 'CAUSAL_LM' and component one of "
                                   f"{COMPONENTS}, got {self.task_type!r} and {self.component!r}")
+        for name in ("base_model_name_or_path", "revision"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise PackFormatError(f"basis_intervention pack: {name} must be a string or null, "
+                                      f"got {getattr(self, name)!r}")
         for name in ("r", "hidden_size"):
             if type(getattr(self, name)) is not int or getattr(self, name) < 1:
                 raise PackFormatError(f"basis_intervention pack: {name} must be a positive integer, "
@@ -158,8 +167,8 @@ class BasisInterventionConfig:
         if self.r > self.hidden_size:
             raise PackFormatError(f"basis_intervention pack: rank r={self.r} exceeds hidden_size={self.hidden_size}: "
                                   "R cannot have more orthonormal rows than the hidden size")
-        if not isinstance(self.layers, list) or not self.layers or len(set(self.layers)) != len(self.layers) \
-                or not all(type(i) is int and i >= 0 for i in self.layers):
+        if not isinstance(self.layers, list) or not self.layers or not all(
+                type(i) is int and i >= 0 for i in self.layers) or len(set(self.layers)) != len(self.layers):
             raise PackFormatError(f"basis_intervention pack: layers must be distinct layer indices, "
                                   f"got {self.layers!r}")
         floor = self.gate_floor
@@ -200,11 +209,12 @@ class BasisIntervention:
                                           f"orthonormal (|R Rᵀ − I| reaches {error:.2g})")
 
     @staticmethod
-    def modules(pack) -> list[str]:
-        """The modules fingerprinted for the pack. An intervention reads the residual
-        stream, which every earlier weight shapes; the methods fingerprint the MLP
-        output projection of each intervened layer as the witness of those weights."""
-        return sorted(pack.base_model["fingerprint"])
+    def modules(kind_config: dict, model: nn.Module) -> list[str]:
+        """The modules the fingerprint must cover. An intervention reads the residual
+        stream, which every earlier weight shapes; the MLP output projection of each
+        intervened layer is the witness of those weights."""
+        anatomy = anatomy_of(model)
+        return sorted(anatomy.mlp_out(layer) for layer in kind_config["layers"])
 
     @staticmethod
     def check_model(pack, model: nn.Module) -> None:
@@ -223,64 +233,43 @@ class BasisIntervention:
             raise IncompatiblePackError(f"the pack's interventions act on hidden size {config.hidden_size}; this "
                                         f"model's hidden size is {hidden}")
 
-    class Runtime:
+    class Runtime(HookedRuntime):
         """Every attached basis_intervention pack of one model: one hook per
-        intervened layer, and one pre-hook on the layers' parent (the base model)
-        that reads each forward call's padding mask and cache state."""
+        intervened layer, and the base model's call hooks (`HookedRuntime`)."""
+
+        kind = "basis_intervention"
+        why_unmergeable = "it acts on hidden states at prompt positions"
 
         def __init__(self, model: nn.Module):
-            self.model = model
-            self.enabled = True
-            self.merged: set[str] = set()
-            self.originals: dict[str, torch.Tensor] = {}
+            super().__init__(model)
             self.packs: dict[str, list[Interventions]] = {}
             self.hooks: dict[int, FusedIntervention] = {}
-            self.call: ForwardCall | None = None
-            anatomy = anatomy_of(model)
-            self.layers = model.get_submodule(anatomy.layers)
-            self.base = model.get_submodule(anatomy.layers.rpartition(".")[0])
-            self.call_handles = []
 
         def put(self, name: str, pack) -> None:
-            """Attach `pack` as `name`, or replace the pack of that name in place."""
-            old = {i.layer for i in self.packs.get(name, [])}
-            self.packs[name] = interventions_of(pack)
-            self._refresh(old | {i.layer for i in self.packs[name]})
+            """Attach `pack` as `name`, or replace the pack of that name in place;
+            all or nothing: everything is computed before a hook changes."""
+            packs = {**self.packs, name: interventions_of(pack)}
+            layers = {i.layer for i in self.packs.get(name, [])} | {i.layer for i in packs[name]}
+            self._commit(packs, layers)
 
         def remove(self, name: str) -> None:
-            self._refresh({i.layer for i in self.packs.pop(name)})
+            packs = {n: p for n, p in self.packs.items() if n != name}
+            self._commit(packs, {i.layer for i in self.packs[name]})
 
-        def merge(self, name: str) -> None:
-            raise KeditError(f"pack {name!r} is a basis_intervention pack: it acts on hidden states at prompt "
-                             "positions, which no weight can hold; keep it hooked (merge=False)")
-
-        def unmerge(self, name: str) -> None:
-            """Nothing to do: `merge` never succeeds for this kind."""
-
-        def _refresh(self, layers: set[int]) -> None:
-            for layer in layers:
-                live = [i for packs in self.packs.values() for i in packs if i.layer == layer]
-                if not live:
+        def _commit(self, packs: dict[str, list[Interventions]], layers: set[int]) -> None:
+            groups = {layer: fuse([i for p in packs.values() for i in p if i.layer == layer]) for layer in layers}
+            modules = {layer: self.layers[layer] for layer, g in groups.items() if g and layer not in self.hooks}
+            self.packs = packs
+            for layer, g in groups.items():
+                if not g:
                     hook = self.hooks.pop(layer, None)
                     if hook is not None:
                         hook.handle.remove()
                     continue
                 if layer not in self.hooks:
-                    self.hooks[layer] = FusedIntervention(self, self.layers[layer])
-                self.hooks[layer].set_groups(fuse(live))
-            if self.hooks and not self.call_handles:
-                self.call_handles = [self.base.register_forward_pre_hook(self._start_call, with_kwargs=True),
-                                     self.base.register_forward_hook(self._end_call, always_call=True)]
-            elif not self.hooks:
-                for handle in self.call_handles:
-                    handle.remove()
-                self.call_handles = []
-
-        def _start_call(self, module, args, kwargs) -> None:
-            self.call = ForwardCall.of(self.model, args, kwargs)
-
-        def _end_call(self, module, args, output) -> None:
-            self.call = None
+                    self.hooks[layer] = FusedIntervention(self, modules[layer])
+                self.hooks[layer].set_groups(g)
+            self.watch_calls(bool(self.hooks))
 
 
 @dataclass

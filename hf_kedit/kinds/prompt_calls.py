@@ -81,17 +81,15 @@ class ForwardCall:
         """Read from the base model's forward arguments (a pre-hook with kwargs)."""
         ids = kwargs.get("input_ids", args[0] if args else None)
         shape = (ids if ids is not None else kwargs.get("inputs_embeds")[..., 0]).shape
-        cache, position = kwargs.get("past_key_values"), kwargs.get("cache_position")
-        continuing = bool((hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0)
-                          or (position is not None and position.numel() and position.reshape(-1)[0] > 0))
         mask = kwargs.get("attention_mask")
         device = (ids if ids is not None else kwargs.get("inputs_embeds")).device
         real = (mask.bool() if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(shape)
                 else torch.ones(shape, dtype=torch.bool, device=device))
-        return cls(ids, real, model.__dict__.get(_PROMPT_LENGTHS), continuing)
+        return cls(ids, real, model.__dict__.get(_PROMPT_LENGTHS), continues_cache(args, kwargs))
 
     def __post_init__(self):
         self.selections = {}
+        self.captured = {}  # what hooks early in the call read for hooks later in it (a router's layer states)
 
     def prompt_texts(self, tokenizer) -> list[str]:
         """Each row's prompt (its real prompt tokens) decoded, special tokens skipped;
@@ -107,6 +105,18 @@ class ForwardCall:
         if key not in self.selections:
             self.selections[key] = select_positions(self.real, *positions, self.prompt_lengths).to(device)
         return self.selections[key]
+
+
+def continues_cache(args, kwargs) -> bool:
+    """Whether a forward call's arguments hold a KV cache that already holds tokens.
+    The cache is found by what it does (`get_seq_length`), not by the name of the
+    argument that carries it: transformers 4.x passes `past_key_values`, 5.x
+    `cache`, and a positional slot is possible."""
+    for value in (*args, *kwargs.values()):
+        seq_length = getattr(value, "get_seq_length", None)
+        if callable(seq_length) and seq_length() > 0:
+            return True
+    return False
 
 
 def hidden_size(model: nn.Module) -> int:

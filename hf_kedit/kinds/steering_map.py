@@ -40,6 +40,7 @@ prompt call's routing.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -47,7 +48,8 @@ from torch import nn
 
 from ..anatomy import anatomy_of, hidden_states
 from ..errors import AnatomyError, IncompatiblePackError, KeditError, PackFormatError
-from .prompt_calls import ForwardCall, hidden_size, tokenizer_of
+from .hooked_runtime import HookedRuntime
+from .prompt_calls import hidden_size, tokenizer_of
 from .sentence_embedding import EMBEDDING_MODELS, check_installed, embed
 
 REPRESENTATIONS = ("final_norm", "layer", "sentence_embedding")
@@ -133,15 +135,20 @@ class SteeringMapConfig:
             if type(getattr(self, name)) is not int or getattr(self, name) < 1:
                 raise PackFormatError(f"steering_map pack: {name} must be a positive integer, "
                                       f"got {getattr(self, name)!r}")
-        if (self.representation == "layer") != (type(self.layer) is int and self.layer >= 0):
+        if self.representation == "layer" and not (type(self.layer) is int and self.layer >= 0):
+            raise PackFormatError(f"steering_map pack: layer={self.layer!r} with representation 'layer'; give the "
+                                  "index of the decoder layer the router reads (an integer from 0)")
+        if self.representation != "layer" and self.layer is not None:
             raise PackFormatError(f"steering_map pack: layer={self.layer!r} with representation "
-                                  f"{self.representation!r}; a layer index goes with 'layer' only")
-        if (self.representation == "sentence_embedding") != (self.embedding_model is not None):
-            raise PackFormatError(f"steering_map pack: embedding_model={self.embedding_model!r} with "
-                                  f"representation {self.representation!r}; a model goes with 'sentence_embedding'")
-        if self.representation == "sentence_embedding" and self.embedding_model not in EMBEDDING_MODELS:
+                                  f"{self.representation!r}; a layer index goes with 'layer' only (else null)")
+        if self.representation == "sentence_embedding" and not (
+                isinstance(self.embedding_model, str) and self.embedding_model in EMBEDDING_MODELS):
             raise PackFormatError(f"steering_map pack: router embedding_model {self.embedding_model!r} is unknown; "
                                   f"known: {sorted(EMBEDDING_MODELS)}")
+        if self.representation != "sentence_embedding" and self.embedding_model is not None:
+            raise PackFormatError(f"steering_map pack: embedding_model={self.embedding_model!r} with "
+                                  f"representation {self.representation!r}; a model goes with 'sentence_embedding' "
+                                  "only (else null)")
         width = EMBEDDING_MODELS[self.embedding_model][2] if self.embedding_model else self.hidden_size
         if self.scope_size != width:
             raise PackFormatError(f"steering_map pack: its router measures vectors of width {width}, but "
@@ -192,11 +199,12 @@ class SteeringMap:
                                       f"{config.metric} metric: give a distance in (0, {top:g}]")
 
     @staticmethod
-    def modules(pack) -> list[str]:
-        """The modules fingerprinted for the pack: the map reads the last hidden state,
-        which every weight shapes; the methods fingerprint the final norm and the
-        last layer's MLP output projection as witnesses."""
-        return sorted(pack.base_model["fingerprint"])
+    def modules(kind_config: dict, model: nn.Module) -> list[str]:
+        """The modules the fingerprint must cover. The map reads the last hidden state,
+        which every weight shapes; the final norm and the last layer's MLP output
+        projection are the witnesses."""
+        anatomy = anatomy_of(model)
+        return sorted([anatomy.final_norm, anatomy.mlp_out(anatomy.num_layers - 1)])
 
     @staticmethod
     def check_model(pack, model: nn.Module) -> None:
@@ -219,70 +227,50 @@ class SteeringMap:
             raise IncompatiblePackError(f"the pack's maps act on hidden size {config.hidden_size}; this model's "
                                         f"hidden size is {hidden_size(model)}")
 
-    class Runtime:
+    class Runtime(HookedRuntime):
         """Every attached steering_map pack of one model: the router hook on the final
-        norm, a hook per router layer that reads its representation, and the call
-        hooks on the base model (the same reader of forward calls as
-        basis_intervention's)."""
+        norm, a hook per router layer that reads its representation, and the base
+        model's call hooks (`HookedRuntime`)."""
+
+        kind = "steering_map"
+        why_unmergeable = "its maps act on the last hidden state of prompts in their scope"
 
         def __init__(self, model: nn.Module):
-            self.model = model
-            self.enabled = True
-            self.merged: set[str] = set()
-            self.originals: dict[str, torch.Tensor] = {}
+            super().__init__(model)
+            self.norm = model.get_submodule(self.anatomy.final_norm)
             self.packs: dict[str, list[Steering]] = {}
-            anatomy = anatomy_of(model)
-            self.norm = model.get_submodule(anatomy.final_norm)
-            self.layers = model.get_submodule(anatomy.layers)
-            self.base = model.get_submodule(anatomy.layers.rpartition(".")[0])
             self.router: Router | None = None
-            self.call = None
-            self.captured: dict[int, torch.Tensor] = {}
-            self.routed: torch.Tensor | None = None
             self.handles: list = []
 
         def put(self, name: str, pack) -> None:
-            """Attach `pack` as `name`, or replace the pack of that name in place."""
-            self.packs[name] = steerings_of(pack)
-            self._refresh()
+            """Attach `pack` as `name`, or replace the pack of that name in place;
+            all or nothing: everything is computed before a hook changes."""
+            self._commit({**self.packs, name: steerings_of(pack)})
 
         def remove(self, name: str) -> None:
-            del self.packs[name]
-            self._refresh()
+            self._commit({n: p for n, p in self.packs.items() if n != name})
 
-        def merge(self, name: str) -> None:
-            raise KeditError(f"pack {name!r} is a steering_map pack: its maps act on the last hidden state of "
-                             "prompts in their scope, which no weight can hold; keep it hooked (merge=False)")
-
-        def unmerge(self, name: str) -> None:
-            """Nothing to do: `merge` never succeeds for this kind."""
-
-        def _refresh(self) -> None:
+        def _commit(self, packs: dict[str, list[Steering]]) -> None:
+            steerings = [s for pack in packs.values() for s in pack]
+            router = Router(steerings) if steerings else None
+            read = {layer: self.layers[layer] for layer in (router.hidden_layers if router else ())}
             for handle in self.handles:
                 handle.remove()
-            self.handles, self.routed = [], None
-            steerings = [s for pack in self.packs.values() for s in pack]
-            self.router = Router(steerings) if steerings else None
-            if self.router is None:
+            self.packs, self.router, self.handles = packs, router, []
+            self.local = threading.local()  # routings of earlier prompts refer to the old router's edits
+            self.watch_calls(router is not None)
+            if router is None:
                 return
-            self.handles = [self.base.register_forward_pre_hook(self._start_call, with_kwargs=True),
-                            self.base.register_forward_hook(self._end_call, always_call=True),
-                            self.norm.register_forward_hook(self._steer)]
-            for layer in self.router.hidden_layers:
-                self.handles.append(self.layers[layer].register_forward_hook(
+            self.handles = [self.norm.register_forward_hook(self._steer)]
+            for layer, module in read.items():
+                self.handles.append(module.register_forward_hook(
                     lambda m, args, out, layer=layer: self._capture(layer, out), prepend=True))
-
-        def _start_call(self, module, args, kwargs) -> None:
-            self.call, self.captured = ForwardCall.of(self.model, args, kwargs), {}
-
-        def _end_call(self, module, args, output) -> None:
-            self.call, self.captured = None, {}
 
         def _capture(self, layer: int, output) -> None:
             call = self.call
             if self.enabled and call is not None and not call.continuing:
                 h = hidden_states(output)
-                self.captured[layer] = at_last(h, call.selection((0, 1), h.device))
+                call.captured[layer] = at_last(h, call.selection((0, 1), h.device))
 
         def _steer(self, module, args, output):
             call = self.call
@@ -292,8 +280,8 @@ class SteeringMap:
                 raise KeditError(f"the final norm returned hidden states of shape {list(output.shape)} for an input "
                                  f"of shape {list(call.real.shape)}: the steering router cannot find the last token")
             router, real = self.router.on(output.device), call.real.to(output.device)
-            if call.continuing:  # a generated step: the latest prompt call decided the scope
-                routed = self.routed
+            if call.continuing:  # a generated step: this thread's latest prompt call decided the scope
+                routed = getattr(self.local, "routed", None)
                 if routed is None:
                     return None
                 if routed.shape[0] != output.shape[0]:
@@ -303,9 +291,9 @@ class SteeringMap:
             else:
                 last = call.selection((0, 1), output.device)
                 texts = call.prompt_texts(tokenizer_of(self.model)) if router.reads_text else None
-                queries = {None: at_last(output, last), **self.captured,
+                queries = {None: at_last(output, last), **call.captured,
                            **{m: embed(m, texts).to(output.device) for m in router.embedding_models}}
-                routed = self.routed = router.route(queries, texts)
+                routed = self.local.routed = router.route(queries, texts)
                 # after the last prompt token come teacher-forced answer tokens (inside `prompt_lengths`):
                 # generated steps, steered where the routed edit applies at every step
                 answer = real & (last.long().cumsum(1) > 0) & ~last

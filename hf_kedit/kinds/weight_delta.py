@@ -17,7 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 from safetensors.torch import save_file
 
-from ..anatomy import linear_shape, weight_layout
+from ..anatomy import is_linear, linear_shape, shared_weights, weight_layout
+from ..fingerprint import weight_present
 from ..errors import IncompatiblePackError, KeditError, PackFormatError
 
 SUFFIX_A, SUFFIX_B = ".lora_A", ".lora_B"
@@ -36,6 +37,7 @@ def module_entry(model: nn.Module, module: str) -> dict:
 
 class WeightDelta:
     name = "weight_delta"
+    PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
     @staticmethod
     def validate(pack) -> None:
@@ -67,8 +69,9 @@ class WeightDelta:
                                       f"declared module: {sorted(owned)}")
 
     @staticmethod
-    def modules(pack) -> list[str]:
-        return sorted(pack.kind_config["modules"])
+    def modules(kind_config: dict, model: nn.Module) -> list[str]:
+        """The modules the fingerprint must cover: those the pack changes."""
+        return sorted(kind_config["modules"])
 
     @staticmethod
     def check_model(pack, model: nn.Module) -> None:
@@ -78,12 +81,21 @@ class WeightDelta:
             except AttributeError:
                 raise IncompatiblePackError(f"the pack edits {module!r}, which this model "
                                             f"({type(model).__name__}) does not have") from None
-            if not hasattr(m, "weight") or m.weight.ndim != 2:
-                raise IncompatiblePackError(f"the pack edits {module!r}, which is not a linear module here")
+            if not is_linear(m):
+                raise IncompatiblePackError(f"the pack edits {module!r}, a {type(m).__name__} here: weight_delta "
+                                            "packs edit linear modules (nn.Linear, GPT-2's Conv1D) only")
             if weight_layout(m) != entry["layout"] or list(linear_shape(m)) != entry["shape"]:
                 raise IncompatiblePackError(
                     f"{module} is {weight_layout(m)} with (out, in) = {list(linear_shape(m))} here; the pack "
                     f"expects {entry['layout']} with {entry['shape']}")
+        for module, (A, B) in _factors_by_module(pack).items():
+            m = model.get_submodule(module)
+            size = _delta(m, A, B, torch.device("cpu")).abs().max().item()
+            with weight_present(m) as w:
+                room = torch.finfo(w.dtype).max - w.abs().max().item()
+            if not size <= room:  # NaN-safe
+                raise IncompatiblePackError(f"the pack's change of {module} reaches {size:.3g}: merged into its "
+                                            f"{w.dtype} weights it would not stay finite (room: {room:.3g})")
 
     @staticmethod
     def export_peft(pack, out_dir: str | Path) -> None:
@@ -111,8 +123,9 @@ class WeightDelta:
             tensors[f"base_model.model.{m}.lora_B.weight"] = B.contiguous().clone()
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        config_name, weights_name = WeightDelta.PEFT_FILES
+        save_file(tensors, str(out / weights_name), metadata={"format": "pt"})
+        (out / config_name).write_text(json.dumps(config, indent=2))
 
     class Runtime:
         """Every attached weight_delta pack of one model, one fused hook per module."""
@@ -137,14 +150,27 @@ class WeightDelta:
             self._refresh(set(self.packs.pop(name)))
 
         def merge(self, name: str) -> None:
-            offloaded = [m for m in self.packs[name] if self.model.get_submodule(m).weight.device.type == "meta"]
-            if offloaded:  # checked for every module first: a half-merged pack would be a trace
+            """Write pack `name` into the weights; every module is checked, and its new
+            weight computed, before the first is written, so a refused merge changes nothing."""
+            modules = {module: self.model.get_submodule(module) for module in self.packs[name]}
+            offloaded = [n for n, m in modules.items() if m.weight.device.type == "meta"]
+            if offloaded:
                 raise KeditError(f"cannot merge into {offloaded}: their weights are offloaded by accelerate; "
                                  "keep the pack hooked (merge=False)")
-            for module, (A, B) in self.packs[name].items():
-                m = self.model.get_submodule(module)
+            shared = {n: others for n, others in shared_weights(self.model).items() if n in modules}
+            if shared:
+                module, others = next(iter(shared.items()))
+                raise KeditError(f"cannot merge into {module}: its weight is tied to {others} (one parameter), so "
+                                 "merging would change those too; keep the pack hooked (merge=False)")
+            merged = {n: _merged_weight(m, *self.packs[name][n]) for n, m in modules.items()}
+            overflow = [n for n, w in merged.items() if not torch.isfinite(w).all()]
+            if overflow:
+                raise KeditError(f"merging pack {name!r} would make the weights of {overflow} overflow their dtype; "
+                                 "keep it hooked (merge=False)")
+            for module, m in modules.items():
                 self.originals.setdefault(module, m.weight.detach().clone())
-                _add_delta(m, A, B)
+                with torch.no_grad():
+                    m.weight.copy_(merged[module])
             self.merged.add(name)
             self._refresh(set(self.packs[name]))
 
@@ -156,7 +182,8 @@ class WeightDelta:
                     m.weight.copy_(self.originals[module])
                 still = [n for n in self.packs if n in self.merged and module in self.packs[n]]
                 for other in still:
-                    _add_delta(m, *self.packs[other][module])
+                    with torch.no_grad():
+                        m.weight.copy_(_merged_weight(m, *self.packs[other][module]))
                 if not still:
                     del self.originals[module]
             self._refresh(set(self.packs[name]))
@@ -228,10 +255,14 @@ def _factors_by_module(pack) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return factors
 
 
+def _delta(module: nn.Module, A: torch.Tensor, B: torch.Tensor, device) -> torch.Tensor:
+    """ΔW = B A in float32, laid out as `module.weight` is stored."""
+    delta = B.to(device, torch.float32) @ A.to(device, torch.float32)
+    return delta.T if weight_layout(module) == "in_out" else delta
+
+
 @torch.no_grad()
-def _add_delta(module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> None:
+def _merged_weight(module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """The module's weight plus B A, in the weight's dtype (inf where that overflows)."""
     w = module.weight
-    delta = B.to(w.device, torch.float32) @ A.to(w.device, torch.float32)
-    if weight_layout(module) == "in_out":
-        delta = delta.T
-    w.copy_((w.float() + delta).to(w.dtype))
+    return (w.float() + _delta(module, A, B, w.device)).to(w.dtype)

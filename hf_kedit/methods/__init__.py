@@ -7,7 +7,6 @@ from dataclasses import fields
 import torch
 from torch import nn
 
-from ..anatomy import anatomy_of
 from ..errors import EditRequestError
 from ..fingerprint import base_model_record
 from ..kinds import steering_map
@@ -31,8 +30,9 @@ def weight_delta_pack(model: nn.Module, method: str, hyperparameters: dict, edit
     tensors = {e.id: {name: t for module, pair in factors[e.id].items()
                       for name, t in zip(factor_names(e.id, module), pair)} for e in edits}
     modules = sorted({module for e in edits for module in factors[e.id]})
-    return owning_pack(WeightDelta.name, method, hyperparameters, edits, tensors, base_model_record(model, modules),
-                       {"modules": {m: module_entry(model, m) for m in modules}})
+    kind_config = {"modules": {m: module_entry(model, m) for m in modules}}
+    return owning_pack(WeightDelta.name, method, hyperparameters, edits, tensors,
+                       base_model_record(model, WeightDelta.modules(kind_config, model)), kind_config)
 
 
 def basis_intervention_pack(model: nn.Module, method: str, hyperparameters: dict, edits: list[Edit],
@@ -40,11 +40,10 @@ def basis_intervention_pack(model: nn.Module, method: str, hyperparameters: dict
                             parts: dict[str, dict[int, dict[str, torch.Tensor]]]) -> EditPack:
     """A `basis_intervention` pack from per-edit, per-layer tensors (`parts[edit_id][layer][part]`,
     part one of "rotation", "source.weight", "source.bias", "gate.weight", "gate.bias").
-    The fingerprint covers the MLP output projection of each intervened layer."""
+    The fingerprint covers what `BasisIntervention.modules` names."""
     tensors = {e.id: {part_name(e.id, layer, part): t for layer, by_part in parts[e.id].items()
                       for part, t in by_part.items()} for e in edits}
-    anatomy = anatomy_of(model)
-    record = base_model_record(model, [anatomy.mlp_out(layer) for layer in config.layers])
+    record = base_model_record(model, BasisIntervention.modules(config.to_dict(), model))
     config.base_model_name_or_path, config.revision = record["name_or_path"] or None, record["revision"]
     return owning_pack(BasisIntervention.name, method, hyperparameters, edits, tensors, record, config.to_dict())
 
@@ -53,10 +52,9 @@ def steering_map_pack(model: nn.Module, method: str, hyperparameters: dict, edit
                       config: steering_map.SteeringMapConfig, parts: dict[str, dict[str, torch.Tensor]]) -> EditPack:
     """A `steering_map` pack from per-edit tensors (`parts[edit_id][part]`, part one of
     "map.basis", "map.core", "map.bias", "scope.centroid", "scope.threshold"). The
-    fingerprint covers the final norm and the last layer's MLP output projection."""
+    fingerprint covers what `SteeringMap.modules` names."""
     tensors = {e.id: {steering_map.part_name(e.id, part): t for part, t in parts[e.id].items()} for e in edits}
-    anatomy = anatomy_of(model)
-    record = base_model_record(model, [anatomy.final_norm, anatomy.mlp_out(anatomy.num_layers - 1)])
+    record = base_model_record(model, steering_map.SteeringMap.modules(config.to_dict(), model))
     return owning_pack(steering_map.SteeringMap.name, method, hyperparameters, edits, tensors, record,
                        config.to_dict())
 

@@ -4,6 +4,7 @@ closed form. It reads the model and never leaves it changed."""
 from __future__ import annotations
 
 import copy
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -283,8 +284,9 @@ class SplitBatch:
     @torch.no_grad()
     def prefix_cache(self, model):
         with lm_head_at(model, (slice(None), -1)):  # the pass is for the cache: skip the head's work
-            return model(input_ids=self.prefix_ids, attention_mask=self.prefix_mask,
-                         position_ids=self._positions(self.prefix_mask), use_cache=True).past_key_values
+            out = model(input_ids=self.prefix_ids, attention_mask=self.prefix_mask,
+                        position_ids=self._positions(self.prefix_mask), use_cache=True)
+        return out[cache_argument(model)]
 
     def suffix_pass(self, model, cache, last: int, logits: bool = True):
         """(the LM head's input at the suffix's `last` columns [batch, last, hidden],
@@ -295,8 +297,15 @@ class SplitBatch:
             out = model(input_ids=self.suffix_ids,
                         attention_mask=torch.cat([self.prefix_mask, self.suffix_mask], 1),
                         position_ids=self._positions(self.suffix_mask, offset),
-                        past_key_values=copy.deepcopy(cache), use_cache=True).logits
+                        **{cache_argument(model): copy.deepcopy(cache)}, use_cache=True).logits
         return read[0], (out if logits else None)
+
+
+def cache_argument(model) -> str:
+    """The name under which `model` takes and returns its KV cache: "cache" from
+    transformers 5 on, "past_key_values" before (5.x still reads the old name,
+    with a warning, until it drops it)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @dataclass
