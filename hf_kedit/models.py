@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import transformers
 from huggingface_hub import constants
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -31,10 +32,12 @@ def default_gguf() -> Path:
 
 
 def default_cache_dir() -> Path:
-    """Where the converted default model lives: `$HF_KEDIT_CACHE`, else `$HF_HOME/hf_kedit`."""
+    """Where the converted default model lives: `$HF_KEDIT_CACHE`, else `$HF_HOME/hf_kedit`,
+    one folder per transformers major version (5.x saves a tokenizer class 4.x cannot read)."""
     gguf = default_gguf()
     root = Path(os.environ.get("HF_KEDIT_CACHE") or Path(constants.HF_HOME) / "hf_kedit")
-    return root / "default-model" / f"{gguf.stem}-{gguf.stat().st_size}"
+    major = transformers.__version__.split(".")[0]
+    return root / "default-model" / f"{gguf.stem}-{gguf.stat().st_size}-transformers{major}"
 
 
 def load_default(dtype: torch.dtype = torch.float32, device_map=None):
@@ -75,6 +78,10 @@ def load_model(name: str = "default", dtype: torch.dtype = torch.float32, device
 def _convert_gguf(gguf: Path, cache: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # SmolLM2's own tokenizer adds no BOS token; transformers 4.x's GGUF conversion adds one, 5.x's does not.
+    # Without it the model reads the same tokens, and answers the same, under both.
+    if getattr(tokenizer, "add_bos_token", False):
+        tokenizer.add_bos_token = False
     # GGUF loading leaves a quantizer on a plain fp32 model, which blocks saving.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -22,12 +22,12 @@ def tokenizer(default_model):
     return default_model[1]
 
 
-def tiny(tokenizer, arch="llama"):
+def tiny(tokenizer, arch="llama", **overrides):
     extra = dict(n_embd=32, n_layer=3, n_head=4, n_positions=128) if arch == "gpt2" else dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=128)
     config = AutoConfig.for_model(arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id or 0,
-                                  eos_token_id=tokenizer.eos_token_id, **extra)
+                                  eos_token_id=tokenizer.eos_token_id, **{**extra, **overrides})
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -203,7 +203,9 @@ def test_context_templates_given_as_json_lists_are_used_as_pairs(tokenizer):
 
 @pytest.mark.parametrize("solve_at", ["templates", "prompt"])
 def test_the_update_adds_delta_exactly_at_the_key_it_is_solved_at(tokenizer, solve_at, monkeypatch):
-    model = tiny(tokenizer)
+    # Weights large enough that the context templates move the subject's key (with transformers'
+    # default init a tiny random model's keys hardly depend on the context).
+    model = tiny(tokenizer, initializer_range=0.2)
     name = anatomy_of(model).mlp_out(1)
     templates = ["{}", "Long ago, in a land far away, people told many stories. {}", "Yes. {}"]
     monkeypatch.setattr(rome_module, "context_templates", lambda *args: templates)
