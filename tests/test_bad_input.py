@@ -43,7 +43,9 @@ def _logits(model) -> torch.Tensor:
 
 
 def _hooks(model) -> dict[str, list]:
-    return {name: list(m._forward_hooks.items()) for name, m in model.named_modules() if m._forward_hooks}
+    """Every module's forward hooks and pre-hooks (the hooked kinds read each call with a pre-hook)."""
+    return {name: list(m._forward_hooks.items()) + list(m._forward_pre_hooks.items())
+            for name, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks}
 
 
 @contextmanager
@@ -53,11 +55,12 @@ def untouched(model):
     params = {n: p.detach().clone() for n, p in model.state_dict().items()}
     stack = stack_of(model)
     n_packs, edits = len(stack), [(name, e.id, e.target_new) for name, e in stack.edits()]
-    had_no_hooks = all(not m._forward_hooks for m in model.modules())
+    had_no_hooks = all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     yield
     assert torch.equal(_logits(model), logits), "a failed call changed the model's logits"
     if had_no_hooks:
-        assert all(not m._forward_hooks for m in model.modules()), "a failed call left a forward hook"
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules()), \
+            "a failed call left a forward hook"
     assert _hooks(model) == hooks, "a failed call added or removed forward hooks"
     state = model.state_dict()
     assert state.keys() == params.keys() and all(torch.equal(state[n], p) for n, p in params.items())
@@ -478,3 +481,131 @@ def test_manifest_field_of_wrong_type(llama, good_folder, breaker, field):
     breaker(good_folder)
     with untouched(llama), raises_exactly(PackFormatError, field):
         load_edits(llama, good_folder)
+
+
+# ----- manifests that once loaded silently, or failed with an untyped error --------------
+
+def write_raw_manifest(transform):
+    """A breaker that rewrites the manifest's text with `transform(text) -> text`."""
+    def breaker(folder):
+        (folder / CONFIG_NAME).write_text(transform((folder / CONFIG_NAME).read_text()))
+    return breaker
+
+
+def _fingerprint_entry(change):
+    return edit_manifest(lambda m: change(m["base_model"]["fingerprint"][MODULE0]))
+
+
+MALFORMED = [
+    pytest.param(edit_manifest(lambda m: m.update(colour="red")), r"unknown keys \['colour'\]", id="unknown-key"),
+    pytest.param(edit_manifest(lambda m: m["files"].update({WEIGHTS_NAME: {}})), "'files' must be", id="files-no-sha"),
+    pytest.param(edit_manifest(lambda m: m["files"][WEIGHTS_NAME].update(sha256="abc")), "'files' must be",
+                 id="files-short-sha"),
+    pytest.param(edit_manifest(lambda m: m.pop("files")), "'files' must be a JSON object", id="files-missing"),
+    pytest.param(edit_manifest(lambda m: m["method"].update(name=3)), "'method' must be", id="method-name-int"),
+    pytest.param(edit_manifest(lambda m: m["method"].update(steps=3)), "'method' must be", id="method-unknown-key"),
+    pytest.param(edit_manifest(lambda m: m.update(method="rome")), "'method' must be a JSON object", id="method-text"),
+    pytest.param(edit_manifest(lambda m: m["method"].update(hyperparameters=[1])), "'method' must be",
+                 id="hyperparameters-list"),
+    pytest.param(write_raw_manifest(lambda t: t.replace('"metrics": {}', '"metrics": {"deep": ' + "[" * 3000
+                                                        + "]" * 3000 + "}", 1)), "nested deeper", id="nested-3000-deep"),
+    pytest.param(write_raw_manifest(lambda t: t.replace('"metrics": {}', '"metrics": {"deep": ' + "[" * 70
+                                                        + "]" * 70 + "}", 1)), "nested deeper", id="nested-70-deep"),
+    pytest.param(write_raw_manifest(lambda t: t.replace('"format_version": 1', '"format_version": 1' + "0" * 100_000)),
+                 "does not parse", id="100000-digit-integer"),
+    pytest.param(edit_manifest(lambda m: m["tensors"][A0].update(dtype=["float32"])), "tensors.*must be",
+                 id="dtype-is-a-list"),
+    pytest.param(edit_manifest(lambda m: m["tensors"][A0].update(dtype={"a": 1})), "tensors.*must be",
+                 id="dtype-is-a-dict"),
+    pytest.param(edit_manifest(lambda m: m["tensors"][A0].update(offsets=[0, 1])), "tensors.*must be",
+                 id="tensor-spec-extra-key"),
+    pytest.param(_fingerprint_entry(lambda e: e.update(sample=e["sample"][:10])), "fingerprint.*64 finite numbers",
+                 id="fingerprint-sample-short"),
+    pytest.param(_fingerprint_entry(lambda e: e.update(sample=["a"] * 64)), "fingerprint.*64 finite numbers",
+                 id="fingerprint-sample-text"),
+    pytest.param(_fingerprint_entry(lambda e: e.update(sha256_bf16=7)), "fingerprint.*64 hex digits",
+                 id="fingerprint-hash-int"),
+    pytest.param(_fingerprint_entry(lambda e: e.update(shape=[[32], 64])), r"fingerprint.*\[ints\]",
+                 id="fingerprint-shape-nested"),
+    pytest.param(edit_manifest(lambda m: m["base_model"].update(secret="x")), r"base_model has fields.*'secret'",
+                 id="base-model-unknown-key"),
+    pytest.param(edit_manifest(lambda m: m["base_model"].update(hidden_size="32")), "hidden_size must be an integer",
+                 id="base-model-hidden-size-text"),
+    pytest.param(edit_manifest(lambda m: m["edits"][0].update(id="e0\n")), "edit ids must match",
+                 id="edit-id-trailing-newline"),
+]
+
+
+@pytest.mark.parametrize("breaker, match", MALFORMED)
+def test_malformed_manifest_is_a_pack_format_error(llama, good_folder, breaker, match):
+    breaker(good_folder)
+    with raises_exactly(PackFormatError, match):
+        EditPack.from_pretrained(good_folder)
+    with untouched(llama), raises_exactly(PackFormatError, match):
+        load_edits(llama, good_folder)
+
+
+def test_a_manifest_over_the_size_cap_is_refused_before_it_is_parsed(llama, good_folder, monkeypatch):
+    import hf_kedit.pack as pack_module
+
+    monkeypatch.setattr(pack_module, "MAX_MANIFEST_BYTES", 1000)
+    monkeypatch.setattr(pack_module.json, "loads", lambda *a, **k: pytest.fail("the manifest was parsed"))
+    with untouched(llama), raises_exactly(PackFormatError, "more than a manifest may be"):
+        load_edits(llama, good_folder)
+
+
+UNCHECKABLE = [  # well-formed packs that strict verification cannot check, or that do not fit
+    pytest.param(edit_manifest(lambda m: m["base_model"].update(fingerprint={})), r"does not cover \[",
+                 id="fingerprint-empty"),
+    pytest.param(edit_manifest(lambda m: m["base_model"]["fingerprint"].pop(MODULE0)),
+                 rf"does not cover \['{re.escape(MODULE0)}'\]", id="fingerprint-partial"),
+    pytest.param(edit_manifest(lambda m: m["base_model"]["fingerprint"].update(
+        {"model.layers.0.mlp": m["base_model"]["fingerprint"][MODULE0]})), "'model.layers.0.mlp', a LlamaMLP without",
+        id="fingerprint-module-without-weight"),
+]
+
+
+@pytest.mark.parametrize("breaker, match", UNCHECKABLE)
+def test_strict_verification_needs_a_fingerprint_of_every_module(llama, good_folder, breaker, match):
+    breaker(good_folder)
+    EditPack.from_pretrained(good_folder)  # well formed ...
+    with untouched(llama), raises_exactly(IncompatiblePackError, match):
+        load_edits(llama, good_folder)  # ... but not checkable against this model
+
+
+def test_an_uncovered_pack_attaches_with_verify_shapes(llama, good_folder):
+    edit_manifest(lambda m: m["base_model"].update(fingerprint={}))(good_folder)
+    base = _logits(llama)
+    load_edits(llama, good_folder, name="p", verify="shapes")
+    assert not torch.equal(_logits(llama), base)
+
+
+@pytest.mark.parametrize("source", [None, 3, ["a/b"]], ids=["none", "int", "list"])
+def test_a_source_of_the_wrong_type(llama, source):
+    with untouched(llama), raises_exactly(TypeError, "expected a folder or a Hub repo id"):
+        load_edits(llama, source)
+
+
+@pytest.mark.parametrize("source", ["user/..", "user/a--b", "user/na me", "a/b/c/d"])
+def test_a_source_that_is_no_folder_and_no_repo_id(llama, source, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with untouched(llama), raises_exactly(FileNotFoundError, "nor is it a Hub repo id"):
+        load_edits(llama, source)
+
+
+def test_factors_whose_merge_would_overflow_are_refused(llama, good_folder):
+    """Finite factors (1e20 each) whose product is not: the load fails, not a later merge or forward."""
+    rewrite_tensors(lambda ts: ts.update({n: t * 1e20 for n, t in ts.items()}))(good_folder)
+    EditPack.from_pretrained(good_folder)
+    with untouched(llama), raises_exactly(IncompatiblePackError, "would not stay finite"):
+        load_edits(llama, good_folder)
+
+
+def test_a_change_beyond_float16_is_refused_on_a_float16_model(tmp_path):
+    """The same pack fits the fp32 model and not its fp16 copy, whose weights cannot hold the change."""
+    model = tiny_model("llama")
+    pack = random_pack(model, layers=(0,), scale=400.0)  # |ΔW| reaches about 1e5 > 65504
+    half = tiny_model("llama", dtype=torch.float16)
+    with untouched(half), raises_exactly(IncompatiblePackError, r"float16 weights it would not stay finite"):
+        load_edits(half, pack, verify="shapes")
+    load_edits(model, pack)

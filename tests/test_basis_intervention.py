@@ -312,6 +312,13 @@ BROKEN = [  # (id, tensors change, manifest change, error, message)
     ("floor-of-loreft", None, kind_config_update(peft_type="LOREFT", gate="none", gate_floor=0.5), PackFormatError,
      r"and 0 without a gate; got 0.5 with gate 'none'"),
     ("layers-without-tensors", None, kind_config_update(layers=[7]), PackFormatError, r"must own exactly"),
+    ("layers-nested", None, kind_config_update(layers=[[1]]), PackFormatError, r"layers must be distinct layer indices"),
+    ("layers-text", None, kind_config_update(layers=["1"]), PackFormatError, r"layers must be distinct layer indices"),
+    ("positions-2-to-70", None, kind_config_update(positions=f"l{2 ** 70}"), PackFormatError,
+     r"a count of tokens above \d+ is no prompt's"),
+    ("positions-newline", None, kind_config_update(positions="l1\n"), PackFormatError, r"does not parse"),
+    ("r-is-a-list", None, kind_config_update(r=[2]), PackFormatError, r"r must be a positive integer"),
+    ("revision-is-a-number", None, kind_config_update(revision=3), PackFormatError, r"revision must be a string"),
 ]
 
 

@@ -182,8 +182,8 @@ class SteeringMap:
                 raise PackFormatError(f"edit {edit.id!r} must own exactly its {', '.join(PARTS)}; missing "
                                       f"{sorted(expected - owned)[:5]}, unexpected {sorted(owned - expected)[:5]}")
             t = {part: pack.tensors[part_name(edit.id, part)] for part in PARTS}
-            k = t["map.basis"].shape[-1]
-            shapes = {"map.basis": [d, k], "map.core": [k, k], "map.bias": [d],
+            k = t["map.basis"].shape[-1] if t["map.basis"].ndim == 2 else -1  # -1: no shape matches
+            shapes = {"map.basis": [d, k if k >= 0 else "k"], "map.core": [k, k], "map.bias": [d],
                       "scope.centroid": [config.scope_size], "scope.threshold": [1]}
             for part, shape in shapes.items():
                 if list(t[part].shape) != shape:
