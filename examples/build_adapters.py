@@ -45,5 +45,5 @@ for edit in FACTS + STEERING_FACTS:
     print(f"before: {edit.text} -> {greedy_answer(model, tokenizer, edit.text)!r}")
 for method in methods:
     name = f"{method}-smollm2-facts"
-    BUILDERS[method]().save_pretrained(ROOT / "adapters" / name, repo_id=f"hf-kedit/{name}")
+    BUILDERS[method]().save_pretrained(ROOT / "adapters" / name, repo_id=f"hf-kedit/{name}", overwrite=True)
     print(f"wrote adapters/{name}")

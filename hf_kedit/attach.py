@@ -187,9 +187,8 @@ class EditStack:
 
     def _check_not_attached(self, pack: EditPack) -> None:
         """The same edit (same id, fields and tensors) attached twice would act twice."""
-        held = {digest: (p.name, e.id) for p in self.packs.values() for e in p.pack.edits
-                for digest in [p.pack.edit_digest(e.id)]}
-        twice = [held[d] for d in (pack.edit_digest(e.id) for e in pack.edits) if d in held]
+        held = {digest: (p.name, edit_id) for p in self.packs.values() for edit_id, digest in p.pack.edit_digests.items()}
+        twice = [held[d] for d in pack.edit_digests.values() if d in held]
         if twice:
             where = ", ".join(f"{eid!r} in pack {name!r}" for name, eid in twice[:5])
             raise KeditError(f"this pack's edits are attached already ({where}): the same edit attached twice "

@@ -14,6 +14,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("demo", help="edit a fact on the default model, save, reload, remove")
     p.add_argument("--model", default="default", help='"default", a local folder or a Hub id')
     p.add_argument("--out", default="demo-pack", help="where to save the pack")
+    p.add_argument("--overwrite", action="store_true", help="replace a pack already in --out")
 
     p = sub.add_parser("info", help="what a pack holds")
     p.add_argument("pack", help="a local folder or a Hub repo id")
@@ -42,12 +43,14 @@ def main(argv=None) -> int:
     p = sub.add_parser("export-peft", help="write a weight_delta pack as a PEFT LoRA adapter folder")
     p.add_argument("pack")
     p.add_argument("dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an adapter already in dir")
 
     p = sub.add_parser("edit", help="make one pack for the cases of a data file")
     p.add_argument("--method", required=True)
     _model_and_data(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method setting")
     p.add_argument("--out", required=True, help="the pack folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a pack already in --out")
 
     p = sub.add_parser("eval", help="score a model, with packs or a method, on a data file")
     _model_and_data(p)
@@ -81,7 +84,7 @@ def main(argv=None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (KeditError, FileNotFoundError, ValueError) as e:
+    except (KeditError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"kedit {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
@@ -89,7 +92,7 @@ def main(argv=None) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    return 0 if run_demo(args.out, args.model) else 1
+    return 0 if run_demo(args.out, args.model, overwrite=args.overwrite) else 1
 
 
 def _info(args) -> int:
@@ -150,7 +153,7 @@ def _pull(args) -> int:
 def _export_peft(args) -> int:
     from .pack import EditPack
 
-    out = EditPack.from_pretrained(args.pack).export_peft(args.dir)
+    out = EditPack.from_pretrained(args.pack).export_peft(args.dir, overwrite=args.overwrite)
     print(f"wrote a PEFT LoRA adapter to {out}")
     return 0
 
@@ -199,7 +202,7 @@ def _edit(args) -> int:
     cases = _cases(args)
     model, tokenizer = load_model(args.model)
     pack = make_pack(args.method, model, tokenizer, [e for c in cases for e in c.edits], parse_settings(args.set))
-    pack.save_pretrained(args.out)
+    pack.save_pretrained(args.out, overwrite=args.overwrite)
     print(f"wrote {len(pack.edits)} {args.method} edits to {args.out}")
     return 0
 

@@ -24,9 +24,11 @@ def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 8) -> str
     return tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def run_demo(out_dir: str | Path = "demo-pack", model_name: str = "default", edit: Edit = DEMO_EDIT) -> bool:
+def run_demo(out_dir: str | Path = "demo-pack", model_name: str = "default", edit: Edit = DEMO_EDIT,
+             overwrite: bool = False) -> bool:
     """Edit a fact, save the pack, reload it on a fresh model, remove it; True if
-    every step behaved (the edit holds, the original answer comes back exactly)."""
+    every step behaved (the edit holds, the original answer comes back exactly).
+    A pack already in `out_dir` is replaced only with `overwrite`."""
     print(f"1. loading {model_name!r}")
     model, tokenizer = load_model(model_name)
     before = greedy_answer(model, tokenizer, edit.text)
@@ -34,7 +36,7 @@ def run_demo(out_dir: str | Path = "demo-pack", model_name: str = "default", edi
     print(f"2. editing: {edit.text} {edit.target_true} => {edit.target_new} "
           "(rank-one ROME update of one MLP projection)")
     pack = rome_edit(model, tokenizer, [edit])
-    pack.save_pretrained(out_dir)
+    pack.save_pretrained(out_dir, overwrite=overwrite)
     print(f"   saved the pack to {out_dir}/ ({pack.nbytes} bytes of tensors)")
 
     print("3. loading the pack onto a freshly loaded model")

@@ -97,19 +97,21 @@ class EditPack:
         return (f"EditPack(kind={self.kind!r}, method={self.method!r}, edits={len(self.edits)}, "
                 f"base_model={self.base_model.get('name_or_path')!r})")
 
-    def edit_digest(self, edit_id: str) -> str:
-        """A sha256 of one edit: its id, fields and tensors (names, dtypes, shapes,
-        bytes). Two packs holding the same edit give the same digest."""
-        digests = self.__dict__.setdefault("_digests", {})
-        if edit_id not in digests:
-            e = next(e for e in self.edits if e.id == edit_id)
-            h = hashlib.sha256(json.dumps([self.kind, e.id, e.subject, e.prompt, e.target_new]).encode())
-            for name in sorted(e.tensors):
-                t = self.tensors[name].detach().to("cpu").contiguous()
-                h.update(f"{name}|{t.dtype}|{list(t.shape)}".encode())
-                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            digests[edit_id] = h.hexdigest()
-        return digests[edit_id]
+    @property
+    def edit_digests(self) -> dict[str, str]:
+        """Edit id -> a sha256 of the edit: its id, fields and tensors (names, dtypes,
+        shapes, bytes). Two packs holding the same edit give it the same digest."""
+        if "_digests" not in self.__dict__:
+            digests = {}
+            for e in self.edits:
+                h = hashlib.sha256(json.dumps([self.kind, e.id, e.subject, e.prompt, e.target_new]).encode())
+                for name in sorted(e.tensors):
+                    t = self.tensors[name].detach().to("cpu").contiguous()
+                    h.update(f"{name}|{t.dtype}|{list(t.shape)}".encode())
+                    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                digests[e.id] = h.hexdigest()
+            self.__dict__["_digests"] = digests
+        return self.__dict__["_digests"]
 
     @property
     def nbytes(self) -> int:

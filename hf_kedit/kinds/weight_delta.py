@@ -140,9 +140,17 @@ class WeightDelta:
 
         def put(self, name: str, pack) -> None:
             """Attach `pack` as `name`, or replace the pack of that name in place."""
-            old = self.packs.get(name, {})
-            self.packs[name] = _factors_by_module(pack)
-            self._refresh(set(old) | set(self.packs[name]))
+            factors = _factors_by_module(pack)
+            old = self.packs.get(name)
+            self.packs[name] = factors
+            try:
+                self._refresh(set(old or {}) | set(factors))
+            except Exception:  # no hook changed: `_refresh` computes everything before it touches one
+                if old is None:
+                    del self.packs[name]
+                else:
+                    self.packs[name] = old
+                raise
 
         def remove(self, name: str) -> None:
             if name in self.merged:
@@ -189,19 +197,21 @@ class WeightDelta:
             self._refresh(set(self.packs[name]))
 
         def _refresh(self, modules: set[str]) -> None:
+            """Re-fuse the live factors of `modules`; all computed before a hook changes."""
+            fused = {}
             for module in modules:
-                live = [self.packs[n][module] for n in self.packs
-                        if n not in self.merged and module in self.packs[n]]
-                if not live:
+                live = [self.packs[n][module] for n in self.packs if n not in self.merged and module in self.packs[n]]
+                fused[module] = (torch.cat([a for a, _ in live], 0), torch.cat([b for _, b in live], 1)) if live else None
+            targets = {m: self.model.get_submodule(m) for m, f in fused.items() if f and m not in self.hooks}
+            for module, factors in fused.items():
+                if factors is None:
                     hook = self.hooks.pop(module, None)
                     if hook is not None:
                         hook.handle.remove()
                     continue
-                A = torch.cat([a for a, _ in live], dim=0)
-                B = torch.cat([b for _, b in live], dim=1)
                 if module not in self.hooks:
-                    self.hooks[module] = FusedDelta(self, self.model.get_submodule(module))
-                self.hooks[module].set_factors(A, B)
+                    self.hooks[module] = FusedDelta(self, targets[module])
+                self.hooks[module].set_factors(*factors)
 
 
 def low_rank_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
