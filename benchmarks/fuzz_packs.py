@@ -14,6 +14,7 @@ import argparse
 import collections
 import json
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -62,14 +63,17 @@ def main() -> None:
                 outcome = run_case(model, folder, reference)
             except Hang:
                 outcome = Outcome("hang", True, "over the time limit")
-                model = tiny_model("llama")  # whatever the hang left behind is not the next case's model
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
+            if outcome.broken or outcome.result == "hang":
+                model = tiny_model("llama")  # the same weights, without what the case left behind
+                reference = model_state(model)
             counts[kind][outcome.result] += 1
             counts[kind]["broken"] += outcome.broken
             messages[outcome.error.split(":")[0] + ": " + _shape(outcome.error) if outcome.error else "loaded"] += 1
             if outcome.result in ("untyped", "hang") or outcome.broken:
-                failures.append({"case": case, "kind": kind, **vars(outcome)})
+                failures.append({"case": case, "kind": kind, **vars(outcome),
+                                 "error": re.sub(r"/\S*/", "", outcome.error)})  # no temporary paths
     seconds = time.perf_counter() - start
     report = {"cases": args.cases, "seed": args.seed, "seconds": round(seconds, 1),
               "torch": torch.__version__, "transformers": __import__("transformers").__version__,
@@ -93,8 +97,6 @@ def main() -> None:
 
 def _shape(error: str) -> str:
     """A message with its specifics (paths, numbers, quoted values) blurred, to group alike ones."""
-    import re
-
     text = error.partition(": ")[2]
     text = re.sub(r"/\S+", "PATH", text)
     text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", text)

@@ -150,7 +150,13 @@ def model_state(model):
     return logits, {n: p.clone() for n, p in model.state_dict().items()}, hooks, len(stack_of(model))
 
 
-def same_state(a, b) -> bool:
+def unchanged(model, reference) -> bool:
+    """Whether `model` is in the state `reference` (a forward that raises is a change too)."""
+    try:
+        a = model_state(model)
+    except Exception:  # noqa: BLE001 (a failed load that breaks the next forward broke the model)
+        return False
+    b = reference
     return (torch.equal(a[0], b[0]) and a[1].keys() == b[1].keys() and all(torch.equal(a[1][n], b[1][n]) for n in a[1])
             and a[2:] == b[2:])
 
@@ -161,9 +167,9 @@ def run_case(model, folder: Path, reference) -> Outcome:
     try:
         load_edits(model, folder, name="fuzz")
     except TYPED as e:
-        return Outcome("typed", not same_state(model_state(model), reference), f"{type(e).__name__}: {e}"[:200])
+        return Outcome("typed", not unchanged(model, reference), f"{type(e).__name__}: {e}"[:200])
     except Exception as e:  # noqa: BLE001 (the point is to count them)
-        return Outcome("untyped", not same_state(model_state(model), reference), f"{type(e).__name__}: {e}"[:200])
+        return Outcome("untyped", not unchanged(model, reference), f"{type(e).__name__}: {e}"[:200])
     try:
         ids = torch.randint(3, 100, (2, 5), generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
@@ -177,4 +183,4 @@ def run_case(model, folder: Path, reference) -> Outcome:
         remove_edits(model, "fuzz")
     except Exception as e:  # noqa: BLE001
         return Outcome("loaded", True, f"removal: {type(e).__name__}: {e}"[:200])
-    return Outcome("loaded", broken or not same_state(model_state(model), reference), error)
+    return Outcome("loaded", broken or not unchanged(model, reference), error)
