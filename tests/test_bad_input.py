@@ -586,7 +586,7 @@ def test_a_source_of_the_wrong_type(llama, source):
         load_edits(llama, source)
 
 
-@pytest.mark.parametrize("source", ["user/..", "user/a--b", "user/na me", "a/b/c/d"])
+@pytest.mark.parametrize("source", ["user/..", "user/a--b", "user/na me", "a/b/c/d", "user/name\n"])
 def test_a_source_that_is_no_folder_and_no_repo_id(llama, source, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with untouched(llama), raises_exactly(FileNotFoundError, "nor is it a Hub repo id"):
