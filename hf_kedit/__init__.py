@@ -5,7 +5,7 @@ Example:
     >>> model = load_edits(base, "user/edits")
     >>> remove_edits(model, "user/edits")
 """
-__version__ = "0.1.0"
+from .version import __version__
 
 from .errors import (AnatomyError, EditConflictError, EditRequestError, IncompatiblePackError, KeditError,
                      MissingDependencyError, PackFormatError, StatsError)

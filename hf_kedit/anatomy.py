@@ -4,6 +4,7 @@ final norm, LM head. No per-model table to maintain: the layers are the
 names the model families use."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +116,21 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(out_features, in_features) of a linear-like module, whatever its weight layout."""
     rows, cols = module.weight.shape
     return (cols, rows) if weight_layout(module) == "in_out" else (rows, cols)
+
+
+@contextmanager
+def weight_present(module: nn.Module, weight: torch.Tensor | None = None):
+    """`weight`, or the module's weight where it can be read (accelerate's
+    offloaded weights brought to the CPU for the block)."""
+    if weight is not None:
+        yield weight
+    # accelerate's offload keeps weights on `meta` until forward; bring them in to read them.
+    elif module.weight.device.type == "meta":
+        from accelerate.utils import align_module_device
+        with align_module_device(module, execution_device="cpu"):
+            yield module.weight.detach()
+    else:
+        yield module.weight.detach()
 
 
 def hidden_states(layer_output):

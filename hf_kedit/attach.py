@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import EditConflictError, KeditError
-from .fingerprint import check_base_model
+from .pack.fingerprint import check_base_model
 from .kinds import kind_named
 from .kinds.prompt_calls import set_tokenizer, tokenizer_of
 from .pack import EditPack

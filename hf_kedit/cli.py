@@ -141,7 +141,7 @@ def _push_stats(args) -> int:
 
 
 def _pull(args) -> int:
-    from .hub import pull_folder
+    from .pack.hub import pull_folder
     from .pack import PACK_FILES, read_pack
 
     folder = pull_folder(args.repo_id, args.dir, revision=args.revision, allow_patterns=list(PACK_FILES))

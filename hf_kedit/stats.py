@@ -25,12 +25,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import __version__
+from .version import __version__
 from .anatomy import anatomy_of, linear_shape
 from .batching import pad_id, padded
 from .errors import StatsError
-from .fingerprint import base_model_record
-from .hub import file_sha256, push_folder, resolve_source
+from .pack.fingerprint import base_model_record
+from .pack.hub import file_sha256, push_folder, resolve_source
 from .partial_forward import run_until
 from .sampling import sample_texts, seeded
 

@@ -546,7 +546,7 @@ def test_malformed_manifest_is_a_pack_format_error(llama, good_folder, breaker, 
 
 
 def test_a_manifest_over_the_size_cap_is_refused_before_it_is_parsed(llama, good_folder, monkeypatch):
-    import hf_kedit.pack as pack_module
+    import hf_kedit.pack.format as pack_module
 
     monkeypatch.setattr(pack_module, "MAX_MANIFEST_BYTES", 1000)
     monkeypatch.setattr(pack_module.json, "loads", lambda *a, **k: pytest.fail("the manifest was parsed"))

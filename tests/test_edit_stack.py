@@ -188,7 +188,7 @@ NASTY = 'x"); import os; os.system("echo owned"); ("\n```\n'
 def test_the_model_card_example_is_code_that_only_loads():
     model = tiny_model("llama")
     model.config._name_or_path = NASTY
-    from hf_kedit.card import model_card
+    from hf_kedit.pack.card import model_card
 
     text = model_card(random_pack(model), repo_id="me/edits")
     code = re.search(r"```python\n(.*?)\n```", text, re.S).group(1)

@@ -40,7 +40,7 @@ def test_the_record_names_the_architecture():
             record["intermediate_size"], record["vocab_size"]) == ("llama", 32, 3, 64, 128)
     assert sorted(record["fingerprint"]) == ["model.layers.0.mlp.down_proj", "model.layers.2.mlp.down_proj"]
     with pytest.raises(IncompatiblePackError, match="num_hidden_layers=3.*num_hidden_layers=4"):
-        from hf_kedit.fingerprint import check_base_model
+        from hf_kedit.pack.fingerprint import check_base_model
         from transformers import AutoConfig, AutoModelForCausalLM
         from tiny_models import CONFIGS
         bigger = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **{**CONFIGS["llama"],

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from hf_kedit import Edit, stats
 from hf_kedit.cli import main as kedit
 from hf_kedit.errors import StatsError
-from hf_kedit.hub import file_sha256
+from hf_kedit.pack.hub import file_sha256
 from hf_kedit.methods.memit import MEMITConfig, memit_edit
 from hf_kedit.methods.rome import ROMEConfig, rome_edit
 from hf_kedit.stats import STATS_MANIFEST, key_second_moments, push_stats, stats_file

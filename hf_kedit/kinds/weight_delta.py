@@ -17,8 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from safetensors.torch import save_file
 
-from ..anatomy import is_linear, linear_shape, shared_weights, weight_layout
-from ..fingerprint import weight_present
+from ..anatomy import is_linear, linear_shape, shared_weights, weight_layout, weight_present
 from ..errors import IncompatiblePackError, KeditError, PackFormatError
 
 SUFFIX_A, SUFFIX_B = ".lora_A", ".lora_B"

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import EditRequestError
-from ..fingerprint import base_model_record
+from ..pack.fingerprint import base_model_record
 from ..kinds import steering_map
 from ..kinds.basis_intervention import BasisIntervention, BasisInterventionConfig, part_name
 from ..kinds.weight_delta import WeightDelta, factor_names, module_entry

