@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from hf_kedit import Edit, EditPack, load_edits, remove_edits, stack_of
 from hf_kedit.anatomy import anatomy_of, linear_shape
-from hf_kedit.methods import weight_delta_pack
+from hf_kedit.methods.builders import weight_delta_pack
 from hf_kedit.models import load_model
 
 PROMPT = "The mother tongue of Danielle Darrieux is"

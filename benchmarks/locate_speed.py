@@ -26,13 +26,14 @@ from tqdm.auto import tqdm
 
 from hf_kedit.anatomy import anatomy_of
 from hf_kedit.evaluate.datasets import read_cases
-from hf_kedit.methods import locate
-from hf_kedit.methods.locate import context_templates
-from hf_kedit.methods.memit import MEMITConfig, edit_layers, memit_edit
-from hf_kedit.methods.rome import ROMEConfig, resolve_layer, rome_edit
-from hf_kedit.methods.steam import STEAMConfig, steam_edit
+from hf_kedit.methods.locate import core as locate
+from hf_kedit.methods.locate.core import context_templates
+from hf_kedit.methods.locate.memit import MEMITConfig, memit_edit
+from hf_kedit.methods.locate.rome import ROMEConfig, rome_edit
+from hf_kedit.methods.requests import edit_layers, resolve_layer
+from hf_kedit.methods.locate.steam import STEAMConfig, steam_edit
 from hf_kedit.models import load_model
-from hf_kedit.stats import key_second_moments
+from hf_kedit.methods.locate.stats import key_second_moments
 
 EASYEDIT_ROME_SECONDS = 16.7  # EasyEdit's ROME on the default model on this machine (the measurement)
 

@@ -27,7 +27,7 @@ from hf_kedit.evaluate.metrics import with_robustness
 from hf_kedit.kinds.prompt_calls import hidden_size
 from hf_kedit.kinds.sentence_embedding import EMBEDDING_MODELS
 from hf_kedit.kinds.steering_map import SteeringMapConfig, names_subject, scope_distances
-from hf_kedit.methods.steering import SteeringConfig, paraphrase_set, router_representations
+from hf_kedit.methods.steering.core import SteeringConfig, paraphrase_set, router_representations
 from hf_kedit.models import load_model
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"

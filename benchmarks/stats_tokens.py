@@ -23,9 +23,10 @@ from hf_kedit.anatomy import anatomy_of
 from hf_kedit.evaluate.bench import run_bench
 from hf_kedit.evaluate.datasets import read_cases
 from hf_kedit.evaluate.harness import EvalConfig
-from hf_kedit.methods.rome import ROMEConfig, resolve_layer
+from hf_kedit.methods.locate.rome import ROMEConfig
+from hf_kedit.methods.requests import resolve_layer
 from hf_kedit.models import load_model
-from hf_kedit.stats import key_second_moments
+from hf_kedit.methods.locate.stats import key_second_moments
 
 METRICS = ("efficacy", "generality", "locality")
 SCORES = [(m, k) for m in METRICS for k in ("cmp", "tf")]

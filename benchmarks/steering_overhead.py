@@ -25,8 +25,8 @@ from hf_kedit import Edit, EditPack, load_edits, remove_edits
 from hf_kedit.kinds.prompt_calls import hidden_size
 from hf_kedit.kinds.sentence_embedding import EMBEDDING_MODELS
 from hf_kedit.kinds.steering_map import SteeringMapConfig
-from hf_kedit.methods import steering_map_pack
-from hf_kedit.methods.steering import router_representations
+from hf_kedit.methods.builders import steering_map_pack
+from hf_kedit.methods.steering.core import router_representations
 from hf_kedit.models import load_model
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"

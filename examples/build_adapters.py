@@ -9,10 +9,10 @@ from pathlib import Path
 
 from hf_kedit import Edit
 from hf_kedit.demo import greedy_answer
-from hf_kedit.methods.baft import baft_edit
-from hf_kedit.methods.rome import ROMEConfig, rome_edit
-from hf_kedit.methods.sake import sake_edit
-from hf_kedit.methods.steam import STEAMConfig, steam_edit
+from hf_kedit.methods.representation.baft import baft_edit
+from hf_kedit.methods.locate.rome import ROMEConfig, rome_edit
+from hf_kedit.methods.steering.sake import sake_edit
+from hf_kedit.methods.locate.steam import STEAMConfig, steam_edit
 from hf_kedit.models import load_model
 
 FACTS = [

@@ -15,4 +15,4 @@ from .anatomy import Anatomy, anatomy_of
 
 __all__ = ["Anatomy", "AnatomyError", "Edit", "EditConflictError", "EditPack", "EditRequestError", "EditStack",
            "IncompatiblePackError", "KeditError", "MissingDependencyError", "PackFormatError", "StatsError",
-           "anatomy_of", "load_edits", "remove_edits", "stack_of"]
+           "__version__", "anatomy_of", "load_edits", "remove_edits", "stack_of"]

@@ -129,7 +129,7 @@ def _layer_list(text: str) -> list[int]:
 
 def _push_stats(args) -> int:
     from .models import load_model
-    from .stats import push_stats
+    from .methods.locate.stats import push_stats
 
     model, tokenizer = load_model(args.model)
     sha = push_stats(model, tokenizer, args.layers, args.repo_id, corpus=args.corpus, n_tokens=args.tokens,

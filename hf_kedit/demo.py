@@ -7,7 +7,7 @@ import torch
 
 from .attach import load_edits, remove_edits
 from .batching import pad_id
-from .methods.rome import rome_edit
+from .methods.locate.rome import rome_edit
 from .models import load_model
 from .pack import Edit
 

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_kedit import Edit
 from hf_kedit.anatomy import anatomy_of, linear_shape
-from hf_kedit.methods import weight_delta_pack
+from hf_kedit.methods.builders import weight_delta_pack
 from hf_kedit.pack import CONFIG_NAME, WEIGHTS_NAME
 
 
@@ -47,7 +47,7 @@ def random_basis_pack(model, layers=(1,), n_edits=1, rank=2, seed=0, prefix="e",
     orthonormal R, random W, b and, `gated`, gate G, c with `gate_floor`) at every layer in `layers`."""
     from hf_kedit.kinds.basis_intervention import BasisInterventionConfig
     from hf_kedit.kinds.prompt_calls import hidden_size
-    from hf_kedit.methods import basis_intervention_pack
+    from hf_kedit.methods.builders import basis_intervention_pack
 
     g = torch.Generator().manual_seed(seed)
     d = hidden_size(model)
@@ -76,7 +76,7 @@ def random_steering_pack(model, centroids, threshold=1e-3, rank=3, seed=0, prefi
     that centroid, read at the final norm or decoder layer `layer`."""
     from hf_kedit.kinds.prompt_calls import hidden_size
     from hf_kedit.kinds.steering_map import SteeringMapConfig
-    from hf_kedit.methods import steering_map_pack
+    from hf_kedit.methods.builders import steering_map_pack
 
     g = torch.Generator().manual_seed(seed)
     d = hidden_size(model)

@@ -9,7 +9,9 @@ import pytest
 from hf_kedit import Edit
 from hf_kedit.cli import main as kedit
 from hf_kedit.errors import EditRequestError
-from hf_kedit.methods import lora, make_pack, memit, rome
+from hf_kedit.methods import make_pack
+from hf_kedit.methods.finetune import lora
+from hf_kedit.methods.locate import memit, rome
 from test_bad_input import raises_exactly, untouched
 from test_datasets import COUNTERFACT_RECORD
 from test_rome import tiny
@@ -39,7 +41,7 @@ def nothing_expensive(monkeypatch):
         raise AssertionError("expensive work started before the request was checked")
     for module, names in ((rome, ("key_second_moments", "context_templates", "optimise_value")),
                           (memit, ("key_second_moments", "context_templates", "optimise_value")),
-                          (lora, ("_teacher_forced",))):
+                          (lora, ("teacher_forced",))):
         for name in names:
             monkeypatch.setattr(module, name, started)
 

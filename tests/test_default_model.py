@@ -6,7 +6,7 @@ import torch
 
 from hf_kedit import Edit, load_edits, remove_edits
 from hf_kedit.demo import DEMO_EDIT, NEIGHBOUR, greedy_answer, run_demo
-from hf_kedit.methods.lora import lora_edit
+from hf_kedit.methods.finetune.lora import lora_edit
 from hf_kedit.models import DEFAULT_MODEL_ID, default_cache_dir, load_default, load_model
 
 

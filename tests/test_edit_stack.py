@@ -10,7 +10,7 @@ import torch
 
 from hf_kedit import EditPack, load_edits, remove_edits, stack_of
 from hf_kedit.errors import IncompatiblePackError, KeditError
-from hf_kedit.methods import weight_delta_pack
+from hf_kedit.methods.builders import weight_delta_pack
 from packs import random_basis_pack, random_pack, random_steering_pack
 from test_bad_input import _logits, raises_exactly, untouched
 from tiny_models import tiny_inputs, tiny_model

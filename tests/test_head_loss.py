@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from hf_kedit import head_loss
-from hf_kedit.head_loss import head_cross_entropy
+from hf_kedit.methods.locate import head_loss
+from hf_kedit.methods.locate.head_loss import head_cross_entropy
 
 
 @pytest.mark.parametrize("with_bias", [False, True])

@@ -3,7 +3,7 @@ suffixes on top of it, with the same logits as the whole prompts."""
 import pytest
 import torch
 
-from hf_kedit.methods.locate import SplitBatch
+from hf_kedit.methods.locate.core import SplitBatch
 from tiny_models import ARCHITECTURES, tiny_model
 
 

@@ -4,7 +4,8 @@ import torch
 
 from hf_kedit import Edit, load_edits
 from hf_kedit.anatomy import anatomy_of
-from hf_kedit.methods.memit import MEMITConfig, edit_layers, least_squares_update, memit_edit, scaled_update_weight
+from hf_kedit.methods.locate.memit import MEMITConfig, least_squares_update, memit_edit, scaled_update_weight
+from hf_kedit.methods.requests import edit_layers
 from test_rome import tiny
 
 EDITS = [Edit("a", "Danielle Darrieux", "The mother tongue of {} is", "English", "French"),

@@ -12,8 +12,10 @@ from hf_kedit.errors import EditRequestError, IncompatiblePackError
 from hf_kedit.evaluate.harness import EvalConfig, evaluate
 from hf_kedit.evaluate.scoring import Scorer
 from hf_kedit.kinds.basis_intervention import gate_weights
-from hf_kedit.methods import baft, basis, make_pack
-from hf_kedit.methods.basis import layer_states
+from hf_kedit.methods import make_pack
+from hf_kedit.methods.representation import baft
+from hf_kedit.methods.representation import core as basis
+from hf_kedit.methods.representation.core import layer_states
 from hf_kedit.models import default_cache_dir
 from hf_kedit.sampling import sibling_names
 from test_bad_input import raises_exactly, untouched

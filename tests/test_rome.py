@@ -5,13 +5,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_kedit import Edit, load_edits, remove_edits
 from hf_kedit.anatomy import anatomy_of
-from hf_kedit.methods.locate import (ValueConfig, context_templates, io_at_subject, key_at_subject, optimise_value,
+from hf_kedit.methods.locate.core import (ValueConfig, context_templates, io_at_subject, key_at_subject, optimise_value,
                                      rank_one_update, subject_last_index)
-from hf_kedit.methods import locate
-from hf_kedit.methods import rome as rome_module
-from hf_kedit.methods.rome import ROMEConfig, rome_edit
-from hf_kedit import stats
-from hf_kedit.head_loss import head_cross_entropy
+from hf_kedit.methods.locate import core as locate
+from hf_kedit.methods.locate import rome as rome_module
+from hf_kedit.methods.locate.rome import ROMEConfig, rome_edit
+from hf_kedit.methods.locate import stats
+from hf_kedit.methods.locate.head_loss import head_cross_entropy
 from packs import delta_matrix
 
 EDIT = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")

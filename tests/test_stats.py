@@ -10,13 +10,14 @@ import torch
 from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors.torch import save_file
 
-from hf_kedit import Edit, stats
+from hf_kedit import Edit
+from hf_kedit.methods.locate import stats
 from hf_kedit.cli import main as kedit
 from hf_kedit.errors import StatsError
 from hf_kedit.pack.hub import file_sha256
-from hf_kedit.methods.memit import MEMITConfig, memit_edit
-from hf_kedit.methods.rome import ROMEConfig, rome_edit
-from hf_kedit.stats import STATS_MANIFEST, key_second_moments, push_stats, stats_file
+from hf_kedit.methods.locate.memit import MEMITConfig, memit_edit
+from hf_kedit.methods.locate.rome import ROMEConfig, rome_edit
+from hf_kedit.methods.locate.stats import STATS_MANIFEST, key_second_moments, push_stats, stats_file
 from test_bad_input import raises_exactly
 from test_rome import tiny
 

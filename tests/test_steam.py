@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from hf_kedit import Edit
 from hf_kedit.anatomy import anatomy_of, hidden_states
-from hf_kedit.methods.steam import STEAMConfig, read_fact_base, semantic_anchors, steam_edit
+from hf_kedit.methods.locate.steam import STEAMConfig, read_fact_base, semantic_anchors, steam_edit
 from test_rome import tiny
 
 PROMPTS = ["The capital of Italy is", "My favourite colour is", "The river flows into the", "He was born in",

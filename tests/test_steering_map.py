@@ -15,8 +15,8 @@ from hf_kedit.errors import (EditRequestError, IncompatiblePackError, KeditError
 from hf_kedit.kinds.prompt_calls import prompt_lengths, tokenizer_of
 from hf_kedit.kinds.steering_map import mapped, scope_distances
 from hf_kedit.methods import make_pack
-from hf_kedit.methods.steering import SteeringConfig, last_token_states, paraphrase_set, steering_sets
-from hf_kedit.methods.transport import linear_transport
+from hf_kedit.methods.steering.core import SteeringConfig, last_token_states, paraphrase_set, steering_sets
+from hf_kedit.methods.steering.transport import linear_transport
 from hf_kedit.models import default_cache_dir
 from hf_kedit.pack import CONFIG_NAME
 from packs import kind_config_update, random_steering_pack, rewrite_pack, set_tensor
@@ -400,7 +400,7 @@ def test_bad_requests_raise_before_the_model_runs(tokenizer, settings, match):
 
 def test_calibration_picks_a_threshold_between_in_and_out_of_scope_prompts(tokenizer, tmp_path):
     from hf_kedit.evaluate.report import plot_threshold_curve
-    from hf_kedit.methods.scope import calibrate_threshold
+    from hf_kedit.methods.steering.scope import calibrate_threshold
 
     model = tiny(tokenizer)
     prompts = [EDIT.text, "Danielle Darrieux grew up speaking", "The first language of Danielle Darrieux is"]

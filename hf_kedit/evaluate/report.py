@@ -83,7 +83,7 @@ def _pyplot():
 
 
 def plot_threshold_curve(curve, path: str | Path) -> None:
-    """A steering pack's scope trade-off (`hf_kedit.methods.scope.calibrate_threshold`):
+    """A steering pack's scope trade-off (`hf_kedit.methods.steering.scope.calibrate_threshold`):
     in-scope prompts steered and out-of-scope prompts left alone, per threshold."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))

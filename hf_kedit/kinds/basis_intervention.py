@@ -32,7 +32,7 @@ gates open at their subject's token and nowhere else. What the prompt is:
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ from torch import nn
 from ..anatomy import anatomy_of, hidden_states
 from ..errors import AnatomyError, IncompatiblePackError, KeditError, PackFormatError
 from .hooked_runtime import HookedRuntime
+from .kind_config import KindConfig
 from .prompt_calls import hidden_size
 
 PEFT_TYPES = {"LOREFT": "none", "BAFT": "sigmoid_rms"}  # peft_type -> the gate it uses
@@ -109,7 +110,7 @@ def part_name(edit_id: str, layer: int, part: str) -> str:
 
 
 @dataclass
-class BasisInterventionConfig:
+class BasisInterventionConfig(KindConfig):
     """A `basis_intervention` pack's `kind_config`, in PEFT's config conventions
     (saved as JSON inside kedit_config.json, never as adapter_config.json:
     peft cannot register a third-party `peft_type`, and transformers would load
@@ -126,6 +127,8 @@ class BasisInterventionConfig:
         >>> BasisInterventionConfig(peft_type="BAFT", gate="sigmoid_rms", r=4, layers=[12], hidden_size=576).to_dict()
     """
 
+    kind = "basis_intervention"
+
     peft_type: str = "LOREFT"
     task_type: str = "CAUSAL_LM"
     base_model_name_or_path: str | None = None
@@ -138,18 +141,8 @@ class BasisInterventionConfig:
     hidden_size: int = 0
     gate_floor: float = 0.0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, config: dict) -> "BasisInterventionConfig":
-        """The config in `config`; `PackFormatError` naming the first field that is wrong."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(config) - known) if isinstance(config, dict) else config
-        if not isinstance(config, dict) or unknown:
-            raise PackFormatError(f"basis_intervention pack: kind_config must be an object with the fields "
-                                  f"{sorted(known)}; unknown: {unknown}")
-        self = cls(**config)
+    def check(self) -> None:
+        """`PackFormatError` naming the first field that is wrong."""
         if not isinstance(self.peft_type, str) or PEFT_TYPES.get(self.peft_type) != self.gate:
             raise PackFormatError(f"basis_intervention pack: peft_type {self.peft_type!r} with gate {self.gate!r}; "
                                   f"use one of {[{'peft_type': p, 'gate': g} for p, g in PEFT_TYPES.items()]}")
@@ -176,7 +169,6 @@ class BasisInterventionConfig:
             raise PackFormatError(f"basis_intervention pack: gate_floor must be a number in [0, 1), and 0 without a "
                                   f"gate; got {floor!r} with gate {self.gate!r}")
         parse_positions(self.positions)
-        return self
 
 
 class BasisIntervention:
@@ -184,7 +176,7 @@ class BasisIntervention:
 
     @staticmethod
     def validate(pack) -> None:
-        config = BasisInterventionConfig.from_dict(pack.kind_config)
+        config = BasisInterventionConfig.of(pack)
         parts = PARTS + (GATE_PARTS if config.gate == "sigmoid_rms" else ())
         r, d = config.r, config.hidden_size
         shapes = {"rotation": [r, d], "source.weight": [r, d], "source.bias": [r], "gate.weight": [r, d],
@@ -218,7 +210,7 @@ class BasisIntervention:
 
     @staticmethod
     def check_model(pack, model: nn.Module) -> None:
-        config = BasisInterventionConfig.from_dict(pack.kind_config)
+        config = BasisInterventionConfig.of(pack)
         try:
             anatomy = anatomy_of(model)
         except AnatomyError as e:
@@ -291,7 +283,7 @@ class Interventions:
 
 def interventions_of(pack) -> list[Interventions]:
     """The pack's interventions, one entry per layer with every edit's rows."""
-    config = BasisInterventionConfig.from_dict(pack.kind_config)
+    config = BasisInterventionConfig.of(pack)
     positions, out = parse_positions(config.positions), []
     for layer in config.layers:
         def stacked(part):

@@ -41,7 +41,7 @@ prompt call's routing.
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -49,6 +49,7 @@ from torch import nn
 from ..anatomy import anatomy_of, hidden_states
 from ..errors import AnatomyError, IncompatiblePackError, KeditError, PackFormatError
 from .hooked_runtime import HookedRuntime
+from .kind_config import KindConfig
 from .prompt_calls import hidden_size, tokenizer_of
 from .sentence_embedding import EMBEDDING_MODELS, check_installed, embed
 
@@ -93,7 +94,7 @@ def names_subject(prompts: list[str], subjects) -> torch.Tensor:
 
 
 @dataclass
-class SteeringMapConfig:
+class SteeringMapConfig(KindConfig):
     """A `steering_map` pack's `kind_config`.
 
     `hidden_size`: d; `representation`: what the router measures ("final_norm",
@@ -107,6 +108,8 @@ class SteeringMapConfig:
         'first'
     """
 
+    kind = "steering_map"
+
     hidden_size: int = 0
     representation: str = "final_norm"
     layer: int | None = None
@@ -116,18 +119,8 @@ class SteeringMapConfig:
     apply: str = "first"
     subject_gate: bool = False
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, config: dict) -> "SteeringMapConfig":
-        """The config in `config`; `PackFormatError` naming the first field that is wrong."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(config) - known) if isinstance(config, dict) else config
-        if not isinstance(config, dict) or unknown:
-            raise PackFormatError(f"steering_map pack: kind_config must be an object with the fields "
-                                  f"{sorted(known)}; unknown: {unknown}")
-        self = cls(**config)
+    def check(self) -> None:
+        """`PackFormatError` naming the first field that is wrong."""
         for name, allowed in (("representation", REPRESENTATIONS), ("metric", METRICS), ("apply", APPLY)):
             if getattr(self, name) not in allowed:
                 raise PackFormatError(f"steering_map pack: {name}={getattr(self, name)!r}; use one of {allowed}")
@@ -155,7 +148,6 @@ class SteeringMapConfig:
                                   f"scope_size={self.scope_size}")
         if type(self.subject_gate) is not bool:
             raise PackFormatError(f"steering_map pack: subject_gate must be true or false, got {self.subject_gate!r}")
-        return self
 
     @property
     def reads_text(self) -> bool:
@@ -173,7 +165,7 @@ class SteeringMap:
 
     @staticmethod
     def validate(pack) -> None:
-        config = SteeringMapConfig.from_dict(pack.kind_config)
+        config = SteeringMapConfig.of(pack)
         d = config.hidden_size
         for edit in pack.edits:
             expected = {part_name(edit.id, part) for part in PARTS}
@@ -208,7 +200,7 @@ class SteeringMap:
 
     @staticmethod
     def check_model(pack, model: nn.Module) -> None:
-        config = SteeringMapConfig.from_dict(pack.kind_config)
+        config = SteeringMapConfig.of(pack)
         if config.representation == "sentence_embedding":
             check_installed(config.embedding_model)
         if config.reads_text and tokenizer_of(model) is None:
@@ -328,7 +320,7 @@ class Steering:
 
 def steerings_of(pack) -> list[Steering]:
     """The pack's edits as router entries (float32)."""
-    config = SteeringMapConfig.from_dict(pack.kind_config)
+    config = SteeringMapConfig.of(pack)
     out = []
     for e in pack.edits:
         t = {part: pack.tensors[part_name(e.id, part)].float() for part in PARTS}

@@ -25,14 +25,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .version import __version__
-from .anatomy import anatomy_of, linear_shape
-from .batching import pad_id, padded
-from .errors import StatsError
-from .pack.fingerprint import base_model_record
-from .pack.hub import file_sha256, push_folder, resolve_source
-from .partial_forward import run_until
-from .sampling import sample_texts, seeded
+from ...version import __version__
+from ...anatomy import anatomy_of, linear_shape
+from ...batching import pad_id, padded
+from ...errors import StatsError
+from ...pack.fingerprint import base_model_record
+from ...pack.hub import file_sha256, push_folder, resolve_source
+from ...partial_forward import run_until
+from ...sampling import sample_texts, seeded
 
 STATS_MANIFEST = "kedit_stats.json"
 STATS_FORMAT_VERSION = 1

@@ -6,12 +6,13 @@ from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
 
-from ..anatomy import anatomy_of
-from ..errors import EditRequestError
-from ..pack import Edit, EditPack
-from ..stats import corpus_name, key_second_moments
-from . import check_layers, check_requests, weight_delta_pack
-from .locate import ValueConfig, context_templates, optimise_value, rank_one_update, template_counts
+from ...anatomy import anatomy_of
+from ...errors import EditRequestError
+from ...pack import Edit, EditPack
+from .stats import corpus_name, key_second_moments
+from ..builders import weight_delta_pack
+from ..requests import check_requests, resolve_layer
+from .core import ValueConfig, context_templates, optimise_value, rank_one_update, template_counts
 
 
 SOLVE_AT = ("prompt", "templates")
@@ -81,16 +82,3 @@ def rank_one_edits(model, tokenizer, requests: list[Edit], config: ROMEConfig, m
     recorded = {**asdict(config), "layer": layer, "stats_corpus": corpus_name(config.stats_corpus),
                 **(hyperparameters or {})}
     return weight_delta_pack(model, method, recorded, requests, factors)
-
-
-def resolve_layer(layer, num_layers: int, model=None, tokenizer=None, edits=()) -> int:
-    """A layer index from an index, a relative depth in [0, 1), or "auto" (causal tracing of the edits)."""
-    if layer == "auto":
-        from ..trace import auto_layer
-
-        return auto_layer(model, tokenizer, edits)
-    if not isinstance(layer, (int, float)):
-        raise EditRequestError(f"layer={layer!r}: give a layer index, a relative depth in [0, 1) or \"auto\"")
-    index = layer if isinstance(layer, int) else round(layer * num_layers)
-    check_layers([index], num_layers, f"layer={layer!r}")
-    return index

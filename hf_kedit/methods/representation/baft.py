@@ -44,12 +44,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..anatomy import anatomy_of
-from ..errors import EditRequestError
-from ..pack import Edit, EditPack
-from ..sampling import per_model, sample_texts, seeded, sibling_names
-from ..kinds.basis_intervention import parse_positions
-from .basis import GateFit, Intervention, InterventionConfig, layer_states, train_interventions
+from ...anatomy import anatomy_of
+from ...errors import EditRequestError
+from ...pack import Edit, EditPack
+from ...sampling import per_model, sample_texts, seeded, sibling_names
+from ...kinds.basis_intervention import parse_positions
+from .core import GateFit, Intervention, InterventionConfig, layer_states, train_interventions
 
 CONTRAST_SUBJECTS = ("Barack Obama", "Marie Curie", "Pablo Picasso", "William Shakespeare", "Serena Williams",
                      "Toyota", "Microsoft", "the BBC", "Tokyo", "Brazil", "the Nile", "Mount Everest", "the Louvre",

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..pack import Edit, EditPack
-from .steering import SteeringConfig, steering_edit
+from ...pack import Edit, EditPack
+from .core import SteeringConfig, steering_edit
 from .transport import FactoredMap
 
 

@@ -5,18 +5,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..anatomy import anatomy_of, linear_shape
-from ..kinds.weight_delta import deltas_applied
-from ..pack import Edit, EditPack
-from . import check_layers, check_requests, weight_delta_pack
+from ...anatomy import anatomy_of, linear_shape
+from ...kinds.weight_delta import deltas_applied
+from ...pack import Edit, EditPack
+from ..builders import weight_delta_pack
+from ..requests import check_requests, resolve_layer
+from ..teacher_forcing import fit_target, teacher_forced
 
 
 @dataclass
 class LoRAConfig:
-    """`layer`: an index, or a float in [0, 1) read as relative depth."""
+    """`layer`: an index, a relative depth in [0, 1) (rounded to a layer, as every
+    method rounds it), or "auto" (causal tracing of the edits)."""
 
     layer: float | int = 0.3
     rank: int = 1
@@ -38,8 +40,7 @@ def lora_edit(model, tokenizer, requests: list[Edit], config: LoRAConfig | None 
     check_requests(requests, subject_slot=False)
     config = config or LoRAConfig()
     anatomy = anatomy_of(model)
-    layer = config.layer if isinstance(config.layer, int) else int(config.layer * anatomy.num_layers)
-    check_layers([layer], anatomy.num_layers, f"layer={config.layer!r}")
+    layer = resolve_layer(config.layer, anatomy.num_layers, model, tokenizer, requests)
     name = anatomy.mlp_out(layer)
     module = model.get_submodule(name)
     out_f, in_f = linear_shape(module)
@@ -49,25 +50,10 @@ def lora_edit(model, tokenizer, requests: list[Edit], config: LoRAConfig | None 
         torch.manual_seed(config.seed)
         A = (torch.randn(config.rank, in_f, device=param.device) / in_f ** 0.5).requires_grad_()
         B = torch.zeros(out_f, config.rank, device=param.device, requires_grad=True)
-        ids, labels = _teacher_forced(tokenizer, edit, param.device)
+        ids, labels, _ = teacher_forced(tokenizer, edit.text, edit.target_new, param.device)
         optimizer = torch.optim.Adam([A, B], lr=config.lr)
         with deltas_applied(model, {name: (A, B)}):
-            for _ in range(config.steps):
-                logits = model(input_ids=ids).logits.float()
-                loss = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
-                if loss.item() < config.stop_loss:
-                    break
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+            fit_target(model, ids, labels, optimizer, config.steps, config.stop_loss)
         model.zero_grad(set_to_none=True)
         factors[edit.id] = {name: (A.detach(), B.detach())}
     return weight_delta_pack(model, "lora", {**asdict(config), "layer": layer}, requests, factors)
-
-
-def _teacher_forced(tokenizer, edit: Edit, device):
-    prompt = tokenizer(edit.text, add_special_tokens=False).input_ids
-    target = tokenizer(" " + edit.target_new.strip(), add_special_tokens=False).input_ids
-    ids = torch.tensor([prompt + target], device=device)
-    labels = torch.tensor([[-100] * len(prompt) + target], device=device)
-    return ids, labels

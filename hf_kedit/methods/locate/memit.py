@@ -8,13 +8,14 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..anatomy import anatomy_of, linear_shape
-from ..errors import EditRequestError
-from ..kinds.weight_delta import deltas_applied
-from ..pack import Edit, EditPack
-from ..stats import corpus_name, key_second_moments
-from . import check_layers, check_requests, weight_delta_pack
-from .locate import (ValueConfig, context_templates, io_at_subject, key_at_subject, optimise_value,
+from ...anatomy import anatomy_of, linear_shape
+from ...errors import EditRequestError
+from ...kinds.weight_delta import deltas_applied
+from ...pack import Edit, EditPack
+from .stats import corpus_name, key_second_moments
+from ..builders import weight_delta_pack
+from ..requests import check_requests, edit_layers
+from .core import (ValueConfig, context_templates, io_at_subject, key_at_subject, optimise_value,
                      template_counts)
 
 
@@ -97,19 +98,3 @@ def least_squares_update(keys: torch.Tensor, residual: torch.Tensor, second_mome
          else torch.eye(len(K), dtype=torch.float64, device=K.device))
     adjusted = torch.linalg.solve(update_weight * C + K @ K.T, K)
     return adjusted.T.float(), residual.float()
-
-
-def edit_layers(spec, num_layers: int, setting: str = "layers") -> list[int]:
-    """Layer indices from indices, or from a (start, end) pair of relative depths
-    (`setting` names the setting in errors)."""
-    usage = f"{setting}={spec!r}: give layer indices or a (start, end) pair of relative depths"
-    if not isinstance(spec, (list, tuple)) or not all(isinstance(x, (int, float)) for x in spec):
-        raise EditRequestError(usage)
-    if all(isinstance(x, int) for x in spec):
-        layers = list(spec)
-    elif len(spec) == 2:
-        layers = list(range(round(spec[0] * num_layers), round(spec[1] * num_layers) + 1))
-    else:
-        raise EditRequestError(usage)
-    check_layers(layers, num_layers, f"{setting}={spec!r}")
-    return sorted(layers)

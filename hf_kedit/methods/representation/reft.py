@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..pack import Edit, EditPack
-from .basis import InterventionConfig, train_interventions
+from ...pack import Edit, EditPack
+from .core import InterventionConfig, train_interventions
 
 
 @dataclass

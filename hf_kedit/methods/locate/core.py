@@ -11,13 +11,14 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from ..anatomy import anatomy_of, hidden_states
-from ..batching import pad_id, padded
-from ..errors import EditRequestError
-from ..head_loss import head_cross_entropy
-from ..pack import Edit
-from ..partial_forward import lm_head_at, run_until
-from ..sampling import per_model, sample_texts, seeded
+from ...anatomy import anatomy_of, hidden_states
+from ...batching import pad_id, padded
+from ...errors import EditRequestError
+from ..requests import subject_last_index
+from .head_loss import head_cross_entropy
+from ...pack import Edit
+from ...partial_forward import lm_head_at, run_until
+from ...sampling import per_model, sample_texts, seeded
 
 
 @dataclass
@@ -33,14 +34,6 @@ class ValueConfig:
     weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
     stop_nll: float = 5e-2
-
-
-def subject_last_index(tokenizer, text: str, subject: str) -> int:
-    """Index of the subject's last token in `text` (which contains `subject`)."""
-    where = text.rfind(subject)
-    if where < 0:
-        raise ValueError(f"the subject {subject!r} does not occur in {text!r}")
-    return len(tokenizer(text[:where + len(subject)]).input_ids) - 1
 
 
 def context_templates(model, tokenizer, counts) -> list[str]:

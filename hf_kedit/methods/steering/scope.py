@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import EditRequestError
-from ..kinds.steering_map import SteeringMapConfig, names_subject, part_name, scope_distances
-from ..pack import EditPack
-from .steering import router_representations
+from ...errors import EditRequestError
+from ...kinds.steering_map import SteeringMapConfig, names_subject, part_name, scope_distances
+from ...pack import EditPack
+from .core import router_representations
 
 
 @dataclass
@@ -34,7 +34,7 @@ def calibrate_threshold(model, tokenizer, pack: EditPack, in_scope: dict[str, li
         >>> pack, curve = calibrate_threshold(model, tokenizer, pack, {"e0": paraphrases}, unrelated_prompts)
         >>> plot_threshold_curve(curve, "threshold.png")
     """
-    config = SteeringMapConfig.from_dict(pack.kind_config)
+    config = SteeringMapConfig.of(pack)
     ids = {e.id for e in pack.edits}
     if not in_scope or set(in_scope) - ids or not all(in_scope.values()) or not out_of_scope:
         raise EditRequestError(f"give in-scope prompts for edits of the pack ({sorted(ids)}), each a non-empty "

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import EditRequestError
-from ..pack import Edit, EditPack
-from .steering import SteeringConfig, steering_edit
+from ...errors import EditRequestError
+from ...pack import Edit, EditPack
+from .core import SteeringConfig, steering_edit
 from .transport import linear_transport
 
 

@@ -29,15 +29,16 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..anatomy import anatomy_of, hidden_states
-from ..batching import pad_id, padded
-from ..errors import EditRequestError
-from ..kinds.prompt_calls import hidden_size
-from ..kinds.sentence_embedding import EMBEDDING_MODELS, check_installed, embed
-from ..kinds.steering_map import METRICS, APPLY, SteeringMapConfig, scope_distances
-from ..pack import Edit, EditPack
-from ..partial_forward import run_until
-from . import check_layers, check_requests, steering_map_pack
+from ...anatomy import anatomy_of, hidden_states
+from ...batching import pad_id, padded
+from ...errors import EditRequestError
+from ...kinds.prompt_calls import hidden_size
+from ...kinds.sentence_embedding import EMBEDDING_MODELS, check_installed, embed
+from ...kinds.steering_map import METRICS, APPLY, SteeringMapConfig, scope_distances
+from ...pack import Edit, EditPack
+from ...partial_forward import run_until
+from ..builders import steering_map_pack
+from ..requests import check_layers, check_requests
 from .transport import FactoredMap
 
 TEMPLATES = ("{}", "Fact: {}", "Here is a fact. {}", "Complete the sentence. {}", "Trivia. {}",

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import torch
 
-from ..anatomy import anatomy_of, hidden_states
-from ..batching import pad_id, padded
-from ..errors import EditRequestError
-from ..pack import Edit, EditPack
-from ..partial_forward import lm_head_at
-from . import check_requests
-from .locate import Alignment, template_counts
-from .memit import edit_layers
-from .rome import ROMEConfig, rank_one_edits, resolve_layer
+from ...anatomy import anatomy_of, hidden_states
+from ...batching import pad_id, padded
+from ...errors import EditRequestError
+from ...pack import Edit, EditPack
+from ...partial_forward import lm_head_at
+from ..requests import check_requests, edit_layers, resolve_layer
+from .core import Alignment, template_counts
+from .rome import ROMEConfig, rank_one_edits
 
 RECALL_BATCH = 32  # facts per forward while looking for anchors
 

@@ -16,20 +16,19 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.nn.utils.parametrizations import orthogonal
 from tqdm.auto import tqdm
 
-from ..anatomy import anatomy_of, hidden_states
-from ..errors import EditRequestError
-from ..kinds.basis_intervention import BasisInterventionConfig, gate_weights, intervention_delta, parse_positions
-from ..batching import pad_id, padded
-from ..kinds.prompt_calls import hidden_size, prompt_lengths, select_positions
-from ..pack import Edit, EditPack
-from ..partial_forward import run_until
-from . import basis_intervention_pack, check_requests
-from .locate import subject_last_index
-from .rome import resolve_layer
+from ...anatomy import anatomy_of, hidden_states
+from ...errors import EditRequestError
+from ...kinds.basis_intervention import BasisInterventionConfig, gate_weights, intervention_delta, parse_positions
+from ...batching import pad_id, padded
+from ...kinds.prompt_calls import hidden_size, prompt_lengths, select_positions
+from ...pack import Edit, EditPack
+from ...partial_forward import run_until
+from ..builders import basis_intervention_pack
+from ..teacher_forcing import fit_target, teacher_forced
+from ..requests import check_requests, resolve_layer, subject_last_index
 
 
 @dataclass
@@ -131,7 +130,7 @@ def train_interventions(model, tokenizer, requests: list[Edit], config: Interven
         for edit in tqdm(requests, desc=f"{method} edits", disable=not progress):
             torch.manual_seed(config.seed)
             intervention = Intervention(hidden, config.rank, gate is not None, gate.floor if gate else 0.0).to(device)
-            ids, labels, prompt = teacher_forced(tokenizer, edit, device)
+            ids, labels, prompt = teacher_forced(tokenizer, edit.text, edit.target_new, device)
             where = select_positions(torch.ones_like(ids, dtype=torch.bool), *positions, torch.tensor([prompt]))
             if gate_loss is not None:
                 states = layer_states(model, tokenizer, anatomy.layer(layer), [edit.text], positions)
@@ -139,14 +138,7 @@ def train_interventions(model, tokenizer, requests: list[Edit], config: Interven
                          config.lr)
             optimizer = torch.optim.Adam([p for p in intervention.parameters() if p.requires_grad], lr=config.lr)
             with applied(layer_module, intervention, where), prompt_lengths(model, [prompt]):
-                for _ in range(config.steps):
-                    logits = model(input_ids=ids).logits.float()
-                    loss = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
-                    if loss.item() < config.stop_loss:
-                        break
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
+                fit_target(model, ids, labels, optimizer, config.steps, config.stop_loss)
             parts[edit.id] = {layer: intervention.tensors()}
     kind_config = BasisInterventionConfig(peft_type=peft_type, gate="sigmoid_rms" if gate else "none",
                                           r=config.rank, layers=[layer], positions=config.positions,
@@ -234,12 +226,3 @@ def applied(layer_module: nn.Module, intervention: Intervention, where: torch.Te
     finally:
         for handle in handles:
             handle.remove()
-
-
-def teacher_forced(tokenizer, edit: Edit, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(prompt + target ids [1, T], labels with the prompt masked, prompt length)."""
-    prompt = tokenizer(edit.text).input_ids
-    target = tokenizer(" " + edit.target_new.strip(), add_special_tokens=False).input_ids
-    ids = torch.tensor([prompt + target], device=device)
-    labels = torch.tensor([[-100] * len(prompt) + target], device=device)
-    return ids, labels, len(prompt)

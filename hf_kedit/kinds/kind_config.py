@@ -1,0 +1,48 @@
+"""The base of the kinds' `kind_config` dataclasses: read from a manifest's dict
+with unknown fields refused, checked by the subclass, and parsed once per pack."""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, fields
+
+from ..errors import PackFormatError
+
+
+class KindConfig:
+    """A subclass is a dataclass with `kind` (the kind's name, for messages) and
+    `check()`, which raises `PackFormatError` naming the first field that is wrong.
+
+    Example:
+        >>> config = SteeringMapConfig.of(pack)          # parsed once, then cached on the pack
+        >>> SteeringMapConfig.from_dict({"hidden_size": 576, "scope_size": 576}).to_dict()["metric"]
+        'cosine'
+    """
+
+    kind = ""
+
+    def check(self) -> None:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, config: dict):
+        """The config in `config`; `PackFormatError` naming the first field that is wrong."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known) if isinstance(config, dict) else config
+        if not isinstance(config, dict) or unknown:
+            raise PackFormatError(f"{cls.kind} pack: kind_config must be an object with the fields "
+                                  f"{sorted(known)}; unknown: {unknown}")
+        self = cls(**config)
+        self.check()
+        return self
+
+    @classmethod
+    def of(cls, pack):
+        """`pack.kind_config` parsed: validating, checking against a model and
+        attaching a pack read it once (again only if the dict was changed since)."""
+        cached = pack.__dict__.get("_kind_config")
+        if cached is None or cached[0] != pack.kind_config:
+            cached = pack.__dict__["_kind_config"] = (copy.deepcopy(pack.kind_config), cls.from_dict(pack.kind_config))
+        return cached[1]

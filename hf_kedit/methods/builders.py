@@ -1,0 +1,57 @@
+"""Building packs: every method hands its tensors to one of these, so every pack is
+made the same way (each edit owns its named tensors, stored float32 on the CPU,
+and the fingerprint covers what the kind names)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kinds import steering_map
+from ..kinds.basis_intervention import BasisIntervention, BasisInterventionConfig, part_name
+from ..kinds.weight_delta import WeightDelta, factor_names, module_entry
+from ..pack import Edit, EditPack
+from ..pack.fingerprint import base_model_record
+
+
+def owning_pack(kind: str, method: str, hyperparameters: dict, edits: list[Edit],
+                tensors: dict[str, dict[str, torch.Tensor]], base_model: dict, kind_config: dict) -> EditPack:
+    """A pack of `kind` in which edit `e` owns the named tensors `tensors[e.id]`
+    (stored float32 on the CPU): what lets a single edit be removed or selected."""
+    stored = {name: t.detach().float().cpu().contiguous() for e in edits for name, t in tensors[e.id].items()}
+    edits = [Edit(**{**e.__dict__, "tensors": list(tensors[e.id])}) for e in edits]
+    return EditPack(kind, method, edits, stored, base_model, hyperparameters, kind_config)
+
+
+def weight_delta_pack(model: nn.Module, method: str, hyperparameters: dict, edits: list[Edit],
+                      factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> EditPack:
+    """A `weight_delta` pack from per-edit, per-module factors `(A [r, in], B [out, r])`."""
+    tensors = {e.id: {name: t for module, pair in factors[e.id].items()
+                      for name, t in zip(factor_names(e.id, module), pair)} for e in edits}
+    modules = sorted({module for e in edits for module in factors[e.id]})
+    kind_config = {"modules": {m: module_entry(model, m) for m in modules}}
+    return owning_pack(WeightDelta.name, method, hyperparameters, edits, tensors,
+                       base_model_record(model, WeightDelta.modules(kind_config, model)), kind_config)
+
+
+def basis_intervention_pack(model: nn.Module, method: str, hyperparameters: dict, edits: list[Edit],
+                            config: BasisInterventionConfig,
+                            parts: dict[str, dict[int, dict[str, torch.Tensor]]]) -> EditPack:
+    """A `basis_intervention` pack from per-edit, per-layer tensors (`parts[edit_id][layer][part]`,
+    part one of "rotation", "source.weight", "source.bias", "gate.weight", "gate.bias").
+    The fingerprint covers what `BasisIntervention.modules` names."""
+    tensors = {e.id: {part_name(e.id, layer, part): t for layer, by_part in parts[e.id].items()
+                      for part, t in by_part.items()} for e in edits}
+    record = base_model_record(model, BasisIntervention.modules(config.to_dict(), model))
+    config.base_model_name_or_path, config.revision = record["name_or_path"] or None, record["revision"]
+    return owning_pack(BasisIntervention.name, method, hyperparameters, edits, tensors, record, config.to_dict())
+
+
+def steering_map_pack(model: nn.Module, method: str, hyperparameters: dict, edits: list[Edit],
+                      config: steering_map.SteeringMapConfig, parts: dict[str, dict[str, torch.Tensor]]) -> EditPack:
+    """A `steering_map` pack from per-edit tensors (`parts[edit_id][part]`, part one of
+    "map.basis", "map.core", "map.bias", "scope.centroid", "scope.threshold"). The
+    fingerprint covers what `SteeringMap.modules` names."""
+    tensors = {e.id: {steering_map.part_name(e.id, part): t for part, t in parts[e.id].items()} for e in edits}
+    record = base_model_record(model, steering_map.SteeringMap.modules(config.to_dict(), model))
+    return owning_pack(steering_map.SteeringMap.name, method, hyperparameters, edits, tensors, record,
+                       config.to_dict())

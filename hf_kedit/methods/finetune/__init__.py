@@ -1,0 +1,1 @@
+"""Fine-tuning baselines (LoRA): a low-rank delta trained on the edit."""
