@@ -9,7 +9,7 @@ import pytest
 from hf_kedit import Edit
 from hf_kedit.cli import main as kedit
 from hf_kedit.errors import EditRequestError
-from hf_kedit.methods import make_pack
+from hf_kedit.methods import ActAddConfig, BaFTConfig, MEMITConfig, SAKEConfig, make_pack
 from hf_kedit.methods.finetune import lora
 from hf_kedit.methods.locate import memit, rome
 from test_bad_input import raises_exactly, untouched
@@ -136,3 +136,16 @@ def test_cli_edit_with_a_bad_layer_writes_nothing(model, tokenizer, tmp_path, ca
                   str(tmp_path / "pack")]) == 2
     assert "kedit edit: EditRequestError: layer=99 gives layers [99], out of range" in capsys.readouterr().err
     assert not (tmp_path / "pack").exists()
+
+
+@pytest.mark.parametrize("config, settings, match", [
+    (BaFTConfig, {"gate_steps": -1}, "gate_steps=-1"),
+    (BaFTConfig, {"contrast_subjects": "Paris"}, "contrast_subjects='Paris'"),
+    (SAKEConfig, {"metric": "manhattan"}, "metric='manhattan'"),
+    (ActAddConfig, {"router_layer": "x"}, "router_layer='x'"),
+    (MEMITConfig, {"update_weight": 0}, "update_weight=0"),
+], ids=["baft-gate-steps", "baft-contrasts-text", "sake-metric", "actadd-router-layer", "memit-update-weight"])
+def test_a_config_refuses_bad_settings_when_it_is_made(config, settings, match):
+    """Settings that need no model are checked by the config itself, before any method or model runs."""
+    with raises_exactly(EditRequestError, match):
+        config(**settings)

@@ -8,7 +8,7 @@ with R [r, d] of orthonormal rows, W [r, d] and b [r] (pyreft's
 w ≡ 1 for LoReFT (`gate="none"`), w(h) = sigmoid(G h / RMS(h) + c) for BaFT
 (`gate="sigmoid_rms"`, G [r, d], c [r]), read as 0 where it is below the
 pack's `gate_floor` (0: never). The paper's gate equation was not
-found; methods.md infers sigmoid(G h + c). Here the gate reads h divided by
+found (docs/methods.md); the gate here reads h divided by
 its root mean square, because the residual stream's norm varies by orders of
 magnitude (with depth, and at attention-sink tokens) and a gate on the raw h
 would have to learn that scale before it could learn where to open. Several interventions on one layer add their

@@ -35,6 +35,13 @@ class MEMITConfig(ValueConfig):
     stats_source: str | None = None
     context_templates: tuple = ((5, 10),)
 
+    def __post_init__(self):
+        """`EditRequestError` for settings MEMIT cannot use (checks that need no model)."""
+        weight = self.update_weight
+        if weight is not None and (type(weight) not in (int, float) or not weight > 0):
+            raise EditRequestError(f"update_weight={weight!r}: give a positive number (λ), or None to scale MEMIT's "
+                                   "to the model's MLP width")
+
 
 def memit_edit(model, tokenizer, requests: list[Edit], config: MEMITConfig | None = None,
                progress: bool = True) -> EditPack:
@@ -46,9 +53,6 @@ def memit_edit(model, tokenizer, requests: list[Edit], config: MEMITConfig | Non
     check_requests(requests)
     config = config or MEMITConfig()
     weight = config.update_weight
-    if weight is not None and (type(weight) not in (int, float) or not weight > 0):
-        raise EditRequestError(f"update_weight={weight!r}: give a positive number (λ), or None to scale MEMIT's "
-                               "to the model's MLP width")
     template_counts(config.context_templates)
     anatomy = anatomy_of(model)
     layers = edit_layers(config.layers, anatomy.num_layers)

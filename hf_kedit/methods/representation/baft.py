@@ -3,21 +3,21 @@ direction by the input, Φ(h) = h + Rᵀ[w(h) ⊙ (W h + b − R h)], so that an
 can switch itself off on unrelated inputs.
 
 The paper's gate equation, loss formulas and coefficients were not found
-(../shared/docs/methods.md §2). Chosen here, as methods.md infers:
+(docs/methods.md). Chosen here:
 - gate w(h) = sigmoid(G h / RMS(h) + c), one weight in [0, 1] per basis
-  direction (methods.md's inferred sigmoid(G h + c) on the normalised state:
-  see `kinds/basis_intervention.py`);
+  direction (a sigmoid gate on the normalised state: see
+  `kinds/basis_intervention.py`);
 - training in two parts: the gate first, on its own loss (below), which reads
   only the layer's unedited output and so needs no forward pass per step;
   then R, W and b through the frozen gate on the target's cross-entropy, as
-  ReFT. (Trained jointly, the gates took all 100 steps of the model's forward
-  and backward to settle: 18.7 s per edit against ReFT's 2.2 s.)
+  ReFT (trained jointly, the gates settle only over many forward and backward
+  passes of the model: docs/reft-baft.md);
 - locality: binary cross-entropy that shuts the gates on every token of
   unrelated texts and on the intervened positions of contrast prompts (the
   edit's own prompt about other subjects), and opens them on the edit's own
   positions (the gates read the layer's unedited output). Without the
   opening term the gates stayed near 0.5 everywhere while W and b grew to
-  make the edit (measured: neighbours' gates as open as the edit's); with
+  make the edit (docs/reft-baft.md); with
   unrelated text alone a gate learns the relation's wording, which the
   prompts of other subjects share: on CounterFact those neighbours are the
   locality test;
@@ -83,6 +83,24 @@ class BaFTConfig(InterventionConfig):
     locality_samples: int = 16
     locality_tokens: int = 32
 
+    def __post_init__(self):
+        """`EditRequestError` for settings BaFT cannot use (checks that need no model)."""
+        subjects = self.contrast_subjects
+        if isinstance(subjects, str) or not all(isinstance(s, str) and s.strip() for s in subjects):
+            raise EditRequestError(f"contrast_subjects={subjects!r}: give a list of non-blank subjects, or () for none")
+        if type(self.sibling_contrasts) is not int or self.sibling_contrasts < 0:
+            raise EditRequestError(f"sibling_contrasts={self.sibling_contrasts!r}: give a number of names to sample "
+                                   "per edit (0 for none)")
+        if type(self.gate_steps) is not int or self.gate_steps < 0:
+            raise EditRequestError(f"gate_steps={self.gate_steps!r}: give a number of steps (0 leaves the gate as "
+                                   "initialised)")
+        if not isinstance(self.gate_margin, (int, float)) or not 0 < self.gate_margin <= 0.5:
+            raise EditRequestError(f"gate_margin={self.gate_margin!r}: give a number in (0, 0.5], how far from 0 and "
+                                   "1 the gates may stay when training stops")
+        if not isinstance(self.gate_floor, (int, float)) or not 0 <= self.gate_floor < 1:
+            raise EditRequestError(f"gate_floor={self.gate_floor!r}: give a number in [0, 1), the gate below which "
+                                   "an edit does not act (0: it acts wherever its gate is above 0)")
+
 
 def baft_edit(model, tokenizer, requests: list[Edit], config: BaFTConfig | None = None,
               progress: bool = True) -> EditPack:
@@ -93,21 +111,6 @@ def baft_edit(model, tokenizer, requests: list[Edit], config: BaFTConfig | None 
         >>> pack = baft_edit(model, tokenizer, [edit], BaFTConfig(locality_texts=("The sky is blue.",)))
     """
     config = config or BaFTConfig()
-    subjects = config.contrast_subjects
-    if isinstance(subjects, str) or not all(isinstance(s, str) and s.strip() for s in subjects):
-        raise EditRequestError(f"contrast_subjects={subjects!r}: give a list of non-blank subjects, or () for none")
-    if type(config.sibling_contrasts) is not int or config.sibling_contrasts < 0:
-        raise EditRequestError(f"sibling_contrasts={config.sibling_contrasts!r}: give a number of names to sample "
-                               "per edit (0 for none)")
-    if type(config.gate_steps) is not int or config.gate_steps < 0:
-        raise EditRequestError(f"gate_steps={config.gate_steps!r}: give a number of steps (0 leaves the gate as "
-                               "initialised)")
-    if not isinstance(config.gate_margin, (int, float)) or not 0 < config.gate_margin <= 0.5:
-        raise EditRequestError(f"gate_margin={config.gate_margin!r}: give a number in (0, 0.5], how far from 0 and "
-                               "1 the gates may stay when training stops")
-    if not isinstance(config.gate_floor, (int, float)) or not 0 <= config.gate_floor < 1:
-        raise EditRequestError(f"gate_floor={config.gate_floor!r}: give a number in [0, 1), the gate below which "
-                               "an edit does not act (0: it acts wherever its gate is above 0)")
 
     def gate_loss_for(layer: int):
         name = anatomy_of(model).layer(layer)
@@ -118,7 +121,7 @@ def baft_edit(model, tokenizer, requests: list[Edit], config: BaFTConfig | None 
             with seeded(config.seed):
                 siblings = sibling_names(model, tokenizer, edit.subject, config.sibling_contrasts) \
                     if config.sibling_contrasts else []
-            others = [edit.prompt.format(s) for s in (*subjects, *siblings)
+            others = [edit.prompt.format(s) for s in (*config.contrast_subjects, *siblings)
                       if s.lower() != edit.subject.strip().lower()]
             contrasts[edit.id] = layer_states(model, tokenizer, name, others, positions) if others else None
 

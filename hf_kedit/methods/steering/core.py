@@ -1,5 +1,5 @@
 """Activation steering edits: what SAKE and ActAdd share (SAKE's reference code,
-`SAKE/distributions.py`; ../shared/docs/methods.md §3).
+`SAKE/distributions.py`; docs/methods.md).
 
 Per edit, with P its prompt and paraphrases (the prompt first), o the true
 object and o* the new one, the last-token states after the final norm of
@@ -81,6 +81,31 @@ class SteeringConfig:
     threshold_margin: float = 1.1
     apply: str = "first"
     batch_size: int = 16
+
+    def __post_init__(self):
+        """`EditRequestError` for settings no steering method can use (checks that need no model)."""
+        if self.metric not in METRICS or self.apply not in APPLY:
+            raise EditRequestError(f"metric={self.metric!r}, apply={self.apply!r}: use a metric of {METRICS} and "
+                                   f"an apply mode of {APPLY}")
+        if type(self.min_paraphrases) is not int or self.min_paraphrases < 1:
+            raise EditRequestError(f"min_paraphrases={self.min_paraphrases!r}: give a positive number of prompts")
+        top = 2.0 if self.metric == "cosine" else float("inf")
+        if self.threshold is not None and not 0 < self.threshold <= top:
+            raise EditRequestError(f"threshold={self.threshold!r} is out of range for the {self.metric} metric: "
+                                   f"give a distance in (0, {top:g}], or None to derive one per edit")
+        if not self.threshold_margin > 0 or type(self.batch_size) is not int or self.batch_size < 1:
+            raise EditRequestError(f"threshold_margin={self.threshold_margin!r} and batch_size={self.batch_size!r} "
+                                   "must be positive")
+        if self.embedding_model is not None and (self.embedding_model not in EMBEDDING_MODELS
+                                                 or self.router_layer is not None):
+            raise EditRequestError(f"embedding_model={self.embedding_model!r} with router_layer="
+                                   f"{self.router_layer!r}: give one of {sorted(EMBEDDING_MODELS)} and no "
+                                   "router_layer, or embedding_model=None for a hidden-state router")
+        if type(self.subject_gate) is not bool:
+            raise EditRequestError(f"subject_gate={self.subject_gate!r}: give True or False")
+        if self.router_layer is not None and type(self.router_layer) is not int:
+            raise EditRequestError(f"router_layer={self.router_layer!r}: give a decoder layer index, or None for "
+                                   "the final norm's output")
 
 
 Fit = Callable[[torch.Tensor, torch.Tensor], FactoredMap]
@@ -220,28 +245,8 @@ def _source_name(paraphrases: Paraphrases) -> str:
 
 
 def _check_settings(config: SteeringConfig, num_layers: int) -> None:
-    if config.metric not in METRICS or config.apply not in APPLY:
-        raise EditRequestError(f"metric={config.metric!r}, apply={config.apply!r}: use a metric of {METRICS} and "
-                               f"an apply mode of {APPLY}")
-    if type(config.min_paraphrases) is not int or config.min_paraphrases < 1:
-        raise EditRequestError(f"min_paraphrases={config.min_paraphrases!r}: give a positive number of prompts")
-    top = 2.0 if config.metric == "cosine" else float("inf")
-    if config.threshold is not None and not 0 < config.threshold <= top:
-        raise EditRequestError(f"threshold={config.threshold!r} is out of range for the {config.metric} metric: "
-                               f"give a distance in (0, {top:g}], or None to derive one per edit")
-    if not config.threshold_margin > 0 or type(config.batch_size) is not int or config.batch_size < 1:
-        raise EditRequestError(f"threshold_margin={config.threshold_margin!r} and batch_size={config.batch_size!r} "
-                               "must be positive")
+    """What the config's own checks cannot know: the installed router model and the model's depth."""
     if config.embedding_model is not None:
-        if config.embedding_model not in EMBEDDING_MODELS or config.router_layer is not None:
-            raise EditRequestError(f"embedding_model={config.embedding_model!r} with router_layer="
-                                   f"{config.router_layer!r}: give one of {sorted(EMBEDDING_MODELS)} and no "
-                                   "router_layer, or embedding_model=None for a hidden-state router")
         check_installed(config.embedding_model)
-    if type(config.subject_gate) is not bool:
-        raise EditRequestError(f"subject_gate={config.subject_gate!r}: give True or False")
     if config.router_layer is not None:
-        if type(config.router_layer) is not int:
-            raise EditRequestError(f"router_layer={config.router_layer!r}: give a decoder layer index, or None for "
-                                   "the final norm's output")
         check_layers([config.router_layer], num_layers, "router_layer")
