@@ -154,7 +154,8 @@ NAN[3, 3] = float("nan")
 BROKEN = [  # (id, breaker, regex the message must match)
     ("no-manifest", lambda f: (f / STATS_MANIFEST).unlink(), r"holds no kedit_stats.json: it is not a statistics"),
     ("manifest-not-json", lambda f: (f / STATS_MANIFEST).write_text("{oops"), r"kedit_stats.json is not valid JSON"),
-    ("manifest-a-list", lambda f: (f / STATS_MANIFEST).write_text("[]"), r"not a JSON object with a format_version"),
+    ("manifest-a-list", lambda f: (f / STATS_MANIFEST).write_text("[]"), r"kedit_stats.json must hold a JSON object"),
+    ("manifest-no-version", lambda f: (f / STATS_MANIFEST).write_text("{}"), r"not a JSON object with a format_version"),
     ("newer-version", change_manifest(lambda m: m.update(format_version=2)), r"format_version 2; this hf_kedit"),
     ("no-layers-entry", change_manifest(lambda m: m.pop("layers")), r"must hold corpus .* and layers"),
     ("tokens-a-string", change_manifest(lambda m: m.update(n_tokens="60")), r"n_tokens and max_length \(ints\)"),

@@ -260,24 +260,24 @@ def refuse_overwrite(folder: Path, names, overwrite: bool) -> None:
         raise FileExistsError(f"{folder} is a file; give a folder")
 
 
-def read_manifest(path: Path) -> dict:
-    """The manifest at `path` as a JSON object; `PackFormatError` for a file too
-    large, too deeply nested, or not JSON."""
+def read_manifest(path: Path, error: type[Exception] = PackFormatError) -> dict:
+    """The JSON object in `path` (a pack's manifest, or shared statistics'); `error`
+    for a file too large, too deeply nested, not JSON or not an object."""
     if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise PackFormatError(f"{path} is {path.stat().st_size} bytes, more than a manifest may be "
-                              f"({MAX_MANIFEST_BYTES} bytes): it is not an hf_kedit manifest")
+        raise error(f"{path} is {path.stat().st_size} bytes, more than a manifest may be ({MAX_MANIFEST_BYTES} "
+                    "bytes): it is not an hf_kedit manifest")
     try:
         manifest = json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PackFormatError(f"{path} is not valid JSON: {e}") from None
+        raise error(f"{path} is not valid JSON: {e}") from None
     except RecursionError:
-        raise PackFormatError(f"{path} is nested deeper than a manifest may be ({MAX_MANIFEST_DEPTH})") from None
+        raise error(f"{path} is nested deeper than a manifest may be ({MAX_MANIFEST_DEPTH})") from None
     except ValueError as e:  # an integer of more digits than Python converts
-        raise PackFormatError(f"{path} holds a value that does not parse: {e}") from None
+        raise error(f"{path} holds a value that does not parse: {e}") from None
     if _depth(manifest) > MAX_MANIFEST_DEPTH:
-        raise PackFormatError(f"{path} is nested deeper than a manifest may be ({MAX_MANIFEST_DEPTH})")
+        raise error(f"{path} is nested deeper than a manifest may be ({MAX_MANIFEST_DEPTH})")
     if not isinstance(manifest, dict):
-        raise PackFormatError(f"{path} must hold a JSON object")
+        raise error(f"{path} must hold a JSON object")
     return manifest
 
 

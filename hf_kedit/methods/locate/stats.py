@@ -30,6 +30,7 @@ from ...anatomy import anatomy_of, linear_shape
 from ...batching import pad_id, padded
 from ...errors import StatsError
 from ...pack.fingerprint import base_model_record
+from ...pack.format import read_manifest
 from ...pack.hub import file_sha256, push_folder, resolve_source
 from ...partial_forward import run_until
 from ...sampling import sample_texts, seeded
@@ -170,11 +171,8 @@ def _read_manifest(folder: Path, source) -> dict:
     path = folder / STATS_MANIFEST
     if not path.is_file():
         raise StatsError(f"{source} holds no {STATS_MANIFEST}: it is not a statistics folder that push_stats wrote")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StatsError(f"{source}: {STATS_MANIFEST} is not valid JSON ({e}); push the statistics again") from None
-    if not isinstance(manifest, dict) or "format_version" not in manifest:
+    manifest = read_manifest(path, StatsError)
+    if "format_version" not in manifest:
         raise StatsError(f"{source}: {STATS_MANIFEST} is not a JSON object with a format_version: it is not a "
                          "manifest that push_stats wrote")
     if manifest["format_version"] != STATS_FORMAT_VERSION:
