@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .anatomy import anatomy_of, hidden_states
 from .partial_forward import lm_head_at
 
-KINDS = ("hidden", "mlp")
+TRACED = ("hidden", "mlp")
 
 
 @dataclass
@@ -72,8 +72,8 @@ def trace(model, tokenizer, prompt: str, subject: str, kind: str = "hidden", sam
         >>> t = trace(model, tokenizer, "The mother tongue of Danielle Darrieux is", "Danielle Darrieux")
         >>> t.plot("trace.png"); t.best_layer()
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind={kind!r}: use one of {KINDS}")
+    if kind not in TRACED:
+        raise ValueError(f"kind={kind!r}: use one of {TRACED}")
     where = prompt.find(subject)
     if where < 0:
         raise ValueError(f"the subject {subject!r} does not occur in the prompt {prompt!r}")

@@ -24,10 +24,11 @@ import torch
 
 from hf_kedit import load_edits, remove_edits, stack_of
 from hf_kedit.errors import KeditError
+from hf_kedit.kinds import KINDS as KIND_REGISTRY
 from hf_kedit.pack import CONFIG_NAME, WEIGHTS_NAME
 from packs import random_basis_pack, random_pack, random_steering_pack
 
-KINDS = ("weight_delta", "basis_intervention", "steering_map")
+KINDS = tuple(KIND_REGISTRY)  # every kind the library knows, in its order
 TYPED = (KeditError, FileNotFoundError)  # what a bad pack may raise: hf_kedit's errors, or "no such pack"
 # Values a mutation puts in: every JSON type, edge numbers, strings that look like ids, positions or paths.
 VALUES = [None, True, False, 0, 1, -1, 2, 7, 1.5, -0.0, 2 ** 31, 2 ** 70, -(2 ** 70), 3e38, 1e308, float("nan"),

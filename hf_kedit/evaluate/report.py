@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 MAIN_METRICS = ("efficacy", "generality", "locality", "portability", "robustness")
-KINDS = ("cmp", "tf", "gen")
+SCORES = ("cmp", "tf", "gen")
 
 
 def label(result: dict) -> str:
@@ -23,7 +23,7 @@ def markdown_table(results: list[dict]) -> str:
         cells = [label(r)]
         for m in metrics:
             scores = r["metrics"].get(m, {})
-            cells.append(" / ".join(_num(scores.get(k)) for k in KINDS))
+            cells.append(" / ".join(_num(scores.get(k)) for k in SCORES))
         timing = r["timing"]
         cells += [_num(r["metrics"].get("fluency", {}).get("entropy")), _num(timing["edit_seconds_median"]),
                   f"{timing['eval_seconds']:.0f}", _num(timing["pack_bytes_per_edit"], "{:.0f}"),
@@ -38,7 +38,7 @@ def plot_quality(results: list[dict], path: str | Path) -> None:
     metrics = [m for m in MAIN_METRICS if any(m in r["metrics"] for r in results)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
     width = 0.8 / max(len(results), 1)
-    for ax, kind in zip(axes, KINDS):
+    for ax, kind in zip(axes, SCORES):
         for j, r in enumerate(results):
             values = [r["metrics"].get(m, {}).get(kind) for m in metrics]
             xs = [i + j * width for i in range(len(metrics))]

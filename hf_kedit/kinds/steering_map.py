@@ -54,7 +54,7 @@ from .prompt_calls import hidden_size, tokenizer_of
 from .sentence_embedding import EMBEDDING_MODELS, check_installed, embed
 
 REPRESENTATIONS = ("final_norm", "layer", "sentence_embedding")
-METRICS = ("cosine", "euclidean")
+DISTANCES = ("cosine", "euclidean")
 APPLY = ("first", "every")
 PARTS = ("map.basis", "map.core", "map.bias", "scope.centroid", "scope.threshold")
 
@@ -121,7 +121,7 @@ class SteeringMapConfig(KindConfig):
 
     def check(self) -> None:
         """`PackFormatError` naming the first field that is wrong."""
-        for name, allowed in (("representation", REPRESENTATIONS), ("metric", METRICS), ("apply", APPLY)):
+        for name, allowed in (("representation", REPRESENTATIONS), ("metric", DISTANCES), ("apply", APPLY)):
             if getattr(self, name) not in allowed:
                 raise PackFormatError(f"steering_map pack: {name}={getattr(self, name)!r}; use one of {allowed}")
         for name in ("hidden_size", "scope_size"):

@@ -34,7 +34,7 @@ from ...batching import pad_id, padded
 from ...errors import EditRequestError
 from ...kinds.prompt_calls import hidden_size
 from ...kinds.sentence_embedding import EMBEDDING_MODELS, check_installed, embed
-from ...kinds.steering_map import METRICS, APPLY, SteeringMapConfig, scope_distances
+from ...kinds.steering_map import DISTANCES, APPLY, SteeringMapConfig, scope_distances
 from ...pack import Edit, EditPack
 from ...partial_forward import run_until
 from ..builders import steering_map_pack
@@ -84,8 +84,8 @@ class SteeringConfig:
 
     def __post_init__(self):
         """`EditRequestError` for settings no steering method can use (checks that need no model)."""
-        if self.metric not in METRICS or self.apply not in APPLY:
-            raise EditRequestError(f"metric={self.metric!r}, apply={self.apply!r}: use a metric of {METRICS} and "
+        if self.metric not in DISTANCES or self.apply not in APPLY:
+            raise EditRequestError(f"metric={self.metric!r}, apply={self.apply!r}: use a metric of {DISTANCES} and "
                                    f"an apply mode of {APPLY}")
         if type(self.min_paraphrases) is not int or self.min_paraphrases < 1:
             raise EditRequestError(f"min_paraphrases={self.min_paraphrases!r}: give a positive number of prompts")
