@@ -7,7 +7,6 @@ results.md and tokens_per_s.png into --out.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -21,7 +20,8 @@ from tqdm.auto import tqdm
 from hf_kedit import Edit, EditPack, load_edits, remove_edits, stack_of
 from hf_kedit.anatomy import anatomy_of, linear_shape
 from hf_kedit.methods.builders import weight_delta_pack
-from hf_kedit.models import load_model
+
+from bench_setup import arguments, prepared
 
 PROMPT = "The mother tongue of Danielle Darrieux is"
 
@@ -80,16 +80,11 @@ def folder_bytes(folder):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default")
+    parser = arguments(__doc__, out="docs/benchmarks")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--out", default="docs/benchmarks")
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    model, tokenizer = load_model(args.model)
+    model, tokenizer, out = prepared(args)
     n_layers = anatomy_of(model).num_layers
     one_layer, ten_layers = [n_layers // 6], list(range(n_layers // 6, n_layers // 6 + 10))
     conditions = [("base model", 0, one_layer, False)]

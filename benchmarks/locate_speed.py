@@ -12,14 +12,12 @@ results.json, results.md and speed.png into --out.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import tempfile
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import matplotlib
 from tqdm.auto import tqdm
@@ -32,8 +30,9 @@ from hf_kedit.methods.locate.memit import MEMITConfig, memit_edit
 from hf_kedit.methods.locate.rome import ROMEConfig, rome_edit
 from hf_kedit.methods.requests import edit_layers, resolve_layer
 from hf_kedit.methods.locate.steam import STEAMConfig, steam_edit
-from hf_kedit.models import load_model
 from hf_kedit.methods.locate.stats import key_second_moments
+
+from bench_setup import arguments, prepared
 
 EASYEDIT_ROME_SECONDS = 16.7  # EasyEdit's ROME on the default model on this machine (the issue's measurement)
 
@@ -59,17 +58,13 @@ def timed(call) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = arguments(__doc__, out=None)
     p.add_argument("--data", default="../shared/data/counterfact.json")
     p.add_argument("--fact-base", default="../shared/data/factbase_counterfact_true.json")
     p.add_argument("--edits", type=int, default=20, help="edits timed per method, one call each")
     p.add_argument("--memit-batch", type=int, default=100, help="0: no MEMIT batch")
-    p.add_argument("--out", required=True)
     args = p.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    model, tokenizer = load_model("default")
+    model, tokenizer, out = prepared(args)
     edits = [c.edits[0] for c in read_cases("counterfact", args.data, limit=max(args.edits, args.memit_batch))]
     num_layers = anatomy_of(model).num_layers
     rome_layer = resolve_layer(ROMEConfig().layer, num_layers)

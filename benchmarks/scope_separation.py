@@ -13,10 +13,8 @@ separation.png into --out.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -28,7 +26,8 @@ from hf_kedit.kinds.prompt_calls import hidden_size
 from hf_kedit.kinds.sentence_embedding import EMBEDDING_MODELS
 from hf_kedit.kinds.steering_map import SteeringMapConfig, names_subject, scope_distances
 from hf_kedit.methods.steering.core import SteeringConfig, paraphrase_set, router_representations
-from hf_kedit.models import load_model
+
+from bench_setup import arguments, prepared
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -59,17 +58,12 @@ def separation(distances: dict[str, torch.Tensor]) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default")
+    parser = arguments(__doc__, out="docs/bench/scope-separation")
     parser.add_argument("--data", default="../shared/data/counterfact.json")
     parser.add_argument("--start", type=int, default=100)
     parser.add_argument("--limit", type=int, default=40)
-    parser.add_argument("--out", default="docs/bench/scope-separation")
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    model, tokenizer = load_model(args.model)
+    model, tokenizer, out = prepared(args)
     cases = [with_robustness(c) for c in read_cases("counterfact", args.data, args.start + args.limit)[args.start:]]
     groups = {"paraphrase": "generality", "doubt": "robustness", "neighbour": "locality", "same_subject": None}
     rows = []

@@ -7,10 +7,8 @@ table; writes results.json, results.md and stacked.png into --out.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 
 import matplotlib
 from tqdm.auto import tqdm
@@ -21,7 +19,8 @@ from hf_kedit.evaluate.harness import EvalConfig, aggregate, locality_references
 from hf_kedit.evaluate.metrics import score_probes
 from hf_kedit.evaluate.scoring import Scorer
 from hf_kedit.methods import make_pack
-from hf_kedit.models import load_model
+
+from bench_setup import arguments, prepared
 
 METRICS = ("efficacy", "generality", "locality")
 
@@ -41,18 +40,14 @@ def setting(pair: str) -> tuple[str, object]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = arguments(__doc__, out=None)
     p.add_argument("--method", default="rome")
     p.add_argument("--data", default="../shared/data/counterfact.json")
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method setting (JSON value)")
-    p.add_argument("--out", required=True)
     args = p.parse_args()
     settings = dict(setting(s) for s in args.set)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    model, tokenizer = load_model("default")
+    model, tokenizer, out = prepared(args)
     cases = read_cases("counterfact", args.data, limit=args.limit)
     config = EvalConfig(metrics=METRICS)
     references = locality_references(model, tokenizer, cases, config)

@@ -10,12 +10,10 @@ stats_tokens.png into --out.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import matplotlib
 
@@ -25,26 +23,23 @@ from hf_kedit.evaluate.datasets import read_cases
 from hf_kedit.evaluate.harness import EvalConfig
 from hf_kedit.methods.locate.rome import ROMEConfig
 from hf_kedit.methods.requests import resolve_layer
-from hf_kedit.models import load_model
 from hf_kedit.methods.locate.stats import key_second_moments
+
+from bench_setup import arguments, prepared
 
 METRICS = ("efficacy", "generality", "locality")
 SCORES = [(m, k) for m in METRICS for k in ("cmp", "tf")]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = arguments(__doc__, out=None)
     p.add_argument("--tokens", default="1000,5000,20000", help="comma-separated statistics sizes")
     p.add_argument("--data", default="../shared/data/counterfact.json")
     p.add_argument("--skip", type=int, default=0)
     p.add_argument("--limit", type=int, default=40)
-    p.add_argument("--out", required=True)
     args = p.parse_args()
     sizes = [int(n) for n in args.tokens.split(",")]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    model, tokenizer = load_model("default")
+    model, tokenizer, out = prepared(args)
     cases = read_cases("counterfact", args.data, limit=args.skip + args.limit)[args.skip:]
     layer = resolve_layer(ROMEConfig().layer, anatomy_of(model).num_layers)
     # An empty cache, so that each size is timed from scratch; the runs below then read it.

@@ -8,7 +8,6 @@ table; writes results.json, results.md and tokens_per_s.png into --out.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import platform
@@ -27,7 +26,8 @@ from hf_kedit.kinds.sentence_embedding import EMBEDDING_MODELS
 from hf_kedit.kinds.steering_map import SteeringMapConfig
 from hf_kedit.methods.builders import steering_map_pack
 from hf_kedit.methods.steering.core import router_representations
-from hf_kedit.models import load_model
+
+from bench_setup import arguments, prepared
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -53,18 +53,13 @@ def thousand_edit_pack(model, tokenizer, config: SteeringMapConfig, n: int, rank
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default")
+    parser = arguments(__doc__, out="docs/bench/steering-overhead")
     parser.add_argument("--edits", type=int, default=1000)
     parser.add_argument("--rank", type=int, default=28, help="map rank (a template-paraphrase SAKE edit's)")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--out", default="docs/bench/steering-overhead")
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    model, tokenizer = load_model(args.model)
+    model, tokenizer, out = prepared(args)
     d = hidden_size(model)
     routers = {"final-norm router": SteeringMapConfig(hidden_size=d, scope_size=d),
                "final-norm router + subject gate": SteeringMapConfig(hidden_size=d, scope_size=d, subject_gate=True)}

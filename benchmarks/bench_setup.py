@@ -1,0 +1,26 @@
+"""What every benchmark script starts with: the common part of its arguments
+(--model, --out) and the model it measures."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hf_kedit.models import load_model
+
+
+def arguments(doc: str, out: str | None) -> argparse.ArgumentParser:
+    """A parser described by the script's docstring, with --model (a name for
+    `load_model`: the embedded default model unless told) and --out (the
+    folder its results go to; required where `out` is None)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model", default="default", help='"default", a local folder or a Hub id')
+    parser.add_argument("--out", default=out, required=out is None, help="the folder to write results into")
+    return parser
+
+
+def prepared(args) -> tuple:
+    """(model, tokenizer, out folder): the model --model names, and --out created."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(args.model)
+    return model, tokenizer, out
