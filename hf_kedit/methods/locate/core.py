@@ -26,7 +26,11 @@ class ValueConfig:
     """The v* optimisation (ROME's compute_v): Adam on δ, NLL on the target,
     KL on "{subject} is a", weight decay, and a norm clamp. It stops once the
     target's mean NLL over the templates is below `stop_nll` (0.05: the model
-    gives the target tokens 95 % on average), or after `steps`."""
+    gives the target tokens 95 % on average), or after `steps`. `head_loss`: the
+    NLL and KL through the LM head in one chunked pass over its weight
+    (`head_loss.py`; used where the model's logits are its head's plain affine
+    map), or False for the log-softmax of the logits, as ROME's code computes it
+    (the same v* up to rounding, slower)."""
 
     steps: int = 20
     lr: float = 0.5
@@ -34,6 +38,7 @@ class ValueConfig:
     weight_decay: float = 1e-3
     clamp_norm_factor: float = 4.0
     stop_nll: float = 5e-2
+    head_loss: bool = True
 
 
 def context_templates(model, tokenizer, counts) -> list[str]:
@@ -176,7 +181,8 @@ def optimise_value(model, tokenizer, module, edit: Edit, templates: list[str], c
                     initial = captured["initial"]
                     kl_initial = F.log_softmax(logits[n, -1].detach().float(), -1)
                     optimizer = torch.optim.Adam([delta], lr=config.lr)
-                    targets = _HeadTargets.read(model, heads, logits, target_ids, kl_initial)
+                    targets = (_HeadTargets.read(model, heads, logits, target_ids, kl_initial) if config.head_loss
+                               else None)
                 if logits is not None:
                     log_probs = F.log_softmax(logits[:n].float(), -1)
                     nll = -log_probs.gather(-1, target_ids[..., None]).mean()
