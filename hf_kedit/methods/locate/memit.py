@@ -12,7 +12,7 @@ from ...anatomy import anatomy_of, linear_shape
 from ...errors import EditRequestError
 from ...kinds.weight_delta import deltas_applied
 from ...pack import Edit, EditPack
-from .stats import corpus_name, key_second_moments
+from .stats import StatisticsConfig, corpus_name, key_second_moments
 from ..builders import weight_delta_pack
 from ..requests import check_requests, edit_layers
 from .core import (ValueConfig, context_templates, io_at_subject, key_at_subject, optimise_value,
@@ -20,19 +20,15 @@ from .core import (ValueConfig, context_templates, io_at_subject, key_at_subject
 
 
 @dataclass
-class MEMITConfig(ValueConfig):
+class MEMITConfig(ValueConfig, StatisticsConfig):
     """`layers`: indices, or a (start, end) pair of relative depths ((0.13, 0.27)
     is layers 4-8 of 30, EasyEdit's for Llama-family models). `update_weight`: λ
     in ΔW = R Kᵀ(λC + KKᵀ)⁻¹, or None for `scaled_update_weight` of the MLP's
     width; `covariance=False` uses C = I. The statistics settings are
-    `ROMEConfig`'s."""
+    `StatisticsConfig`'s."""
 
     layers: tuple = (0.13, 0.27)
     update_weight: float | None = None
-    covariance: bool = True
-    stats_tokens: int = 20_000
-    stats_corpus: object = None
-    stats_source: str | None = None
     context_templates: tuple = ((5, 10),)
 
     def __post_init__(self):

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from ...anatomy import anatomy_of
 from ...errors import EditRequestError
 from ...pack import Edit, EditPack
-from .stats import corpus_name, key_second_moments
+from .stats import StatisticsConfig, corpus_name, key_second_moments
 from ..builders import weight_delta_pack
 from ..requests import check_requests, resolve_layer
 from .core import ValueConfig, context_templates, optimise_value, rank_one_update, template_counts
@@ -19,14 +19,11 @@ SOLVE_AT = ("prompt", "templates")
 
 
 @dataclass
-class ROMEConfig(ValueConfig):
+class ROMEConfig(ValueConfig, StatisticsConfig):
     """`layer`: an index, a float in [0, 1) read as relative depth (0.17 is
     layer 5 of 30, EasyEdit's layer for Llama-family models), or "auto" (causal
-    tracing, `hf_kedit.trace`). `covariance`: use
-    the key statistics C (`stats.key_second_moments`) over `stats_tokens` tokens of
-    `stats_corpus` (None: text the model samples itself), read from `stats_source`
-    (a folder or Hub repo id written by `stats.push_stats`) where the local cache
-    lacks them. `context_templates`: (how many, tokens) pairs of texts the model
+    tracing, `hf_kedit.trace`). The key statistics' settings are
+    `StatisticsConfig`'s. `context_templates`: (how many, tokens) pairs of texts the model
     samples to put before the prompt; five of five tokens by default (five more
     of ten tokens, the previous default, took 30 % longer per edit at about equal
     quality: docs/locate-and-edit.md). `solve_at`: the key at which the update
@@ -38,10 +35,6 @@ class ROMEConfig(ValueConfig):
     docs/locate-and-edit.md). The value optimisation's settings are `ValueConfig`'s."""
 
     layer: float | int | str = 0.17
-    covariance: bool = True
-    stats_tokens: int = 20_000
-    stats_corpus: object = None
-    stats_source: str | None = None
     context_templates: tuple = ((5, 5),)
     solve_at: str = "prompt"
 

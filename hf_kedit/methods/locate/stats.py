@@ -39,6 +39,19 @@ STATS_MANIFEST = "kedit_stats.json"
 STATS_FORMAT_VERSION = 1
 
 
+@dataclass
+class StatisticsConfig:
+    """Where a method's key statistics C come from (ROME, MEMIT, STEAM): with
+    `covariance`, C = E[k kᵀ] over `stats_tokens` tokens of `stats_corpus` (None:
+    text the model samples itself), read from `stats_source` (a folder or Hub repo
+    id written by `push_stats`) where the local cache lacks them; without it C = I."""
+
+    covariance: bool = True
+    stats_tokens: int = 20_000
+    stats_corpus: object = None
+    stats_source: str | None = None
+
+
 def stats_dir() -> Path:
     return Path(os.environ.get("HF_KEDIT_CACHE") or Path(constants.HF_HOME) / "hf_kedit") / "stats"
 
