@@ -7,7 +7,6 @@ results.md and tokens_per_s.png into --out.
 """
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import tempfile
@@ -21,7 +20,7 @@ from hf_kedit import Edit, EditPack, load_edits, remove_edits, stack_of
 from hf_kedit.anatomy import anatomy_of, linear_shape
 from hf_kedit.methods.builders import weight_delta_pack
 
-from bench_setup import arguments, prepared
+from bench_setup import arguments, prepared, write_results
 
 PROMPT = "The mother tongue of Danielle Darrieux is"
 
@@ -150,10 +149,7 @@ def main():
               f"| tensor bytes per rank-one edit (fp32) | {big[0].nbytes} |",
               f"| 1,000-edit pack: read + validate (median) | {statistics.median(read_times):.3f} s |",
               f"| 1,000-edit pack: load_edits onto the model (median) | {statistics.median(attach_times):.3f} s |"]
-    markdown = "\n".join(table)
-    print(markdown)
-    (out / "results.md").write_text(markdown + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results(out, "\n".join(table), results)
     plot_tokens_per_s(rows, out / "tokens_per_s.png")
 
 

@@ -1,8 +1,9 @@
 """What every benchmark script starts with: the common part of its arguments
-(--model, --out) and the model it measures."""
+(--model, --out), the model it measures, and how its results are written."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from hf_kedit.models import load_model
@@ -24,3 +25,11 @@ def prepared(args) -> tuple:
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(args.model)
     return model, tokenizer, out
+
+
+def write_results(out: Path, table: str, results: dict) -> None:
+    """Print the Markdown `table` and write it to results.md, and `results` to results.json."""
+    table = table.rstrip("\n") + "\n"
+    print(table, end="")
+    (out / "results.md").write_text(table)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

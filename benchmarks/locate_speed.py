@@ -12,7 +12,6 @@ results.json, results.md and speed.png into --out.
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import tempfile
@@ -30,7 +29,7 @@ from hf_kedit.methods.requests import edit_layers, resolve_layer
 from hf_kedit.methods.locate.steam import STEAMConfig, steam_edit
 from hf_kedit.methods.locate.stats import key_second_moments
 
-from bench_setup import arguments, prepared
+from bench_setup import arguments, prepared, write_results
 
 EASYEDIT_ROME_SECONDS = 16.7  # EasyEdit's ROME on the default model on this machine (the issue's measurement)
 
@@ -89,11 +88,8 @@ def main() -> None:
     table = "\n".join(lines) + (f"\n\nROME: {speedup:.1f}× faster than EasyEdit's {EASYEDIT_ROME_SECONDS} s per edit "
                                 f"on this machine. ROME, STEAM and ROME as before take turns edit by edit, "
                                 f"on the first {args.edits} CounterFact cases{memit}.\n")
-    print(table)
-    (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps({"edits": args.edits, "memit_batch": args.memit_batch,
-                                                  "per_edit_seconds": per_edit, "summary": results,
-                                                  "speedup_over_easyedit_rome": speedup}, indent=1))
+    write_results(out, table, {"edits": args.edits, "memit_batch": args.memit_batch, "per_edit_seconds": per_edit,
+                               "summary": results, "speedup_over_easyedit_rome": speedup})
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -14,7 +14,6 @@ separation.png into --out.
 from __future__ import annotations
 
 import importlib.util
-import json
 
 import torch
 from tqdm.auto import tqdm
@@ -27,7 +26,7 @@ from hf_kedit.kinds.sentence_embedding import EMBEDDING_MODELS
 from hf_kedit.kinds.steering_map import SteeringMapConfig, names_subject, scope_distances
 from hf_kedit.methods.steering.core import SteeringConfig, paraphrase_set, router_representations
 
-from bench_setup import arguments, prepared
+from bench_setup import arguments, prepared, write_results
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -90,11 +89,8 @@ def main():
     table += [f"| {r['router']} | {'on' if r['subject_gate'] else 'off'} | "
               f"{'–' if r['threshold'] is None else format(r['threshold'], '.3f')} | {r['paraphrase_in']:.2f} | "
               f"{r['doubt_in']:.2f} | {r['neighbour_in']:.2f} | {r['same_subject_in']:.2f} |" for r in rows]
-    markdown = "\n".join(table)
-    print(markdown)
-    (out / "results.md").write_text(markdown + "\n")
-    (out / "results.json").write_text(json.dumps({"model": args.model, "data": args.data, "start": args.start,
-                                                  "limit": args.limit, "rows": rows}, indent=2) + "\n")
+    write_results(out, "\n".join(table), {"model": args.model, "data": args.data, "start": args.start,
+                                          "limit": args.limit, "rows": rows})
     _plot(rows, out / "separation.png")
 
 

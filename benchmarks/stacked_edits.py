@@ -20,7 +20,7 @@ from hf_kedit.evaluate.metrics import score_probes
 from hf_kedit.evaluate.scoring import Scorer
 from hf_kedit.methods import make_pack
 
-from bench_setup import arguments, prepared
+from bench_setup import arguments, prepared, write_results
 
 METRICS = ("efficacy", "generality", "locality")
 
@@ -70,10 +70,8 @@ def main() -> None:
     lines = ["| attached | " + " | ".join(f"{m} {k}" for m, k in cells) + " |", "|---" * (len(cells) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(f"{r[m][k]:.2f}" for m, k in cells) + " |" for name, r in rows.items()]
     table = "\n".join(lines) + f"\n\n{args.method}: {edit_seconds:.2f} s per edit, {len(cases)} edits made in one call.\n"
-    print(table)
-    (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps({"method": args.method, "settings": settings, "n": len(cases),
-                                                  "edit_seconds_per_edit": edit_seconds, "scores": rows}, indent=1))
+    write_results(out, table, {"method": args.method, "settings": settings, "n": len(cases),
+                               "edit_seconds_per_edit": edit_seconds, "scores": rows})
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -10,7 +10,6 @@ stats_tokens.png into --out.
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -25,7 +24,7 @@ from hf_kedit.methods.locate.rome import ROMEConfig
 from hf_kedit.methods.requests import resolve_layer
 from hf_kedit.methods.locate.stats import key_second_moments
 
-from bench_setup import arguments, prepared
+from bench_setup import arguments, prepared, write_results
 
 METRICS = ("efficacy", "generality", "locality")
 SCORES = [(m, k) for m in METRICS for k in ("cmp", "tf")]
@@ -62,10 +61,8 @@ def main() -> None:
     lines += [f"| {names[key]} | " + " | ".join(f"{rows[key][m][k]:.2f}" for m, k in SCORES)
               + (f" | {seconds[key]:.0f} |" if key in seconds else " | – |") for key in names]
     table = "\n".join(lines) + f"\n\nROME at layer {layer}, {len(cases)} CounterFact cases from record {args.skip}.\n"
-    print(table)
-    (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps({"layer": layer, "skip": args.skip, "n": len(cases),
-                                                  "statistics_seconds": seconds, "scores": rows}, indent=1))
+    write_results(out, table, {"layer": layer, "skip": args.skip, "n": len(cases), "statistics_seconds": seconds,
+                               "scores": rows})
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

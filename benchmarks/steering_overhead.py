@@ -9,7 +9,6 @@ table; writes results.json, results.md and tokens_per_s.png into --out.
 from __future__ import annotations
 
 import importlib.util
-import json
 import platform
 import statistics
 import tempfile
@@ -27,7 +26,7 @@ from hf_kedit.kinds.steering_map import SteeringMapConfig
 from hf_kedit.methods.builders import steering_map_pack
 from hf_kedit.methods.steering.core import router_representations
 
-from bench_setup import arguments, prepared
+from bench_setup import arguments, prepared, write_results
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -113,10 +112,7 @@ def main():
               f"| {args.edits}-edit pack folder | {pack_bytes / 1e6:.1f} MB ({pack_bytes / args.edits:.0f} B/edit) |",
               f"| read + validate (median) | {statistics.median(read_times):.3f} s |",
               f"| load_edits onto the model, read included (median) | {statistics.median(load_times):.3f} s |"]
-    markdown = "\n".join(table)
-    print(markdown)
-    (out / "results.md").write_text(markdown + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results(out, "\n".join(table), results)
     plot_tokens_per_s(rows, out / "tokens_per_s.png", reference=0.90)
 
 
