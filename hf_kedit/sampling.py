@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Callable
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 _PER_MODEL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -34,13 +35,27 @@ def seeded(seed: int):
         torch.random.set_rng_state(state)
 
 
+class _EachStep(LogitsProcessor):
+    """Calls `on_step(rows)` once per generated token of every row; changes nothing."""
+
+    def __init__(self, on_step: Callable[[int], object]):
+        self.on_step = on_step
+
+    def __call__(self, input_ids, scores):
+        self.on_step(input_ids.shape[0])
+        return scores
+
+
 @torch.no_grad()
-def sample_texts(model, tokenizer, n: int, new_tokens: int, top_k: int) -> list[str]:
-    """`n` texts of `new_tokens` sampled tokens (top-k) from the start token."""
+def sample_texts(model, tokenizer, n: int, new_tokens: int, top_k: int,
+                 on_step: Callable[[int], object] | None = None) -> list[str]:
+    """`n` texts of `new_tokens` sampled tokens (top-k) from the start token;
+    `on_step(n)` after each step (a progress bar's `update`)."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     ids = torch.full((n, 1), start, device=model.device)
+    steps = LogitsProcessorList([_EachStep(on_step)] if on_step else [])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=top_k,
-                         max_new_tokens=new_tokens, pad_token_id=tokenizer.eos_token_id)
+                         max_new_tokens=new_tokens, pad_token_id=tokenizer.eos_token_id, logits_processor=steps)
     return tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
 
 

@@ -13,7 +13,7 @@ from hf_kedit.methods.requests import subject_last_index
 from hf_kedit.methods.locate import core as locate
 from hf_kedit.methods.locate import rome as rome_module
 from hf_kedit.methods.locate.rome import ROMEConfig, rome_edit
-from hf_kedit.methods.locate import stats
+from hf_kedit.methods.locate import self_sampled, stats
 from hf_kedit.methods.locate.head_loss import head_cross_entropy
 from packs import delta_matrix
 
@@ -128,7 +128,7 @@ def test_self_sampled_text_is_sampled_once_for_all_layers(tokenizer, monkeypatch
     def no_sampling(*args, **kwargs):
         raise AssertionError("text sampled again")
 
-    monkeypatch.setattr(stats, "_sampled_texts", no_sampling)
+    monkeypatch.setattr(self_sampled, "sample_corpus", no_sampling)
     second = stats.key_second_moments(model, tokenizer, [0, 2], None, n_tokens=64, max_length=16, progress=False)
     assert torch.equal(second[0], first) and second[2].shape == (64, 64)
 

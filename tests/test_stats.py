@@ -11,7 +11,7 @@ from huggingface_hub import hf_hub_download, snapshot_download
 from safetensors.torch import save_file
 
 from hf_kedit import Edit
-from hf_kedit.methods.locate import stats
+from hf_kedit.methods.locate import self_sampled, stats
 from hf_kedit.cli import main as kedit
 from hf_kedit.errors import StatsError
 from hf_kedit.pack.hub import file_sha256
@@ -193,7 +193,7 @@ def test_a_broken_statistics_folder_is_refused_and_caches_nothing(tokenizer, sha
 def test_statistics_over_another_corpus_are_refused(tokenizer, shared_folder, use_cache, monkeypatch, asked, match):
     cache = use_cache("elsewhere")
     no_recomputing(monkeypatch)
-    monkeypatch.setattr(stats, "_sampled_texts", lambda *a, **k: pytest.fail("text sampled"))
+    monkeypatch.setattr(self_sampled, "sample_corpus", lambda *a, **k: pytest.fail("text sampled"))
     with raises_exactly(StatsError, match + ".*give the same corpus and token count"):
         key_second_moments(tiny(tokenizer), tokenizer, [0], progress=False, source=shared_folder, **asked)
     assert not cache.exists()

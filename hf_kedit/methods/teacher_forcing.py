@@ -2,6 +2,8 @@
 (LoRA, ReFT, BaFT) read an edit as a training row and fit its parameters to it."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch.nn import functional as F
 
@@ -22,10 +24,11 @@ def teacher_forced(tokenizer, prompt: str, target: str, device) -> tuple[torch.T
 
 
 def fit_target(model, ids: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer, steps: int,
-               stop_loss: float) -> float:
+               stop_loss: float, on_step: Callable[[], object] | None = None) -> float:
     """Up to `steps` Adam steps on the next-token loss of `labels` (−100: not scored),
     stopping once it is below `stop_loss`; the parameters are the optimizer's,
-    applied to `model` by the caller's hooks. Returns the last loss.
+    applied to `model` by the caller's hooks; `on_step()` after each step
+    (`progress.StepBar.step`). Returns the last loss.
 
     Example:
         >>> with deltas_applied(model, {name: (A, B)}):
@@ -36,6 +39,8 @@ def fit_target(model, ids: torch.Tensor, labels: torch.Tensor, optimizer: torch.
         logits = model(input_ids=ids).logits.float()
         step_loss = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
         loss = step_loss.item()
+        if on_step:
+            on_step()
         if loss < stop_loss:
             break
         optimizer.zero_grad()

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from ...anatomy import anatomy_of, linear_shape
 from ...kinds.weight_delta import deltas_applied
 from ...pack import Edit, EditPack
+from ...progress import StepBar
 from ..builders import weight_delta_pack
 from ..requests import check_requests, resolve_layer
 from ..teacher_forcing import fit_target, teacher_forced
@@ -46,14 +46,15 @@ def lora_edit(model, tokenizer, requests: list[Edit], config: LoRAConfig | None 
     out_f, in_f = linear_shape(module)
     param = next(model.parameters())
     factors = {}
-    for edit in tqdm(requests, desc="lora edits", disable=not progress):
+    bar = StepBar(requests, config.steps, "lora: training", disable=not progress)
+    for edit in bar:
         torch.manual_seed(config.seed)
         A = (torch.randn(config.rank, in_f, device=param.device) / in_f ** 0.5).requires_grad_()
         B = torch.zeros(out_f, config.rank, device=param.device, requires_grad=True)
         ids, labels, _ = teacher_forced(tokenizer, edit.text, edit.target_new, param.device)
         optimizer = torch.optim.Adam([A, B], lr=config.lr)
         with deltas_applied(model, {name: (A, B)}):
-            fit_target(model, ids, labels, optimizer, config.steps, config.stop_loss)
+            fit_target(model, ids, labels, optimizer, config.steps, config.stop_loss, bar.step)
         model.zero_grad(set_to_none=True)
         factors[edit.id] = {name: (A.detach(), B.detach())}
     return weight_delta_pack(model, "lora", {**asdict(config), "layer": layer}, requests, factors)

@@ -7,6 +7,7 @@ import copy
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.nn import functional as F
@@ -132,12 +133,13 @@ class Solved:
 
 
 def optimise_value(model, tokenizer, module, edit: Edit, templates: list[str], config: ValueConfig,
-                   alignment: Alignment | None = None) -> Solved:
+                   alignment: Alignment | None = None, on_step: Callable[[], object] | None = None) -> Solved:
     """v* = the module's output (an MLP projection's for ROME, a decoder layer's
     hidden state for MEMIT) at the subject's last token plus the δ that makes the
     model say `edit.target_new` in every template (ROME's compute_v), optionally
     pulled towards STEAM's anchors (`alignment`). The keys come from the same
-    unedited pass: the target's tokens follow the subject, so they do not change them."""
+    unedited pass: the target's tokens follow the subject, so they do not change them.
+    `on_step()` after each step (`progress.StepBar.step`)."""
     target = tokenizer(" " + edit.target_new.strip(), add_special_tokens=False).input_ids
     prefix = tokenizer.decode(target[:-1])
     rewriting = [t.format(edit.prompt).replace("{}", edit.subject) + prefix for t in templates]
@@ -197,6 +199,8 @@ def optimise_value(model, tokenizer, module, edit: Edit, templates: list[str], c
                     cosine = F.cosine_similarity(states.float() - centre, alignment.anchors[:, None, :] - centre,
                                                  dim=-1)
                     loss = loss + alignment.weight * (1 - cosine).mean()
+                if on_step:
+                    on_step()
                 if nll.item() < config.stop_nll or step >= config.steps - 1:
                     break
                 optimizer.zero_grad()

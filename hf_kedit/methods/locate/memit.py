@@ -12,6 +12,7 @@ from ...anatomy import anatomy_of, linear_shape
 from ...errors import EditRequestError
 from ...kinds.weight_delta import deltas_applied
 from ...pack import Edit, EditPack
+from ...progress import StepBar
 from .stats import StatisticsConfig, corpus_name, key_second_moments
 from ..builders import weight_delta_pack
 from ..requests import check_requests, edit_layers
@@ -59,10 +60,11 @@ def memit_edit(model, tokenizer, requests: list[Edit], config: MEMITConfig | Non
     second_moments = (key_second_moments(model, tokenizer, layers, config.stats_corpus, config.stats_tokens,
                                          progress=progress, source=config.stats_source) if config.covariance else {})
     templates = context_templates(model, tokenizer, config.context_templates)
-    targets = torch.stack([optimise_value(model, tokenizer, last_block, e, templates, config).value
-                           for e in tqdm(requests, desc="memit targets", disable=not progress)], 1)
+    bar = StepBar(requests, config.steps, "memit: optimising targets", disable=not progress)
+    targets = torch.stack([optimise_value(model, tokenizer, last_block, e, templates, config, on_step=bar.step).value
+                           for e in bar], 1)
     applied, factors = {}, {e.id: {} for e in requests}
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(tqdm(layers, desc="memit: solving layers", unit="layer", disable=not progress)):
         module = model.get_submodule(names[layer])
         with deltas_applied(model, applied):  # keys and residuals see the layers updated so far
             keys = torch.stack([key_at_subject(model, tokenizer, module, e, templates) for e in requests], 1)

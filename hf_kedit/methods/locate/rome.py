@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from tqdm.auto import tqdm
-
 from ...anatomy import anatomy_of
 from ...errors import EditRequestError
 from ...pack import Edit, EditPack
+from ...progress import StepBar
 from .stats import StatisticsConfig, corpus_name, key_second_moments
 from ..builders import weight_delta_pack
 from ..requests import check_requests, resolve_layer
@@ -67,9 +66,10 @@ def rank_one_edits(model, tokenizer, requests: list[Edit], config: ROMEConfig, m
          if config.covariance else None)
     templates = context_templates(model, tokenizer, config.context_templates)
     factors = {}
-    for edit in tqdm(requests, desc=f"{method} edits", disable=not progress):
+    bar = StepBar(requests, config.steps, f"{method}: optimising values", disable=not progress)
+    for edit in bar:
         alignment = alignment_for(edit, layer) if alignment_for else None
-        solved = optimise_value(model, tokenizer, module, edit, templates, config, alignment)
+        solved = optimise_value(model, tokenizer, module, edit, templates, config, alignment, bar.step)
         key = solved.key if config.solve_at == "templates" else solved.current_key
         factors[edit.id] = {name: rank_one_update(solved.key, solved.value, key, solved.current_value, C)}
     recorded = {**asdict(config), "layer": layer, "stats_corpus": corpus_name(config.stats_corpus),

@@ -33,7 +33,7 @@ from ...pack.fingerprint import base_model_record
 from ...pack.format import read_manifest
 from ...pack.hub import file_sha256, push_folder, resolve_source
 from ...partial_forward import run_until
-from ...sampling import sample_texts, seeded
+from .self_sampled import self_sampled_texts
 
 STATS_MANIFEST = "kedit_stats.json"
 STATS_FORMAT_VERSION = 1
@@ -143,7 +143,8 @@ def _cached(model, tokenizer, layers, corpus, n_tokens, max_length, batch_size, 
 
 def _compute(model, tokenizer, names: dict[int, str], corpus, n_tokens, max_length, batch_size,
              progress) -> dict[int, tuple[torch.Tensor, int]]:
-    texts = _texts(model, tokenizer, corpus, n_tokens, max_length)
+    texts = (self_sampled_texts(model, tokenizer, n_tokens, max_length, stats_dir(), progress) if corpus is None
+             else _corpus_texts(corpus))
     return _accumulate(model, tokenizer, {layer: model.get_submodule(name) for layer, name in names.items()}, texts,
                        n_tokens, max_length, batch_size, progress)
 
@@ -248,7 +249,9 @@ def _accumulate(model, tokenizer, modules: dict, texts, n_tokens, max_length, ba
     totals, count, captured = {}, 0, {}
     handles = [m.register_forward_pre_hook(lambda mod, args, layer=layer: captured.__setitem__(layer, args[0]))
                for layer, m in modules.items()]
-    bar = tqdm(total=n_tokens, desc="key statistics (tokens)", disable=not progress)
+    layers = ("layer " if len(modules) == 1 else "layers ") + ", ".join(map(str, modules))
+    bar = tqdm(total=n_tokens, unit="tok", desc=f"key statistics: reading keys ({layers})",
+               disable=not progress)
     try:
         for start in range(0, len(texts), batch_size):
             rows = [tokenizer(t, truncation=True, max_length=max_length).input_ids
@@ -283,40 +286,9 @@ def _corpus_id(corpus, max_length: int) -> str:
     return "sha256:" + hashlib.sha256("\x00".join(_corpus_texts(corpus)).encode()).hexdigest()
 
 
-def _texts(model, tokenizer, corpus, n_tokens, max_length) -> list[str]:
-    if corpus is None:
-        # Sampling is the slow part (minutes on a CPU): keep the texts for the other layers.
-        module = anatomy_of(model).mlp_out(0)
-        identity = [base_model_record(model, [module])["fingerprint"][module]["sha256_bf16"], n_tokens, max_length]
-        path = stats_dir() / f"sampled-{hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:24]}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        texts = _sampled_texts(model, tokenizer, n_tokens, max_length)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(texts))
-        return texts
-    return _corpus_texts(corpus)
-
-
 def _corpus_texts(corpus) -> list[str]:
     if isinstance(corpus, (str, os.PathLike)):
         return [p for p in Path(corpus).read_text().split("\n\n") if p.strip()]
     if hasattr(corpus, "column_names"):  # a datasets.Dataset
         return list(corpus["text"])
     return list(corpus)
-
-
-def _sampled_texts(model, tokenizer, n_tokens, max_length, batch_size=16) -> list[str]:
-    """Text the model writes itself (top-k 50 sampling, seeded): no download, and
-    close to what the model has seen."""
-    texts, made = [], 0
-    with seeded(0), tqdm(total=n_tokens, desc="sampling text for key statistics (tokens)") as bar:
-        while made < n_tokens:
-            for text in sample_texts(model, tokenizer, batch_size, max_length - 1, top_k=50):
-                # Count what the statistics pass will read back: decoding and re-tokenising
-                # does not give back every sampled token (early ends, merges).
-                n = len(tokenizer(text, truncation=True, max_length=max_length).input_ids)
-                texts.append(text)
-                made += n
-                bar.update(n)
-    return texts

@@ -17,7 +17,6 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
-from tqdm.auto import tqdm
 
 from ...anatomy import anatomy_of, hidden_states
 from ...errors import EditRequestError
@@ -25,6 +24,7 @@ from ...kinds.basis_intervention import BasisInterventionConfig, gate_weights, i
 from ...batching import pad_id, padded
 from ...kinds.prompt_calls import hidden_size, prompt_lengths, select_positions
 from ...pack import Edit, EditPack
+from ...progress import StepBar
 from ...partial_forward import run_until
 from ..builders import basis_intervention_pack
 from ..teacher_forcing import fit_target, teacher_forced
@@ -127,7 +127,8 @@ def train_interventions(model, tokenizer, requests: list[Edit], config: Interven
     device = next(model.parameters()).device
     parts = {}
     with frozen(model):
-        for edit in tqdm(requests, desc=f"{method} edits", disable=not progress):
+        bar = StepBar(requests, config.steps, f"{method}: training", disable=not progress)
+        for edit in bar:
             torch.manual_seed(config.seed)
             intervention = Intervention(hidden, config.rank, gate is not None, gate.floor if gate else 0.0).to(device)
             ids, labels, prompt = teacher_forced(tokenizer, edit.text, edit.target_new, device)
@@ -138,7 +139,7 @@ def train_interventions(model, tokenizer, requests: list[Edit], config: Interven
                          config.lr)
             optimizer = torch.optim.Adam([p for p in intervention.parameters() if p.requires_grad], lr=config.lr)
             with applied(layer_module, intervention, where), prompt_lengths(model, [prompt]):
-                fit_target(model, ids, labels, optimizer, config.steps, config.stop_loss)
+                fit_target(model, ids, labels, optimizer, config.steps, config.stop_loss, bar.step)
             parts[edit.id] = {layer: intervention.tensors()}
     kind_config = BasisInterventionConfig(peft_type=peft_type, gate="sigmoid_rms" if gate else "none",
                                           r=config.rank, layers=[layer], positions=config.positions,
