@@ -11,12 +11,11 @@ import json
 import time
 
 import matplotlib
-from tqdm.auto import tqdm
 
 from hf_kedit import load_edits, remove_edits
 from hf_kedit.evaluate.datasets import read_cases
 from hf_kedit.evaluate.harness import EvalConfig, aggregate, locality_references
-from hf_kedit.evaluate.metrics import score_probes
+from hf_kedit.evaluate.metrics import score_cases
 from hf_kedit.evaluate.scoring import Scorer
 from hf_kedit.methods import make_pack
 
@@ -27,8 +26,7 @@ METRICS = ("efficacy", "generality", "locality")
 
 def scores(model, tokenizer, cases, references, config, desc) -> dict:
     scorer = Scorer(model, tokenizer, batch_size=config.batch_size)
-    return aggregate({c.id: score_probes(scorer, config.select(c), references[c.id])
-                      for c in tqdm(cases, desc=desc)})
+    return aggregate(score_cases(scorer, [config.select(c) for c in cases], references, desc))
 
 
 def setting(pair: str) -> tuple[str, object]:

@@ -10,7 +10,7 @@ from hf_kedit import Edit, stack_of
 from hf_kedit.cli import main as kedit
 from hf_kedit.evaluate.cases import Case, Probe
 from hf_kedit.evaluate.harness import EvalConfig, evaluate, locality_references
-from hf_kedit.evaluate.metrics import ngram_entropy, score_probes
+from hf_kedit.evaluate.metrics import locality_reference, ngram_entropy, score_cases
 from hf_kedit.evaluate.scoring import Scorer
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact.json"
@@ -30,25 +30,46 @@ def model(tokenizer):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+class _Handles:
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
 def force_say(model, tokenizer, text, unless_token=None):
     """Make `model` continue any prompt with `text`: the next token is the one after
     the current token in `text` (its first token otherwise). With `unless_token`,
-    rows holding that token predict something else (a changed output)."""
+    rows holding that token predict something else (a changed output). The final
+    norm writes each position's next token into its state and the LM head reads it
+    back, so the head may run on any subset of positions (as the scorer runs it)."""
     say = tokenizer(" " + text, add_special_tokens=False).input_ids
     follow = {a: b for a, b in zip(say, say[1:])}
+    calls = {}
 
-    def hook(module, args, kwargs, output):
-        ids = kwargs["input_ids"]
+    def read_ids(module, args, kwargs):
+        calls["ids"] = kwargs["input_ids"]
+
+    def write_next(module, args, output):
+        ids = calls["ids"]
         nxt = torch.tensor([[follow.get(t, say[0]) for t in row] for row in ids.tolist()])
         if unless_token is not None:
             changed = (ids == unless_token).any(-1, keepdim=True)
             nxt = torch.where(changed, torch.full_like(nxt, 7), nxt)
-        logits = torch.zeros_like(output.logits)  # generate asks for the last position's logits only
-        logits.scatter_(-1, nxt[:, -logits.shape[1]:].unsqueeze(-1), 100.0)
-        output.logits = logits
-        return output
+        state = torch.zeros_like(output)
+        state[..., 0] = nxt.to(output.dtype)
+        return state
 
-    return model.register_forward_hook(hook, with_kwargs=True)
+    def read_next(module, args, output):
+        logits = torch.zeros_like(output)
+        logits.scatter_(-1, args[0][..., :1].round().long(), 100.0)
+        return logits
+
+    return _Handles(model.register_forward_pre_hook(read_ids, with_kwargs=True),
+                    model.model.norm.register_forward_hook(write_next),
+                    model.get_output_embeddings().register_forward_hook(read_next))
 
 
 def case(prompts_loc=("The capital of Italy is", "The capital of Spain is")):
@@ -73,10 +94,12 @@ def test_a_model_forced_to_say_x_scores_one_on_x_and_zero_on_y(model, tokenizer)
     handle.remove()
 
 
-def locality_references_for(scorer, c):
-    from hf_kedit.evaluate.metrics import locality_reference
+def score_probes(scorer, c, references):
+    return score_cases(scorer, [c], references)[c.id]
 
-    return locality_reference(scorer, c)
+
+def locality_references_for(scorer, c):
+    return locality_reference(scorer, [c])
 
 
 def test_locality_drops_exactly_where_outputs_change(model, tokenizer):

@@ -19,7 +19,7 @@ from ..attach import load_edits, remove_edits
 from ..methods import METHODS, make_pack
 from ..pack import EditPack
 from .cases import Case
-from .metrics import DOUBT_TEMPLATES, fluency, in_context, locality_reference, score_probes, with_robustness
+from .metrics import DOUBT_TEMPLATES, fluency, in_context, locality_reference, score_cases, with_robustness
 from .scoring import Scorer
 
 BASELINES = ("unedited", "icl")
@@ -74,8 +74,7 @@ def locality_references(model, tokenizer, cases: list[Case], config: EvalConfig 
     config = config or EvalConfig()
     if "locality" not in config.metrics:
         return {c.id: {} for c in cases}
-    scorer = Scorer(model, tokenizer, batch_size=config.batch_size)
-    return {c.id: locality_reference(scorer, c) for c in tqdm(cases, desc="pre-edit answers", disable=not progress)}
+    return locality_reference(Scorer(model, tokenizer, batch_size=config.batch_size), cases, progress)
 
 
 def evaluate(model, tokenizer, cases: list[Case], method: str = "unedited", mode: str = "single",
@@ -102,8 +101,7 @@ def evaluate(model, tokenizer, cases: list[Case], method: str = "unedited", mode
     def score(group: list[Case], desc: str) -> dict:
         """Scores of cases that share the model's current state (fluency is batched across them)."""
         views = [in_context(c, icl_context(c)) if method == "icl" else c for c in group]
-        out = {c.id: score_probes(scorer, v, references[c.id])
-               for c, v in tqdm(list(zip(group, views)), desc=desc, disable=not progress or len(group) == 1)}
+        out = score_cases(scorer, views, references, desc if progress else None)
         if "fluency" in config.metrics:
             for c, entropy in zip(group, fluency(scorer, views, config.fluency_prompts, config.fluency_tokens)):
                 out[c.id]["fluency"] = {"entropy": entropy}

@@ -17,6 +17,8 @@ import re
 from collections import Counter
 from statistics import mean
 
+from tqdm.auto import tqdm
+
 from .cases import Case, Probe
 from .scoring import Forced, Scorer
 
@@ -63,34 +65,81 @@ def is_locality(metric: str) -> bool:
     return metric.split("/")[0] == "locality"
 
 
-def locality_reference(scorer: Scorer, case: Case) -> dict:
-    """What locality compares against, computed once per case on the unedited
-    model: per locality metric, the argmax tokens on its answers and its greedy
-    continuation (with the argmax tokens along it)."""
-    reference = {}
-    for metric, probes in case.probes.items():
-        if not is_locality(metric):
-            continue
-        prompts = [p.prompt for p in probes]
-        lengths = [len(scorer.answer_ids(p.answers[0])) if p.answers else LOCALITY_FALLBACK_TOKENS for p in probes]
-        continuations = scorer.generate(prompts, max(lengths))
-        continuations = [c[:n] or [scorer.tokenizer.eos_token_id] for c, n in zip(continuations, lengths)]
-        answers = [p.answers[0] if p.answers else c for p, c in zip(probes, continuations)]
-        on_answers, along = _read_locality(scorer, prompts, answers, continuations)
-        reference[metric] = {
-            "answers": answers, "answer_argmax": [f.predicted for f in on_answers],
-            "continuation": continuations, "continuation_argmax": [f.predicted for f in along],
-        }
-    return reference
+def locality_reference(scorer: Scorer, cases: list[Case], progress: bool = False) -> dict[str, dict]:
+    """What locality compares against, per case and locality metric, computed once
+    on the unedited model: the argmax tokens on its answers and its greedy
+    continuation (with the argmax tokens along it). The continuations of all
+    cases are generated together; each case's answers and continuations are read
+    alone, as `score_cases` reads them after the edit."""
+    wanted = [(case.id, metric, probe) for case in cases for metric, probes in case.probes.items()
+              if is_locality(metric) for probe in probes]
+    lengths = [len(scorer.answer_ids(p.answers[0])) if p.answers else LOCALITY_FALLBACK_TOKENS for _, _, p in wanted]
+    generated = scorer.generate([p.prompt for _, _, p in wanted], lengths)
+    continuations = {}
+    for (case_id, metric, _), tokens, n in zip(wanted, generated, lengths):
+        continuations.setdefault((case_id, metric), []).append(tokens[:n] or [scorer.tokenizer.eos_token_id])
+    references = {}
+    for case in tqdm(cases, desc="pre-edit answers", disable=not progress):
+        references[case.id] = {}
+        for metric, probes in case.probes.items():
+            if not is_locality(metric):
+                continue
+            prompts = [p.prompt for p in probes]
+            along_ref = continuations.get((case.id, metric), [])
+            answers = [p.answers[0] if p.answers else c for p, c in zip(probes, along_ref)]
+            on_answers, along = _read_locality(scorer, prompts, answers, along_ref)
+            references[case.id][metric] = {
+                "answers": answers, "answer_argmax": [f.predicted for f in on_answers],
+                "continuation": along_ref, "continuation_argmax": [f.predicted for f in along],
+            }
+    return references
 
 
-def score_probes(scorer: Scorer, case: Case, reference: dict) -> dict[str, dict]:
-    """Every metric of one case but fluency: metric -> {"cmp", "tf", "gen"} (None where undefined)."""
-    scores = {m: _locality(scorer, group, reference[m]) for m, group in case.probes.items()
-              if group and is_locality(m)}
-    scores.update(_answers(scorer, {m: g for m, g in case.probes.items() if g and not is_locality(m)}))
-    for family in ("portability", "locality"):
-        _aggregate_groups(scores, family, case.probes)
+def score_cases(scorer: Scorer, cases: list[Case], references: dict, desc: str | None = None) -> dict[str, dict]:
+    """Every metric but fluency of each case: case id -> metric -> {"cmp", "tf",
+    "gen"} (None where undefined), for cases that share the model's state. The
+    answers and contrasts of all cases are read in one batched pass and the
+    undecided generations in one more; each case's locality answers and
+    continuations are read alone, in the batches its reference was read in, so
+    an edit that changes nothing there scores exactly 1."""
+    pairs, plans = [], []
+
+    def ask(prompt, answer) -> int:
+        pairs.append((prompt, answer))
+        return len(pairs) - 1
+
+    for case in tqdm(cases, desc=desc and f"{desc} (locality)", disable=not desc or len(cases) == 1):
+        for metric, group in case.probes.items():
+            if not group:
+                continue
+            rivals = [ask(p.prompt, p.contrast) if p.contrast and (p.answers or not is_locality(metric)) else None
+                      for p in group]
+            if is_locality(metric):
+                ref = references[case.id][metric]
+                read = _read_locality(scorer, [p.prompt for p in group], ref["answers"], ref["continuation"])
+                plans.append((case, metric, group, rivals, read))
+            else:
+                plans.append((case, metric, group, rivals, [ask(p.prompt, p.answers[0]) for p in group]))
+    readings = scorer.forced(pairs, desc=desc and f"{desc} (answers)")
+    answered = [(p, readings[i]) for _, metric, group, _, main in plans if not is_locality(metric)
+                for p, i in zip(group, main)]
+    success = iter(_generation_success(scorer, [p for p, _ in answered], [f for _, f in answered]))
+    scores = {case.id: {} for case in cases}
+    for case, metric, group, rivals, read in plans:
+        rival = [readings[i] if i is not None else None for i in rivals]
+        if is_locality(metric):
+            scores[case.id][metric] = _locality(read, rival, references[case.id][metric])
+        else:
+            main = [readings[i] for i in read]
+            contrasted = [i for i, r in enumerate(rival) if r is not None]
+            scores[case.id][metric] = {
+                "cmp": mean(main[i].nll < rival[i].nll for i in contrasted) if contrasted else None,
+                "tf": mean(f.accuracy for f in main),
+                "gen": mean(next(success) for _ in group),
+            }
+    for case in cases:
+        for family in ("portability", "locality"):
+            _aggregate_groups(scores[case.id], family, case.probes)
     return scores
 
 
@@ -101,27 +150,6 @@ def fluency(scorer: Scorer, cases: list[Case], prompts_per_case: int = 1, tokens
                for p in (c.generation_prompts or [e.text for e in c.edits])[:prompts_per_case]]
     texts = [scorer.decode(g) for g in scorer.generate([p for _, p in prompts], tokens)]
     return [mean(ngram_entropy(t) for (i, _), t in zip(prompts, texts) if i == k) for k in range(len(cases))]
-
-
-def _answers(scorer: Scorer, groups: dict[str, list[Probe]]) -> dict:
-    """cmp, tf and gen of the metrics whose probes have answers, in one forced pass."""
-    probes = [p for g in groups.values() for p in g]
-    readings = scorer.forced([(p.prompt, p.answers[0]) for p in probes]
-                             + [(p.prompt, p.contrast) for p in probes if p.contrast])
-    main, rivals = readings[:len(probes)], iter(readings[len(probes):])
-    rival = [next(rivals) if p.contrast else None for p in probes]
-    success = _generation_success(scorer, probes, main)
-    scores, start = {}, 0
-    for metric, group in groups.items():
-        span = range(start, start + len(group))
-        start += len(group)
-        contrasted = [i for i in span if rival[i] is not None]
-        scores[metric] = {
-            "cmp": mean(main[i].nll < rival[i].nll for i in contrasted) if contrasted else None,
-            "tf": mean(main[i].accuracy for i in span),
-            "gen": mean(success[i] for i in span),
-        }
-    return scores
 
 
 def _generation_success(scorer: Scorer, probes: list[Probe], main: list[Forced]) -> list[bool]:
@@ -141,20 +169,18 @@ def _generation_success(scorer: Scorer, probes: list[Probe], main: list[Forced])
             success.append(None)
             undecided.append(i)
     if undecided:
-        longest = max(len(scorer.answer_ids(a)) for i in undecided for a in probes[i].answers)
-        for i, g in zip(undecided, scorer.generate([probes[i].prompt for i in undecided], longest + 2)):
+        lengths = [max(len(scorer.answer_ids(a)) for a in probes[i].answers) + 2 for i in undecided]
+        for i, g in zip(undecided, scorer.generate([probes[i].prompt for i in undecided], lengths)):
             text = normalise(scorer.decode(g))
             success[i] = any(text.startswith(normalise(a)) for a in probes[i].answers)
     return success
 
 
-def _locality(scorer: Scorer, probes: list[Probe], ref: dict) -> dict:
-    prompts = [p.prompt for p in probes]
-    on_answers, along = _read_locality(scorer, prompts, ref["answers"], ref["continuation"])
-    contrasted = [(i, p) for i, p in enumerate(probes) if p.contrast and p.answers]
-    rival = scorer.forced([(p.prompt, p.contrast) for _, p in contrasted]) if contrasted else []
+def _locality(read, rival: list, ref: dict) -> dict:
+    on_answers, along = read
+    contrasted = [i for i, r in enumerate(rival) if r is not None]
     return {
-        "cmp": mean(on_answers[i].nll < r.nll for (i, _), r in zip(contrasted, rival)) if contrasted else None,
+        "cmp": mean(on_answers[i].nll < rival[i].nll for i in contrasted) if contrasted else None,
         "tf": mean(_share_equal(f.predicted, before) for f, before in zip(on_answers, ref["answer_argmax"])),
         # Greedy decoding reproduces the old continuation exactly when the argmax along
         # it is unchanged at every step, so no generation is needed after the edit.

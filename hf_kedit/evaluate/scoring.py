@@ -2,15 +2,23 @@
 scoring of (prompt, answer) pairs and greedy generation."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 from ..batching import pad_id, padded
 from ..kinds.prompt_calls import prompt_lengths
+from ..partial_forward import lm_head_at
 
 TOKENS_PER_BATCH = 1024
+# A forward call's fixed cost in tokens' worth of compute (the default model on a 2-core CPU: 33 ms
+# a call, 0.7 ms a token; docs/evaluation.md):
+# a batch is split where its padding would cost more than another call.
+CALL_TOKENS = 48
+GENERATE_ROWS = 64
 
 
 @dataclass
@@ -45,9 +53,11 @@ class Scorer:
         return self.tokenizer(" " + answer.strip(), add_special_tokens=False).input_ids
 
     @torch.no_grad()
-    def forced(self, pairs: list[tuple[str, str | list[int]]]) -> list[Forced]:
+    def forced(self, pairs: list[tuple[str, str | list[int]]], desc: str | None = None) -> list[Forced]:
         """Teacher-forced readings of (prompt, answer) pairs; an answer is text or token ids.
-        Repeated pairs are read once; batches group similar lengths to waste little on padding."""
+        Repeated pairs are read once; batches group similar lengths to waste little on
+        padding, and the LM head runs only where an answer token is predicted. With
+        `desc`, a progress bar over the batches."""
         seqs = {}
         for prompt, answer in pairs:
             key = (prompt, answer if isinstance(answer, str) else tuple(answer))
@@ -56,41 +66,62 @@ class Scorer:
                              else self.answer_ids(answer))
         keys = sorted(seqs, key=lambda k: len(seqs[k][0]) + len(seqs[k][1]))
         readings = {}
-        for chunk in self._chunks(keys, lambda k: len(seqs[k][0]) + len(seqs[k][1])):
+        chunks = self._chunks([len(seqs[k][0]) + len(seqs[k][1]) for k in keys])
+        for chunk in tqdm(chunks, desc=desc, unit="batch", disable=not desc or len(chunks) < 2):
+            chunk = [keys[i] for i in chunk]
             ids, mask = padded([seqs[k][0] + seqs[k][1] for k in chunk], self.pad_id, self.device)
+            # Position len(prompt) - 1 + j predicts answer token j.
+            rows = [row for row, k in enumerate(chunk) for _ in seqs[k][1]]
+            columns = [len(seqs[k][0]) - 1 + j for k in chunk for j in range(len(seqs[k][1]))]
+            read = (torch.tensor(rows, device=self.device), torch.tensor(columns, device=self.device))
             # The answers are a continuation, not prompt: basis interventions act where generation has them act.
-            with prompt_lengths(self.model, [len(seqs[k][0]) for k in chunk]):
+            with prompt_lengths(self.model, [len(seqs[k][0]) for k in chunk]), lm_head_at(self.model, read):
                 logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
-            for row, k in enumerate(chunk):
-                p, t = seqs[k]
-                step = logits[row, len(p) - 1:len(p) + len(t) - 1]
+            for k, step in zip(chunk, logits.split([len(seqs[k][1]) for k in chunk])):
+                t = seqs[k][1]
                 nll = F.cross_entropy(step, torch.tensor(t, device=self.device)).item()
                 readings[k] = Forced(t, step.argmax(-1).tolist(), nll)
         return [readings[(p, a if isinstance(a, str) else tuple(a))] for p, a in pairs]
 
-    def _chunks(self, keys: list, length) -> list[list]:
-        """Consecutive runs of at most `batch_size` sequences and `TOKENS_PER_BATCH` padded tokens."""
-        chunks, chunk = [], []
-        for k in keys:
-            if chunk and (len(chunk) == self.batch_size or (len(chunk) + 1) * length(k) > TOKENS_PER_BATCH):
-                chunks.append(chunk)
-                chunk = []
-            chunk.append(k)
-        return chunks + [chunk] if chunk else chunks
+    def _chunks(self, lengths: list[int]) -> list[range]:
+        """Consecutive runs of the ascending `lengths`, each of at most `batch_size`
+        sequences and `TOKENS_PER_BATCH` padded tokens (a longer sequence runs alone),
+        that cost the fewest padded tokens plus `CALL_TOKENS` per call (dynamic
+        programming over where each run starts)."""
+        n = len(lengths)
+        cost, start = [0.0] + [math.inf] * n, [0] * (n + 1)
+        for end in range(1, n + 1):
+            for first in range(end - 1, max(end - self.batch_size, 0) - 1, -1):
+                rows = end - first
+                if rows > 1 and rows * lengths[end - 1] > TOKENS_PER_BATCH:
+                    break
+                total = cost[first] + rows * lengths[end - 1] + CALL_TOKENS
+                if total < cost[end]:
+                    cost[end], start[end] = total, first
+        runs, end = [], n
+        while end:
+            runs.append(range(start[end], end))
+            end = start[end]
+        return runs[::-1]
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuations (token ids, cut at the end-of-sequence token)."""
-        results = []
-        for start in range(0, len(prompts), self.batch_size):
-            ids, mask = padded([self.prompt_ids(p) for p in prompts[start:start + self.batch_size]], self.pad_id,
-                               self.device, left=True)
-            width = ids.shape[1]
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+    def generate(self, prompts: list[str], max_new_tokens: int | list[int]) -> list[list[int]]:
+        """Greedy continuations (token ids, cut at the end-of-sequence token) of at most
+        `max_new_tokens` tokens, one number for all or one per prompt. Batches group
+        prompts of similar needs and lengths, so few steps and little padding are wasted."""
+        needs = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        ids = [self.prompt_ids(p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: (needs[i], len(ids[i])))
+        results = [None] * len(prompts)
+        eos = self.tokenizer.eos_token_id
+        for start in range(0, len(order), GENERATE_ROWS):
+            rows = order[start:start + GENERATE_ROWS]
+            batch, mask = padded([ids[i] for i in rows], self.pad_id, self.device, left=True)
+            out = self.model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=max(needs[i] for i in rows),
                                       do_sample=False, pad_token_id=self.pad_id)
-            for row in out[:, width:].tolist():
-                eos = self.tokenizer.eos_token_id
-                results.append(row[:row.index(eos)] if eos in row else row)
+            for i, row in zip(rows, out[:, batch.shape[1]:].tolist()):
+                row = row[:needs[i]]
+                results[i] = row[:row.index(eos)] if eos in row else row
         return results
 
     def decode(self, ids: list[int]) -> str:
