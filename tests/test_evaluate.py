@@ -10,7 +10,7 @@ from hf_kedit import Edit, stack_of
 from hf_kedit.cli import main as kedit
 from hf_kedit.evaluate.cases import Case, Probe
 from hf_kedit.evaluate.harness import EvalConfig, evaluate, locality_references
-from hf_kedit.evaluate.metrics import locality_reference, ngram_entropy, score_cases
+from hf_kedit.evaluate.metrics import ngram_entropy, reference_answers, score_cases
 from hf_kedit.evaluate.scoring import Scorer
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact.json"
@@ -99,7 +99,7 @@ def score_probes(scorer, c, references):
 
 
 def locality_references_for(scorer, c):
-    return locality_reference(scorer, [c])
+    return reference_answers(scorer, [c])
 
 
 def test_locality_drops_exactly_where_outputs_change(model, tokenizer):

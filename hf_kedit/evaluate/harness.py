@@ -19,7 +19,7 @@ from ..attach import load_edits, remove_edits
 from ..methods import METHODS, make_pack
 from ..pack import EditPack
 from .cases import Case
-from .metrics import DOUBT_TEMPLATES, fluency, in_context, locality_reference, score_cases, with_robustness
+from .metrics import DOUBT_TEMPLATES, fluency, in_context, reference_answers, score_cases, with_robustness
 from .scoring import Scorer
 
 BASELINES = ("unedited", "icl")
@@ -74,7 +74,7 @@ def locality_references(model, tokenizer, cases: list[Case], config: EvalConfig 
     config = config or EvalConfig()
     if "locality" not in config.metrics:
         return {c.id: {} for c in cases}
-    return locality_reference(Scorer(model, tokenizer, batch_size=config.batch_size), cases, progress)
+    return reference_answers(Scorer(model, tokenizer, batch_size=config.batch_size), cases, progress)
 
 
 def evaluate(model, tokenizer, cases: list[Case], method: str = "unedited", mode: str = "single",

@@ -65,7 +65,7 @@ def is_locality(metric: str) -> bool:
     return metric.split("/")[0] == "locality"
 
 
-def locality_reference(scorer: Scorer, cases: list[Case], progress: bool = False) -> dict[str, dict]:
+def reference_answers(scorer: Scorer, cases: list[Case], progress: bool = False) -> dict[str, dict]:
     """What locality compares against, per case and locality metric, computed once
     on the unedited model: the argmax tokens on its answers and its greedy
     continuation (with the argmax tokens along it). The continuations of all
