@@ -103,7 +103,8 @@ def evaluate(model, tokenizer, cases: list[Case], method: str = "unedited", mode
         views = [in_context(c, icl_context(c)) if method == "icl" else c for c in group]
         out = score_cases(scorer, views, references, desc if progress else None)
         if "fluency" in config.metrics:
-            for c, entropy in zip(group, fluency(scorer, views, config.fluency_prompts, config.fluency_tokens)):
+            for c, entropy in zip(group, fluency(scorer, views, config.fluency_prompts, config.fluency_tokens,
+                                                 f"{desc} (fluency)" if progress and desc else None)):
                 out[c.id]["fluency"] = {"entropy": entropy}
         return out
 

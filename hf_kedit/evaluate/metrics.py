@@ -74,7 +74,8 @@ def reference_answers(scorer: Scorer, cases: list[Case], progress: bool = False)
     wanted = [(case.id, metric, probe) for case in cases for metric, probes in case.probes.items()
               if is_locality(metric) for probe in probes]
     lengths = [len(scorer.answer_ids(p.answers[0])) if p.answers else LOCALITY_FALLBACK_TOKENS for _, _, p in wanted]
-    generated = scorer.generate([p.prompt for _, _, p in wanted], lengths)
+    generated = scorer.generate([p.prompt for _, _, p in wanted], lengths,
+                                desc="pre-edit continuations" if progress else None)
     continuations = {}
     for (case_id, metric, _), tokens, n in zip(wanted, generated, lengths):
         continuations.setdefault((case_id, metric), []).append(tokens[:n] or [scorer.tokenizer.eos_token_id])
@@ -123,7 +124,8 @@ def score_cases(scorer: Scorer, cases: list[Case], references: dict, desc: str |
     readings = scorer.forced(pairs, desc=desc and f"{desc} (answers)")
     answered = [(p, readings[i]) for _, metric, group, _, main in plans if not is_locality(metric)
                 for p, i in zip(group, main)]
-    success = iter(_generation_success(scorer, [p for p, _ in answered], [f for _, f in answered]))
+    success = iter(_generation_success(scorer, [p for p, _ in answered], [f for _, f in answered],
+                                       desc and f"{desc} (generations)"))
     scores = {case.id: {} for case in cases}
     for case, metric, group, rivals, read in plans:
         rival = [readings[i] if i is not None else None for i in rivals]
@@ -143,16 +145,18 @@ def score_cases(scorer: Scorer, cases: list[Case], references: dict, desc: str |
     return scores
 
 
-def fluency(scorer: Scorer, cases: list[Case], prompts_per_case: int = 1, tokens: int = 32) -> list[float]:
+def fluency(scorer: Scorer, cases: list[Case], prompts_per_case: int = 1, tokens: int = 32,
+            desc: str | None = None) -> list[float]:
     """Per case, the mean n-gram entropy of greedy generations from its
     generation prompts (its edit prompts if it has none); one batched pass."""
     prompts = [(i, p) for i, c in enumerate(cases)
                for p in (c.generation_prompts or [e.text for e in c.edits])[:prompts_per_case]]
-    texts = [scorer.decode(g) for g in scorer.generate([p for _, p in prompts], tokens)]
+    texts = [scorer.decode(g) for g in scorer.generate([p for _, p in prompts], tokens, desc)]
     return [mean(ngram_entropy(t) for (i, _), t in zip(prompts, texts) if i == k) for k in range(len(cases))]
 
 
-def _generation_success(scorer: Scorer, probes: list[Probe], main: list[Forced]) -> list[bool]:
+def _generation_success(scorer: Scorer, probes: list[Probe], main: list[Forced],
+                        desc: str | None = None) -> list[bool]:
     """Does greedy decoding start with an answer? The forced pass decides most
     probes: if every answer token is the argmax, greedy decoding writes that
     answer; if the first argmax token cannot begin any answer, it writes none.
@@ -170,7 +174,7 @@ def _generation_success(scorer: Scorer, probes: list[Probe], main: list[Forced])
             undecided.append(i)
     if undecided:
         lengths = [max(len(scorer.answer_ids(a)) for a in probes[i].answers) + 2 for i in undecided]
-        for i, g in zip(undecided, scorer.generate([probes[i].prompt for i in undecided], lengths)):
+        for i, g in zip(undecided, scorer.generate([probes[i].prompt for i in undecided], lengths, desc)):
             text = normalise(scorer.decode(g))
             success[i] = any(text.startswith(normalise(a)) for a in probes[i].answers)
     return success

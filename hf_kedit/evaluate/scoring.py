@@ -57,7 +57,7 @@ class Scorer:
         """Teacher-forced readings of (prompt, answer) pairs; an answer is text or token ids.
         Repeated pairs are read once; batches group similar lengths to waste little on
         padding, and the LM head runs only where an answer token is predicted. With
-        `desc`, a progress bar over the batches."""
+        `desc`, a progress bar in padded tokens."""
         seqs = {}
         for prompt, answer in pairs:
             key = (prompt, answer if isinstance(answer, str) else tuple(answer))
@@ -66,9 +66,13 @@ class Scorer:
                              else self.answer_ids(answer))
         keys = sorted(seqs, key=lambda k: len(seqs[k][0]) + len(seqs[k][1]))
         readings = {}
-        chunks = self._chunks([len(seqs[k][0]) + len(seqs[k][1]) for k in keys])
-        for chunk in tqdm(chunks, desc=desc, unit="batch", disable=not desc or len(chunks) < 2):
-            chunk = [keys[i] for i in chunk]
+        lengths = [len(seqs[k][0]) + len(seqs[k][1]) for k in keys]
+        chunks = self._chunks(lengths)
+        # The bar counts padded tokens: what a batch costs, so the estimate holds as batches grow longer.
+        bar = tqdm(total=sum(len(c) * lengths[c[-1]] for c in chunks), desc=desc, unit="tok",
+                   disable=not desc or len(chunks) < 2)
+        for run in chunks:
+            chunk = [keys[i] for i in run]
             ids, mask = padded([seqs[k][0] + seqs[k][1] for k in chunk], self.pad_id, self.device)
             # Position len(prompt) - 1 + j predicts answer token j.
             rows = [row for row, k in enumerate(chunk) for _ in seqs[k][1]]
@@ -81,6 +85,8 @@ class Scorer:
                 t = seqs[k][1]
                 nll = F.cross_entropy(step, torch.tensor(t, device=self.device)).item()
                 readings[k] = Forced(t, step.argmax(-1).tolist(), nll)
+            bar.update(len(run) * lengths[run[-1]])
+        bar.close()
         return [readings[(p, a if isinstance(a, str) else tuple(a))] for p, a in pairs]
 
     def _chunks(self, lengths: list[int]) -> list[range]:
@@ -105,23 +111,30 @@ class Scorer:
         return runs[::-1]
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], max_new_tokens: int | list[int]) -> list[list[int]]:
+    def generate(self, prompts: list[str], max_new_tokens: int | list[int],
+                 desc: str | None = None) -> list[list[int]]:
         """Greedy continuations (token ids, cut at the end-of-sequence token) of at most
         `max_new_tokens` tokens, one number for all or one per prompt. Batches group
-        prompts of similar needs and lengths, so few steps and little padding are wasted."""
+        prompts of similar needs and lengths, so few steps and little padding are wasted.
+        With `desc`, a progress bar in generation steps."""
         needs = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         ids = [self.prompt_ids(p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: (needs[i], len(ids[i])))
         results = [None] * len(prompts)
         eos = self.tokenizer.eos_token_id
-        for start in range(0, len(order), GENERATE_ROWS):
-            rows = order[start:start + GENERATE_ROWS]
+        batches = [order[start:start + GENERATE_ROWS] for start in range(0, len(order), GENERATE_ROWS)]
+        # The bar counts generation steps: what a batch costs, whatever its rows.
+        bar = tqdm(total=sum(max(needs[i] for i in rows) for rows in batches), desc=desc, unit="step",
+                   disable=not desc or len(batches) < 2)
+        for rows in batches:
             batch, mask = padded([ids[i] for i in rows], self.pad_id, self.device, left=True)
             out = self.model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=max(needs[i] for i in rows),
                                       do_sample=False, pad_token_id=self.pad_id)
             for i, row in zip(rows, out[:, batch.shape[1]:].tolist()):
                 row = row[:needs[i]]
                 results[i] = row[:row.index(eos)] if eos in row else row
+            bar.update(max(needs[i] for i in rows))
+        bar.close()
         return results
 
     def decode(self, ids: list[int]) -> str:
