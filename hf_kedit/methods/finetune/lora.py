@@ -12,20 +12,22 @@ from ...pack import Edit, EditPack
 from ...progress import StepBar
 from ..builders import weight_delta_pack
 from ..requests import check_requests, resolve_layer
+from ..setting import NOT_TUNED, setting
 from ..teacher_forcing import fit_target, teacher_forced
 
 
 @dataclass
 class LoRAConfig:
-    """`layer`: an index, a relative depth in [0, 1) (rounded to a layer, as every
-    method rounds it), or "auto" (causal tracing of the edits)."""
+    """The fine-tuning baseline's settings: one low-rank delta of one MLP output
+    projection per edit, trained on the target's cross-entropy."""
 
-    layer: float | int = 0.3
-    rank: int = 1
-    steps: int = 60
-    lr: float = 2e-2
-    stop_loss: float = 0.05
-    seed: int = 0
+    layer: float | int = setting(0.3, "the trained layer: an index, a relative depth in [0, 1) (rounded, as every "
+                                 "method rounds it), or \"auto\" (causal tracing of the edits)", NOT_TUNED)
+    rank: int = setting(1, "r of each edit's delta B A", "chosen here: one rank per edit, as ROME's update")
+    steps: int = setting(60, "most Adam steps per edit", NOT_TUNED)
+    lr: float = setting(2e-2, "Adam's step size", NOT_TUNED)
+    stop_loss: float = setting(0.05, "stop once the target's cross-entropy is below this", NOT_TUNED)
+    seed: int = setting(0, "seeds A's random start", "any: a fixed seed makes packs reproducible")
 
 
 def lora_edit(model, tokenizer, requests: list[Edit], config: LoRAConfig | None = None,

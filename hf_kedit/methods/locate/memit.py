@@ -16,21 +16,25 @@ from ...progress import StepBar
 from .stats import StatisticsConfig, corpus_name, key_second_moments
 from ..builders import weight_delta_pack
 from ..requests import check_requests, edit_layers
-from .core import (ValueConfig, context_templates, io_at_subject, key_at_subject, optimise_value,
-                     template_counts)
+from ..setting import setting
+from .core import (LOCATE, ValueConfig, context_templates, io_at_subject, key_at_subject, optimise_value,
+                   template_counts)
 
 
 @dataclass
 class MEMITConfig(ValueConfig, StatisticsConfig):
-    """`layers`: indices, or a (start, end) pair of relative depths ((0.13, 0.27)
-    is layers 4-8 of 30, EasyEdit's for Llama-family models). `update_weight`: λ
-    in ΔW = R Kᵀ(λC + KKᵀ)⁻¹, or None for `scaled_update_weight` of the MLP's
-    width; `covariance=False` uses C = I. The statistics settings are
-    `StatisticsConfig`'s."""
+    """MEMIT's settings: the key statistics' (`StatisticsConfig`), the value
+    optimisation's at the last edited layer (`ValueConfig`), and the layers the
+    least-squares update spreads over."""
 
-    layers: tuple = (0.13, 0.27)
-    update_weight: float | None = None
-    context_templates: tuple = ((5, 10),)
+    layers: tuple = setting((0.13, 0.27), "the edited layers: indices, or a (start, end) pair of relative depths",
+                            "EasyEdit's layers 4-8 for Llama-family models (0.13-0.27 is 4-8 of 30)")
+    update_weight: float | None = setting(None, "λ in ΔW = R Kᵀ(λC + KKᵀ)⁻¹ (None: 15000 · d_ff / 16384, "
+                                          "scaled_update_weight)", "MEMIT's and EasyEdit's λ = 15000 for d_ff "
+                                          "16,384, scaled to the MLP's width: measured here "
+                                          f"({LOCATE}#memits-update-weight)")
+    context_templates: tuple = setting(((5, 10),), "(how many, tokens) pairs of texts the model samples to put "
+                                       "before the prompt", "MEMIT's code in EasyEdit (five of 10 tokens)")
 
     def __post_init__(self):
         """`EditRequestError` for settings MEMIT cannot use (checks that need no model)."""

@@ -49,8 +49,10 @@ from ...errors import EditRequestError
 from ...pack import Edit, EditPack
 from ...sampling import per_model, sample_texts, seeded, sibling_names
 from ...kinds.basis_intervention import parse_positions
+from ..setting import NOT_TUNED, setting
 from .core import GateFit, Intervention, InterventionConfig, layer_states, train_interventions
 
+RB = "docs/reft-baft.md"
 CONTRAST_SUBJECTS = ("Barack Obama", "Marie Curie", "Pablo Picasso", "William Shakespeare", "Serena Williams",
                      "Toyota", "Microsoft", "the BBC", "Tokyo", "Brazil", "the Nile", "Mount Everest", "the Louvre",
                      "Harvard University", "the Beatles", "Christianity")
@@ -58,30 +60,37 @@ CONTRAST_SUBJECTS = ("Barack Obama", "Marie Curie", "Pablo Picasso", "William Sh
 
 @dataclass
 class BaFTConfig(InterventionConfig):
-    """BaFT's settings: those of `InterventionConfig`, plus the gate's: it is fitted
-    first, for up to `gate_steps` steps, until every gate is within `gate_margin`
-    of 0 or 1 as it should be; `balance_weight` weighs the load-balancing term.
-    The gates shut on unrelated texts (`locality_texts`, or `locality_samples`
-    texts of `locality_tokens` tokens the model samples itself, seeded by
-    `seed`) and on contrast prompts: the edit's prompt with `contrast_subjects`
-    in place of its subject (empty: none), and with `sibling_contrasts` names
-    the model writes next to the edit's subject (`sampling.sibling_names`: for
-    "Brazil", Argentina, Portugal, ...). `worst_gate` adds the most open of the
-    gates that should shut to the loss (for `positions="all"`, where one open
-    token is enough to change the answer). At inference, and while R, W and b
-    train, gates below `gate_floor` act as 0."""
+    """BaFT's settings: those of `InterventionConfig`, plus the gate's. The gate is
+    fitted first, on its own loss: it shuts on unrelated texts and on contrast
+    prompts (the edit's prompt about other subjects) and opens on the edit's own
+    positions. The paper's gate and loss coefficients were not found: these are
+    this project's (docs/reft-baft.md)."""
 
-    positions: str = "all"
-    gate_steps: int = 500
-    balance_weight: float = 0.1
-    contrast_subjects: tuple[str, ...] = CONTRAST_SUBJECTS
-    sibling_contrasts: int = 0
-    worst_gate: bool = True
-    gate_margin: float = 0.1
-    gate_floor: float = 0.5
-    locality_texts: tuple[str, ...] | None = None
-    locality_samples: int = 16
-    locality_tokens: int = 32
+    positions: str = setting("all", "as InterventionConfig's; at every prompt token the gates open only at the "
+                             "subject's last token", f"measured here: generality twice the last token's at equal "
+                             f"locality, once the gate has a floor ({RB}#a-floor-under-the-gate)")
+    gate_steps: int = setting(500, "most Adam steps of the gate's own fit", NOT_TUNED)
+    balance_weight: float = setting(0.1, "weight of the load-balancing term (the squared coefficient of variation of "
+                                    "the edit's bases' mean gates)", NOT_TUNED)
+    contrast_subjects: tuple[str, ...] = setting(CONTRAST_SUBJECTS, "subjects put in place of the edit's in its "
+                                                 "prompt, where the gates must shut (empty: none)", "measured here on "
+                                                 "six held-apart cases: neighbours that flipped fell from 15 of 60 to "
+                                                 f"1 ({RB})")
+    sibling_contrasts: int = setting(0, "names the model writes next to the edit's subject, added as contrast "
+                                     "subjects (sampling.sibling_names)", "measured here: no help once the gate has "
+                                     f"a floor, and slower ({RB}#a-floor-under-the-gate)")
+    worst_gate: bool = setting(True, "add the most open of the gates that should shut to the gate's loss (with "
+                               "positions=\"all\" one open token can change the answer)", "measured here with "
+                               f"positions=\"all\" ({RB})")
+    gate_margin: float = setting(0.1, "the gate's fit stops once every gate is within this of 0 or 1 as it should "
+                                 "be", f"measured here: 0.03 changed no score by more than 0.01 ({RB})")
+    gate_floor: float = setting(0.5, "gates below this act as 0, in training and at inference", "measured here "
+                                f"against no floor; 0.5 itself not swept ({RB}#a-floor-under-the-gate)")
+    locality_texts: tuple[str, ...] | None = setting(None, "unrelated texts on which the gates must shut (None: "
+                                                     "texts the model samples itself)", "chosen here: nothing to "
+                                                     "download")
+    locality_samples: int = setting(16, "how many texts the model samples for locality_texts=None", NOT_TUNED)
+    locality_tokens: int = setting(32, "tokens per sampled text", NOT_TUNED)
 
     def __post_init__(self):
         """`EditRequestError` for settings BaFT cannot use (checks that need no model)."""

@@ -27,25 +27,25 @@ from ...pack import Edit, EditPack
 from ...progress import StepBar
 from ...partial_forward import run_until
 from ..builders import basis_intervention_pack
+from ..setting import NOT_TUNED, setting
 from ..teacher_forcing import fit_target, teacher_forced
 from ..requests import check_requests, resolve_layer, subject_last_index
 
 
 @dataclass
 class InterventionConfig:
-    """Settings ReFT and BaFT share. `layer`: an index, a relative depth in [0, 1)
-    or "auto" (causal tracing); `rank`: r of each edit's intervention (at most
-    the hidden size); `positions`: pyreft's "f{n}+l{m}" prompt positions ("l1",
-    the last prompt token, predicts the first target token and leaves the
-    positions every prompt shares, such as the first, alone)."""
+    """Settings ReFT and BaFT share: where the intervention acts and how it is trained."""
 
-    layer: float | int | str = 0.4
-    rank: int = 4
-    positions: str = "l1"
-    steps: int = 100
-    lr: float = 1e-2
-    stop_loss: float = 0.05
-    seed: int = 0
+    layer: float | int | str = setting(0.4, "the intervened layer's output: an index, a relative depth in [0, 1) "
+                                       "(rounded) or \"auto\" (causal tracing)", NOT_TUNED)
+    rank: int = setting(4, "r of each edit's intervention (at most the hidden size)", NOT_TUNED)
+    positions: str = setting("l1", "the intervened prompt positions, pyreft's \"f{n}+l{m}\" (first n, last m), or "
+                             "\"all\"", "chosen here: the last prompt token predicts the first target token and "
+                             "leaves the positions every prompt shares, such as the first, alone")
+    steps: int = setting(100, "most Adam steps per edit", NOT_TUNED)
+    lr: float = setting(1e-2, "Adam's step size", NOT_TUNED)
+    stop_loss: float = setting(0.05, "stop once the target's cross-entropy is below this", NOT_TUNED)
+    seed: int = setting(0, "seeds the intervention's random start", "any: a fixed seed makes packs reproducible")
 
 
 class Intervention(nn.Module):

@@ -39,6 +39,7 @@ from ...pack import Edit, EditPack
 from ...partial_forward import run_until
 from ..builders import steering_map_pack
 from ..requests import check_layers, check_requests
+from ..setting import NOT_TUNED, setting
 from .transport import FactoredMap
 
 TEMPLATES = ("{}", "Fact: {}", "Here is a fact. {}", "Complete the sentence. {}", "Trivia. {}",
@@ -47,6 +48,7 @@ TEMPLATES = ("{}", "Fact: {}", "Here is a fact. {}", "Complete the sentence. {}"
 FORCED = "Repeat this sentence: '{p} {old}'. {p}"
 TARGET = "Do not mention '{old}'. Repeat this sentence: '{p} {new}'. {p}"
 TARGET_WITHOUT_OLD = "Repeat this sentence: '{p} {new}'. {p}"
+STEERING = "docs/steering.md"
 MIN_THRESHOLD = 1e-6  # a scope no prompt can be exactly inside is still a valid threshold
 
 Paraphrases = dict[str, list[str]] | Callable[[Edit], list[str]] | None
@@ -54,33 +56,32 @@ Paraphrases = dict[str, list[str]] | Callable[[Edit], list[str]] | None
 
 @dataclass
 class SteeringConfig:
-    """Settings SAKE and ActAdd share.
+    """Settings SAKE and ActAdd share: the prompts a map is fitted on, and the
+    scope router that decides where it acts."""
 
-    `paraphrases`: None (templates), {edit id: [texts]} or a callable edit -> [texts]
-    (filled-in prompts that end right before the object; the edit's own prompt is
-    added first if missing); `min_paraphrases`: the fewest distinct prompts
-    (counting the edit's own) an edit needs; `router_layer`: None (the router
-    reads the final norm's output) or a decoder layer index; `embedding_model`:
-    None, or a sentence-embedding model the router measures prompts with
-    instead (see `hf_kedit.kinds.sentence_embedding.EMBEDDING_MODELS`);
-    `subject_gate`: only prompts that name the edit's subject are in its scope;
-    `metric`: "cosine" or "euclidean"; `threshold`: the scope distance (the
-    default 2.0 is the whole cosine range: the subject gate alone decides), or
-    None for `threshold_margin` × the farthest of the edit's own prompts; `apply`:
-    "first" or "every" (when the map acts during generation, see
-    `hf_kedit.kinds.steering_map`); `batch_size`: prompts per forward pass.
-    """
-
-    paraphrases: Paraphrases = None
-    min_paraphrases: int = 2
-    router_layer: int | None = None
-    embedding_model: str | None = None
-    subject_gate: bool = True
-    metric: str = "cosine"
-    threshold: float | None = 2.0
-    threshold_margin: float = 1.1
-    apply: str = "first"
-    batch_size: int = 16
+    paraphrases: Paraphrases = setting(None, "None (templates), {edit id: [texts]} or a callable edit -> [texts]: "
+                                       "filled-in prompts that end right before the object (the edit's own prompt "
+                                       "is added first if missing)", "chosen here: templates need no data")
+    min_paraphrases: int = setting(2, "the fewest distinct prompts, the edit's own counted, an edit needs",
+                                   NOT_TUNED)
+    router_layer: int | None = setting(None, "the decoder layer whose last-token state the router reads (None: "
+                                       "the final norm's output)", "SAKE's reference code (the last hidden state)")
+    embedding_model: str | None = setting(None, "a sentence-embedding model the router measures prompts with "
+                                          "instead (hf_kedit.kinds.sentence_embedding.EMBEDDING_MODELS)",
+                                          "measured here: no better than the hidden state once the subject gate "
+                                          f"decides ({STEERING})")
+    subject_gate: bool = setting(True, "only prompts that name the edit's subject are in its scope", "measured "
+                                 f"here on held-apart cases 100-139: locality at the unedited model's ({STEERING})")
+    metric: str = setting("cosine", "the router's distance: \"cosine\" or \"euclidean\"", NOT_TUNED)
+    threshold: float | None = setting(2.0, "the scope distance (2.0 is the whole cosine range: the subject gate "
+                                      "alone decides), or None for threshold_margin × the farthest of the edit's "
+                                      "own prompts", f"measured here on held-apart cases 100-139 ({STEERING})")
+    threshold_margin: float = setting(1.1, "with threshold=None, the scope is this times the farthest of the "
+                                      "edit's own prompts", NOT_TUNED)
+    apply: str = setting("first", "when the map acts in generation: \"first\" (the prompt's last token) or "
+                         "\"every\" (every generated token too)", f"measured here: \"every\" costs fluency "
+                         f"({STEERING})")
+    batch_size: int = setting(16, "prompts per forward pass while fitting", "chosen here: speed only")
 
     def __post_init__(self):
         """`EditRequestError` for settings no steering method can use (checks that need no model)."""

@@ -1,0 +1,29 @@
+"""Every method setting documents itself (what it does, where its default comes
+from), and docs/settings.md is written from those fields."""
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from hf_kedit.methods import METHODS
+from hf_kedit.methods.setting import REGENERATE, settings_page
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_setting_says_what_it_does_and_where_its_default_comes_from(method):
+    undocumented = [f.name for f in fields(METHODS[method][1])
+                    if not (f.metadata.get("help", "").strip() and f.metadata.get("source", "").strip())]
+    assert undocumented == []
+
+
+def test_the_pages_a_source_cites_exist():
+    cited = {m for _, config in METHODS.values() for f in fields(config)
+             for m in re.findall(r"docs/[\w-]+\.md", f.metadata.get("source", ""))}
+    assert cited and [page for page in sorted(cited) if not (ROOT / page).is_file()] == []
+
+
+def test_the_settings_page_is_written_from_the_configs():
+    assert (ROOT / "docs" / "settings.md").read_text() == settings_page(METHODS), f"regenerate: {REGENERATE}"
