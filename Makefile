@@ -2,12 +2,21 @@
 # (a virtual environment in .venv with the newest releases pyproject allows,
 # torch pinned to the CPU wheel) and skip it when it is done already.
 # `make test-oldest` runs the tests on the oldest releases pyproject allows
-# (.ci/oldest.txt), in .venv-oldest.
+# (.ci/oldest.txt), in .venv-oldest. `make test-llama-cpp` adds llama-cpp-python
+# to .venv (it compiles llama.cpp: many minutes the first time) and runs the checks
+# of packs served by llama.cpp; where it cannot be built they are skipped, with the reason.
 VENV ?= .venv
 OLDEST := .venv-oldest
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test test-oldest bench
+LLAMA_CPP := llama-cpp-python==0.3.36
+# Built for AVX2 and without AMX: with -march=native on this project's machines llama.cpp's
+# AMX matrix products crash (segfault in ggml_backend_amx_mul_mat). Tests, tools and the
+# server are not needed. --no-cache-dir: a wheel cached from another build is not reused.
+LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
+.PHONY: venv demo test test-oldest test-llama-cpp bench
 venv: $(VENV)/.installed
 
 # $(1): the environment's folder; $(2): pip's extra arguments (constraints)
@@ -37,6 +46,11 @@ test: venv
 
 test-oldest: $(OLDEST)/.installed
 	$(OLDEST)/bin/python -m pytest -q
+
+test-llama-cpp: venv
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q --no-cache-dir '$(LLAMA_CPP)' \
+		|| echo "llama-cpp-python could not be built here: its checks are skipped"
+	$(PY) -m pytest -q -rs -m llama_cpp
 
 bench: venv
 	$(PY) benchmarks/attach_overhead.py --out docs/benchmarks

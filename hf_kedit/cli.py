@@ -45,6 +45,11 @@ def main(argv=None) -> int:
     p.add_argument("dir")
     p.add_argument("--overwrite", action="store_true", help="replace an adapter already in dir")
 
+    p = sub.add_parser("export-gguf", help="write a weight_delta pack as a llama.cpp GGUF LoRA adapter")
+    p.add_argument("pack")
+    p.add_argument("out", help="the adapter file to write, e.g. edits.gguf")
+    p.add_argument("--overwrite", action="store_true", help="replace the file if it exists")
+
     p = sub.add_parser("edit", help="make one pack for the cases of a data file")
     p.add_argument("--method", required=True)
     _model_and_data(p)
@@ -147,6 +152,14 @@ def _pull(args) -> int:
     folder = pull_folder(args.repo_id, args.dir, revision=args.revision, allow_patterns=list(PACK_FILES))
     read_pack(folder)  # the files arrived whole and valid
     print(f"pulled {args.repo_id} into {folder}")
+    return 0
+
+
+def _export_gguf(args) -> int:
+    from .pack import EditPack
+
+    out = EditPack.from_pretrained(args.pack).export_gguf(args.out, overwrite=args.overwrite)
+    print(f"wrote a llama.cpp LoRA adapter to {out} (llama-cli -m BASE.gguf --lora {out})")
     return 0
 
 
@@ -265,7 +278,7 @@ def _trace(args) -> int:
 
 
 COMMANDS = {"demo": _demo, "trace": _trace, "info": _info, "push": _push, "push-stats": _push_stats, "pull": _pull,
-            "export-peft": _export_peft, "edit": _edit, "eval": _eval, "bench": _bench}
+            "export-peft": _export_peft, "export-gguf": _export_gguf, "edit": _edit, "eval": _eval, "bench": _bench}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -87,7 +87,7 @@ class WeightDelta:
                 raise IncompatiblePackError(
                     f"{module} is {weight_layout(m)} with (out, in) = {list(linear_shape(m))} here; the pack "
                     f"expects {entry['layout']} with {entry['shape']}")
-        for module, (A, B) in _factors_by_module(pack).items():
+        for module, (A, B) in factors_by_module(pack).items():
             m = model.get_submodule(module)
             size = _delta(m, A, B, torch.device("cpu")).abs().max().item()
             with weight_present(m) as w:
@@ -99,7 +99,7 @@ class WeightDelta:
     @staticmethod
     def export_peft(pack, out_dir: str | Path) -> None:
         """Write `pack` as a PEFT LoRA adapter folder (r = rank, alpha = r: scaling 1)."""
-        factors = _factors_by_module(pack)
+        factors = factors_by_module(pack)
         layouts = {pack.kind_config["modules"][m]["layout"] for m in factors}
         if len(layouts) > 1:
             raise KeditError("PEFT needs one fan_in_fan_out setting: this pack mixes Conv1D and Linear targets")
@@ -139,7 +139,7 @@ class WeightDelta:
 
         def put(self, name: str, pack) -> None:
             """Attach `pack` as `name`, or replace the pack of that name in place."""
-            factors = _factors_by_module(pack)
+            factors = factors_by_module(pack)
             old = self.packs.get(name)
             self.packs[name] = factors
             try:
@@ -253,8 +253,9 @@ class FusedDelta:
         return output + low_rank_delta(args[0].to(*key), A, B)
 
 
-def _factors_by_module(pack) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per module, the pack's factors of all edits concatenated along the rank."""
+def factors_by_module(pack) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module, the pack's factors of all edits concatenated along the rank:
+    (A [r, in], B [out, r]), ΔW = B A as a map from inputs to outputs."""
     factors = {}
     for module in pack.kind_config["modules"]:
         pairs = [(pack.tensors[a], pack.tensors[b]) for a, b in

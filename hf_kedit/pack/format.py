@@ -24,6 +24,7 @@ from ..kinds import kind_named
 from ..version import __version__
 from .card import model_card
 from .fingerprint import check_record
+from .gguf import write_lora_adapter
 from .hub import file_sha256, push_pack, resolve_source
 
 FORMAT_VERSION = 1
@@ -232,6 +233,19 @@ class EditPack:
         refuse_overwrite(Path(save_directory), kind.PEFT_FILES, overwrite)
         kind.export_peft(self, save_directory)
         return Path(save_directory)
+
+    def export_gguf(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write a llama.cpp LoRA adapter equivalent to this pack (weight_delta packs),
+        for `llama-cli -m base.gguf --lora path` or llama-cpp-python's `lora_path`.
+        An existing file is refused (`FileExistsError`) unless `overwrite`.
+
+        Example:
+            >>> pack.export_gguf("edits.gguf")
+        """
+        path = Path(path)
+        if path.exists() and not (overwrite and path.is_file()):
+            raise FileExistsError(f"{path} exists already; pass overwrite=True to replace it, or give another path")
+        return write_lora_adapter(self, path)
 
 
 def _settings_list(hyperparameters: dict) -> list[dict]:
