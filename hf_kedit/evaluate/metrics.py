@@ -86,12 +86,12 @@ def reference_answers(scorer: Scorer, cases: list[Case], progress: bool = False)
             if not is_locality(metric):
                 continue
             prompts = [p.prompt for p in probes]
-            along_ref = continuations.get((case.id, metric), [])
-            answers = [p.answers[0] if p.answers else c for p, c in zip(probes, along_ref)]
-            on_answers, along = _read_locality(scorer, prompts, answers, along_ref)
+            continuation = continuations.get((case.id, metric), [])
+            answers = [p.answers[0] if p.answers else c for p, c in zip(probes, continuation)]
+            on_answers, along = _read_locality(scorer, prompts, answers, continuation)
             references[case.id][metric] = {
                 "answers": answers, "answer_argmax": [f.predicted for f in on_answers],
-                "continuation": along_ref, "continuation_argmax": [f.predicted for f in along],
+                "continuation": continuation, "continuation_argmax": [f.predicted for f in along],
             }
     return references
 
@@ -103,6 +103,8 @@ def score_cases(scorer: Scorer, cases: list[Case], references: dict, desc: str |
     undecided generations in one more; each case's locality answers and
     continuations are read alone, in the batches its reference was read in, so
     an edit that changes nothing there scores exactly 1."""
+    # plans: (case, metric, probes, the indices of their contrasts' readings in `pairs`, and for
+    # locality the case's own readings, else the indices of the answers' readings)
     pairs, plans = [], []
 
     def ask(prompt, answer) -> int:
@@ -127,12 +129,12 @@ def score_cases(scorer: Scorer, cases: list[Case], references: dict, desc: str |
     success = iter(_generation_success(scorer, [p for p, _ in answered], [f for _, f in answered],
                                        desc and f"{desc} (generations)"))
     scores = {case.id: {} for case in cases}
-    for case, metric, group, rivals, read in plans:
+    for case, metric, group, rivals, own in plans:
         rival = [readings[i] if i is not None else None for i in rivals]
         if is_locality(metric):
-            scores[case.id][metric] = _locality(read, rival, references[case.id][metric])
+            scores[case.id][metric] = _locality(own, rival, references[case.id][metric])
         else:
-            main = [readings[i] for i in read]
+            main = [readings[i] for i in own]
             contrasted = [i for i, r in enumerate(rival) if r is not None]
             scores[case.id][metric] = {
                 "cmp": mean(main[i].nll < rival[i].nll for i in contrasted) if contrasted else None,
