@@ -9,6 +9,7 @@ saved original matrix, never a subtraction, so it is bit-exact.
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -98,20 +99,21 @@ class WeightDelta:
 
     @staticmethod
     def export_peft(pack, out_dir: str | Path) -> None:
-        """Write `pack` as a PEFT LoRA adapter folder (r = rank, alpha = r: scaling 1)."""
-        factors = factors_by_module(pack)
-        layouts = {pack.kind_config["modules"][m]["layout"] for m in factors}
+        """Write `pack` as a PEFT LoRA adapter folder that the engines serving PEFT
+        adapters read as PEFT does: one rank r for every module with lora_alpha = r
+        (scaling 1; vLLM and TGI read no rank_pattern), and factors for every layer
+        of each edited module type (TGI drops a type that some layer lacks), zero
+        where the pack does not edit that layer (docs/serving.md)."""
+        factors = served_factors(pack)
+        layouts = {pack.kind_config["modules"][m]["layout"] for m in factors_by_module(pack)}
         if len(layouts) > 1:
             raise KeditError("PEFT needs one fan_in_fan_out setting: this pack mixes Conv1D and Linear targets")
-        ranks = {m: A.shape[0] for m, (A, _) in factors.items()}
-        r = max(ranks.values())
+        r = next(iter(factors.values()))[0].shape[0]
         config = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM",
             "base_model_name_or_path": pack.base_model.get("name_or_path") or None,
             "revision": pack.base_model.get("revision"),
-            "r": r, "lora_alpha": r,
-            "rank_pattern": {m: k for m, k in ranks.items() if k != r},
-            "alpha_pattern": {m: k for m, k in ranks.items() if k != r},
+            "r": r, "lora_alpha": r, "rank_pattern": {}, "alpha_pattern": {},
             "target_modules": sorted(factors), "lora_dropout": 0.0, "bias": "none",
             "fan_in_fan_out": layouts == {"in_out"}, "inference_mode": True,
             "init_lora_weights": True, "use_rslora": False, "use_dora": False,
@@ -263,6 +265,30 @@ def factors_by_module(pack) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         if pairs:
             factors[module] = (torch.cat([a for a, _ in pairs], 0), torch.cat([b for _, b in pairs], 1))
     return factors
+
+
+LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def served_factors(pack) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`factors_by_module` as serving engines take them: every module at the largest
+    rank (zero rows of A, zero columns of B: ΔW unchanged), and every layer of each
+    edited module type (`model.layers.{i}.mlp.down_proj` for every i < the model's
+    layer count), with zero factors where the pack does not edit that layer."""
+    factors = factors_by_module(pack)
+    r = max(A.shape[0] for A, _ in factors.values())
+    layers = pack.base_model.get("num_hidden_layers")
+    served = {}
+    for module, (A, B) in factors.items():
+        found = LAYER_INDEX.search(module)
+        names = ([module[:found.start(1)] + str(i) + module[found.end(1):] for i in range(layers)]
+                 if found and type(layers) is int and int(found.group(1)) < layers else [module])
+        out_f, in_f = pack.kind_config["modules"][module]["shape"]
+        for name in names:
+            served.setdefault(name, (A.new_zeros(r, in_f), B.new_zeros(out_f, r)))
+        served[module] = (torch.cat([A, A.new_zeros(r - A.shape[0], in_f)]),
+                          torch.cat([B, B.new_zeros(out_f, r - B.shape[1])], 1))
+    return dict(sorted(served.items()))
 
 
 def _delta(module: nn.Module, A: torch.Tensor, B: torch.Tensor, device) -> torch.Tensor:
