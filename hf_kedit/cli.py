@@ -44,11 +44,13 @@ def main(argv=None) -> int:
     p.add_argument("pack")
     p.add_argument("dir")
     p.add_argument("--overwrite", action="store_true", help="replace an adapter already in dir")
+    _compaction(p)
 
     p = sub.add_parser("export-gguf", help="write a weight_delta pack as a llama.cpp GGUF LoRA adapter")
     p.add_argument("pack")
     p.add_argument("out", help="the adapter file to write, e.g. edits.gguf")
     p.add_argument("--overwrite", action="store_true", help="replace the file if it exists")
+    _compaction(p)
 
     p = sub.add_parser("edit", help="make one pack for the cases of a data file")
     p.add_argument("--method", required=True)
@@ -155,10 +157,18 @@ def _pull(args) -> int:
     return 0
 
 
+def _compaction(p) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--rank", type=int, help="compact each weight's change to this rank (truncated SVD)")
+    group.add_argument("--share", type=float, help="compact each weight's change to the rank that keeps this "
+                       "share of its squared norm, e.g. 0.99")
+
+
 def _export_gguf(args) -> int:
     from .pack import EditPack
 
-    out = EditPack.from_pretrained(args.pack).export_gguf(args.out, overwrite=args.overwrite)
+    out = EditPack.from_pretrained(args.pack).export_gguf(args.out, overwrite=args.overwrite, rank=args.rank,
+                                                          share=args.share)
     print(f"wrote a llama.cpp LoRA adapter to {out} (llama-cli -m BASE.gguf --lora {out})")
     return 0
 
@@ -166,7 +176,8 @@ def _export_gguf(args) -> int:
 def _export_peft(args) -> int:
     from .pack import EditPack
 
-    out = EditPack.from_pretrained(args.pack).export_peft(args.dir, overwrite=args.overwrite)
+    out = EditPack.from_pretrained(args.pack).export_peft(args.dir, overwrite=args.overwrite, rank=args.rank,
+                                                          share=args.share)
     print(f"wrote a PEFT LoRA adapter to {out}")
     return 0
 

@@ -98,13 +98,14 @@ class WeightDelta:
                                             f"{w.dtype} weights it would not stay finite (room: {room:.3g})")
 
     @staticmethod
-    def export_peft(pack, out_dir: str | Path) -> None:
+    def export_peft(pack, out_dir: str | Path, rank: int | None = None, share: float | None = None) -> None:
         """Write `pack` as a PEFT LoRA adapter folder that the engines serving PEFT
         adapters read as PEFT does: one rank r for every module with lora_alpha = r
         (scaling 1; vLLM and TGI read no rank_pattern), and factors for every layer
         of each edited module type (TGI drops a type that some layer lacks), zero
-        where the pack does not edit that layer (docs/serving.md)."""
-        factors = served_factors(pack)
+        where the pack does not edit that layer (docs/serving.md). `rank`/`share`:
+        `compacted` factors."""
+        factors = served_factors(pack, export_factors(pack, rank, share))
         layouts = {pack.kind_config["modules"][m]["layout"] for m in factors_by_module(pack)}
         if len(layouts) > 1:
             raise KeditError("PEFT needs one fan_in_fan_out setting: this pack mixes Conv1D and Linear targets")
@@ -270,12 +271,45 @@ def factors_by_module(pack) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
-def served_factors(pack) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """`factors_by_module` as serving engines take them: every module at the largest
-    rank (zero rows of A, zero columns of B: ΔW unchanged), and every layer of each
-    edited module type (`model.layers.{i}.mlp.down_proj` for every i < the model's
-    layer count), with zero factors where the pack does not edit that layer."""
+def export_factors(pack, rank: int | None = None, share: float | None = None) -> dict:
+    """The pack's factors per module for an export: as they are, or `compacted`."""
     factors = factors_by_module(pack)
+    return factors if rank is None and share is None else compacted(factors, rank, share)
+
+
+def compacted(factors: dict, rank: int | None = None, share: float | None = None) -> dict:
+    """Each module's ΔW = B A as its best approximation of rank k (truncated SVD,
+    B = U_k S_k, A = V_kᵀ): k = `rank`, or the fewest singular values that keep
+    `share` of ΔW's squared Frobenius norm; never more than ΔW's own rank. Many
+    rank-one edits of one weight become one adapter of a rank an engine serves well.
+
+    Example:
+        >>> compacted(factors_by_module(pack), share=0.99)
+    """
+    if (rank is None) == (share is None):
+        raise KeditError(f"rank={rank!r}, share={share!r}: give one of them, a rank k or the share of each change "
+                         "to keep")
+    if rank is not None and not (type(rank) is int and rank >= 1):
+        raise KeditError(f"rank={rank!r}: give a positive integer")
+    if share is not None and not (isinstance(share, (int, float)) and 0 < share <= 1):
+        raise KeditError(f"share={share!r}: give a number in (0, 1], the share of each change's squared norm to keep")
+    out = {}
+    for module, (A, B) in factors.items():
+        U, S, Vh = torch.linalg.svd(B.double() @ A.double(), full_matrices=False)
+        kept = int((S > S[0] * 1e-12).sum()) if len(S) and S[0] > 0 else 1  # ΔW's own rank
+        if share is not None:
+            cumulative = (S ** 2).cumsum(0) / (S ** 2).sum().clamp_min(1e-300)
+            kept = min(kept, int((cumulative < share - 1e-12).sum()) + 1)
+        k = max(1, min(kept, rank if rank is not None else kept))
+        out[module] = (Vh[:k].to(A.dtype).contiguous(), (U[:, :k] * S[:k]).to(B.dtype).contiguous())
+    return out
+
+
+def served_factors(pack, factors: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`factors` (per module of `pack`) as serving engines take them: every module at
+    the largest rank (zero rows of A, zero columns of B: ΔW unchanged), and every
+    layer of each edited module type (`model.layers.{i}.mlp.down_proj` for every
+    i < the model's layer count), with zero factors where the pack does not edit it."""
     r = max(A.shape[0] for A, _ in factors.values())
     layers = pack.base_model.get("num_hidden_layers")
     served = {}

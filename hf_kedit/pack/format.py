@@ -223,21 +223,27 @@ class EditPack:
         returns the commit sha."""
         return push_pack(self, repo_id, branch=branch, private=private, commit_message=commit_message, token=token)
 
-    def export_peft(self, save_directory: str | Path, overwrite: bool = False) -> Path:
+    def export_peft(self, save_directory: str | Path, overwrite: bool = False, rank: int | None = None,
+                    share: float | None = None) -> Path:
         """Write a PEFT adapter folder equivalent to this pack (weight_delta packs),
-        loadable by `peft.PeftModel.from_pretrained(base, save_directory)`. A folder
-        that holds an adapter already is refused (`FileExistsError`) unless `overwrite`."""
+        loadable by `peft.PeftModel.from_pretrained(base, save_directory)` and by
+        vLLM and TGI. A folder that holds an adapter already is refused
+        (`FileExistsError`) unless `overwrite`. With `rank` or `share`, each
+        weight's change is compacted to that rank, or to the rank that keeps that
+        share of it (truncated SVD): many edits, one adapter of a servable rank."""
         kind = kind_named(self.kind)
         if not hasattr(kind, "export_peft"):
             raise PackFormatError(f"{self.kind} packs have no PEFT equivalent; only weight_delta packs export")
         refuse_overwrite(Path(save_directory), kind.PEFT_FILES, overwrite)
-        kind.export_peft(self, save_directory)
+        kind.export_peft(self, save_directory, rank, share)
         return Path(save_directory)
 
-    def export_gguf(self, path: str | Path, overwrite: bool = False) -> Path:
+    def export_gguf(self, path: str | Path, overwrite: bool = False, rank: int | None = None,
+                    share: float | None = None) -> Path:
         """Write a llama.cpp LoRA adapter equivalent to this pack (weight_delta packs),
         for `llama-cli -m base.gguf --lora path` or llama-cpp-python's `lora_path`.
-        An existing file is refused (`FileExistsError`) unless `overwrite`.
+        An existing file is refused (`FileExistsError`) unless `overwrite`;
+        `rank`/`share` compact the changes as in `export_peft`.
 
         Example:
             >>> pack.export_gguf("edits.gguf")
@@ -245,7 +251,7 @@ class EditPack:
         path = Path(path)
         if path.exists() and not (overwrite and path.is_file()):
             raise FileExistsError(f"{path} exists already; pass overwrite=True to replace it, or give another path")
-        return write_lora_adapter(self, path)
+        return write_lora_adapter(self, path, rank, share)
 
 
 def _settings_list(hyperparameters: dict) -> list[dict]:

@@ -17,7 +17,7 @@ import gguf
 import torch
 
 from ..errors import IncompatiblePackError, PackFormatError
-from ..kinds.weight_delta import factors_by_module
+from ..kinds.weight_delta import export_factors
 
 # Hugging Face model types whose llama.cpp architecture has another name (llama.cpp's
 # converter maps MistralForCausalLM to llama, GPTNeoXForCausalLM to gptneox, PhiForCausalLM to phi2).
@@ -45,8 +45,9 @@ def gguf_tensor_name(name_map: gguf.TensorNameMap, module: str) -> str:
     return f"{name}.weight"
 
 
-def write_lora_adapter(pack, path: str | Path) -> Path:
-    """Write the weight_delta `pack` as a llama.cpp GGUF LoRA adapter at `path`."""
+def write_lora_adapter(pack, path: str | Path, rank: int | None = None, share: float | None = None) -> Path:
+    """Write the weight_delta `pack` as a llama.cpp GGUF LoRA adapter at `path`
+    (`rank`/`share`: its factors `compacted`, weight_delta.compacted)."""
     if pack.kind != "weight_delta":
         raise PackFormatError(f"{pack.kind} packs have no llama.cpp LoRA equivalent: only weight_delta packs "
                               "(rome, memit, steam, lora) export to GGUF. Routed steering maps and gated basis "
@@ -58,7 +59,7 @@ def write_lora_adapter(pack, path: str | Path) -> Path:
         raise PackFormatError("the pack's base_model records no num_hidden_layers: llama.cpp's tensor names "
                               "cannot be derived")
     name_map = gguf.get_tensor_name_map(arch, layers)
-    factors = factors_by_module(pack)
+    factors = export_factors(pack, rank, share)
     names = {module: gguf_tensor_name(name_map, module) for module in factors}  # all checked before writing
     alpha = max(A.shape[0] for A, _ in factors.values())
     path = Path(path)

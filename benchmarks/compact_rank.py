@@ -1,0 +1,92 @@
+"""Edit quality against the rank a pack is compacted to for serving: ROME edits
+of the first N CounterFact cases as one pack, attached together, scored as
+they are and with each weight's change compacted (truncated SVD,
+`weight_delta.compacted`) to each rank of --ranks; the unedited model beside.
+Prints a Markdown table; writes results.json, results.md and compact_rank.png
+into --out.
+
+    python benchmarks/compact_rank.py --cases 100 --ranks 64,32,16,8,4,1 --out docs/bench/compact-rank-100
+"""
+from __future__ import annotations
+
+import matplotlib
+import torch
+
+from hf_kedit import load_edits, remove_edits
+from hf_kedit.evaluate.datasets import read_cases
+from hf_kedit.evaluate.harness import EvalConfig, aggregate, locality_references
+from hf_kedit.evaluate.metrics import score_cases
+from hf_kedit.evaluate.scoring import Scorer
+from hf_kedit.kinds.weight_delta import compacted, deltas_applied, factors_by_module
+from hf_kedit.methods.locate.rome import ROMEConfig, rome_edit
+
+from bench_setup import arguments, prepared, write_results
+
+METRICS = ("efficacy", "locality")
+SCORES = [(m, k) for m in METRICS for k in ("cmp", "tf", "gen")]
+
+
+def main() -> None:
+    p = arguments(__doc__, out=None)
+    p.add_argument("--data", default="../shared/data/counterfact.json")
+    p.add_argument("--cases", type=int, default=100)
+    p.add_argument("--ranks", default="64,32,16,8,4,1")
+    p.add_argument("--solve-at", default="templates", help="ROME's solve_at: many edits attached together "
+                   "hold better with 'templates' (docs/locate-and-edit.md)")
+    args = p.parse_args()
+    model, tokenizer, out = prepared(args)
+    config = EvalConfig(metrics=METRICS)
+    cases = read_cases("counterfact", args.data, limit=args.cases)
+    references = locality_references(model, tokenizer, cases, config)
+    scorer = Scorer(model, tokenizer, batch_size=config.batch_size)
+    selected = [config.select(c) for c in cases]
+
+    def scores(desc):
+        return aggregate(score_cases(scorer, selected, references, desc))
+
+    pack = rome_edit(model, tokenizer, [e for c in cases for e in c.edits], ROMEConfig(solve_at=args.solve_at))
+    factors = factors_by_module(pack)
+    full = max(A.shape[0] for A, _ in factors.values())
+    rows = {"unedited": scores("unedited")}
+    load_edits(model, pack, name="rome")
+    rows[f"pack (rank {full})"] = scores("pack")
+    remove_edits(model, "rome")
+    ranks = [r for r in map(int, args.ranks.split(",")) if r < full]
+    kept = {}
+    for rank in ranks:
+        small = compacted(factors, rank=rank)
+        kept[rank] = {m: float(torch.linalg.matrix_norm((B @ A).double()) ** 2
+                               / torch.linalg.matrix_norm((factors[m][1] @ factors[m][0]).double()) ** 2)
+                      for m, (A, B) in small.items()}
+        with deltas_applied(model, small):
+            rows[f"compacted to rank {rank}"] = scores(f"rank {rank}")
+    lines = ["| run | share of ΔW kept | " + " | ".join(f"{m} {k}" for m, k in SCORES) + " |",
+             "|---" * (len(SCORES) + 2) + "|"]
+    for name, row in rows.items():
+        rank = int(name.rsplit(" ", 1)[1]) if name.startswith("compacted") else None
+        share = f"{min(kept[rank].values()):.3f}" if rank else ("1" if name.startswith("pack") else "–")
+        lines.append(f"| {name} | {share} | " + " | ".join(f"{row[m][k]:.2f}" for m, k in SCORES) + " |")
+    table = "\n".join(lines) + (f"\n\n{len(cases)} ROME edits (solve_at={args.solve_at!r}) of the first "
+                                f"{len(cases)} CounterFact cases, one pack, all attached; share: the smallest over "
+                                "the edited weights of ‖ΔW_k‖² / ‖ΔW‖².\n")
+    write_results(out, table, {"cases": len(cases), "full_rank": full, "rows": rows,
+                               "share_kept": {str(r): v for r, v in kept.items()}})
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    xs = ranks + [full]
+    for m, k in SCORES:
+        ys = [rows[f"compacted to rank {r}"][m][k] for r in ranks] + [rows[f"pack (rank {full})"][m][k]]
+        line = ax.plot(xs, ys, marker="o", label=f"{m} {k}")[0]
+        ax.axhline(rows["unedited"][m][k], color=line.get_color(), linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("rank of each weight's change (dotted: unedited)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "compact_rank.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
