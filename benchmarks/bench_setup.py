@@ -27,6 +27,28 @@ def prepared(args) -> tuple:
     return model, tokenizer, out
 
 
+def plot_against(path: Path, xs: list, series: dict[str, list[float]], baselines: dict[str, float],
+                 xlabel: str) -> None:
+    """A PNG of each score in `series` against `xs` (log scale), with its entry of
+    `baselines` as a dotted line of the same colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, ys in series.items():
+        line = ax.plot(xs, ys, marker="o", label=label)[0]
+        ax.axhline(baselines[label], color=line.get_color(), linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_results(out: Path, table: str, results: dict) -> None:
     """Print the Markdown `table` and write it to results.md, and `results` to results.json."""
     table = table.rstrip("\n") + "\n"

@@ -9,7 +9,6 @@ into --out.
 """
 from __future__ import annotations
 
-import matplotlib
 import torch
 
 from hf_kedit import load_edits, remove_edits
@@ -20,7 +19,7 @@ from hf_kedit.evaluate.scoring import Scorer
 from hf_kedit.kinds.weight_delta import compacted, deltas_applied, factors_by_module
 from hf_kedit.methods.locate.rome import ROMEConfig, rome_edit
 
-from bench_setup import arguments, prepared, write_results
+from bench_setup import arguments, plot_against, prepared, write_results
 
 METRICS = ("efficacy", "locality")
 SCORES = [(m, k) for m in METRICS for k in ("cmp", "tf", "gen")]
@@ -71,21 +70,11 @@ def main() -> None:
                                 "the edited weights of ‖ΔW_k‖² / ‖ΔW‖².\n")
     write_results(out, table, {"cases": len(cases), "full_rank": full, "rows": rows,
                                "share_kept": {str(r): v for r, v in kept.items()}})
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    xs = ranks + [full]
-    for m, k in SCORES:
-        ys = [rows[f"compacted to rank {r}"][m][k] for r in ranks] + [rows[f"pack (rank {full})"][m][k]]
-        line = ax.plot(xs, ys, marker="o", label=f"{m} {k}")[0]
-        ax.axhline(rows["unedited"][m][k], color=line.get_color(), linestyle=":", linewidth=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("rank of each weight's change (dotted: unedited)")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "compact_rank.png", dpi=120)
+    runs = [f"compacted to rank {r}" for r in ranks] + [f"pack (rank {full})"]
+    plot_against(out / "compact_rank.png", ranks + [full],
+                 {f"{m} {k}": [rows[run][m][k] for run in runs] for m, k in SCORES},
+                 {f"{m} {k}": rows["unedited"][m][k] for m, k in SCORES},
+                 "rank of each weight's change (dotted: unedited)")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ import os
 import tempfile
 import time
 
-import matplotlib
-
 from hf_kedit.anatomy import anatomy_of
 from hf_kedit.evaluate.bench import run_bench
 from hf_kedit.evaluate.datasets import read_cases
@@ -24,7 +22,7 @@ from hf_kedit.methods.locate.rome import ROMEConfig
 from hf_kedit.methods.requests import resolve_layer
 from hf_kedit.methods.locate.stats import key_second_moments
 
-from bench_setup import arguments, prepared, write_results
+from bench_setup import arguments, plot_against, prepared, write_results
 
 METRICS = ("efficacy", "generality", "locality")
 SCORES = [(m, k) for m in METRICS for k in ("cmp", "tf")]
@@ -63,19 +61,9 @@ def main() -> None:
     table = "\n".join(lines) + f"\n\nROME at layer {layer}, {len(cases)} CounterFact cases from record {args.skip}.\n"
     write_results(out, table, {"layer": layer, "skip": args.skip, "n": len(cases), "statistics_seconds": seconds,
                                "scores": rows})
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for m, k in SCORES:
-        line = ax.plot(sizes, [rows[str(n)][m][k] for n in sizes], marker="o", label=f"{m} {k}")[0]
-        ax.axhline(rows["none"][m][k], color=line.get_color(), linestyle=":", linewidth=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("statistics tokens (dotted: no C)")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "stats_tokens.png", dpi=120)
+    plot_against(out / "stats_tokens.png", sizes,
+                 {f"{m} {k}": [rows[str(n)][m][k] for n in sizes] for m, k in SCORES},
+                 {f"{m} {k}": rows["none"][m][k] for m, k in SCORES}, "statistics tokens (dotted: no C)")
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ class WeightDelta:
         where the pack does not edit that layer (docs/serving.md). `rank`/`share`:
         `compacted` factors."""
         factors = served_factors(pack, export_factors(pack, rank, share))
-        layouts = {pack.kind_config["modules"][m]["layout"] for m in factors_by_module(pack)}
+        layouts = {entry["layout"] for entry in pack.kind_config["modules"].values()}
         if len(layouts) > 1:
             raise KeditError("PEFT needs one fan_in_fan_out setting: this pack mixes Conv1D and Linear targets")
         r = next(iter(factors.values()))[0].shape[0]
