@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="single", help="single, batch or sequential")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method setting")
     p.add_argument("--metrics", default=None, help="comma-separated subset of the metrics")
+    _sequence(p)
     p.add_argument("--out", required=True, help="the JSON file to write")
 
     p = sub.add_parser("bench", help="several methods side by side on the same cases")
@@ -76,6 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="single", help="comma-separated modes for methods that make packs")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE", help="a method setting")
     p.add_argument("--metrics", default=None, help="comma-separated subset of the metrics")
+    _sequence(p)
     p.add_argument("--out", required=True, help="the folder to write results.json, results.md and plots into")
 
     p = sub.add_parser("trace", help="causal tracing of a fact: where the model reads it (heatmap PNG)")
@@ -185,9 +187,17 @@ def _export_peft(args) -> int:
 def _model_and_data(p) -> None:
     p.add_argument("--model", default="default", help='"default", a local folder or a Hub id')
     p.add_argument("--data", required=True, metavar="FORMAT:PATH",
-                   help="counterfact, zsre, ripple, mquake or knowedit, and a file")
+                   help="counterfact, zsre, ripple, mquake, knowedit or easyedit, and a file")
     p.add_argument("--limit", type=int, default=None, help="the first N records (after --skip)")
     p.add_argument("--skip", type=int, default=0, help="leave out the first N records (e.g. held apart for tuning)")
+
+
+def _sequence(p) -> None:
+    p.add_argument("--batch-size", type=int, default=1, help="sequential mode: cases per pack")
+    p.add_argument("--checkpoints", default="", help="sequential mode: comma-separated numbers of edits at which "
+                   "to score, besides the end (e.g. 100,1000)")
+    p.add_argument("--sample", type=int, default=None, help="sequential mode: score at most this many of the cases "
+                   "edited so far at each checkpoint (a fixed random sample)")
 
 
 def _cases(args):
@@ -216,7 +226,9 @@ def parse_settings(pairs: list[str]) -> dict:
 def _config(args):
     from .evaluate.harness import METRICS, EvalConfig
 
-    return EvalConfig(metrics=tuple(args.metrics.split(",")) if args.metrics else METRICS)
+    return EvalConfig(metrics=tuple(args.metrics.split(",")) if args.metrics else METRICS,
+                      pack_cases=args.batch_size, checkpoints=tuple(int(c) for c in args.checkpoints.split(",") if c),
+                      checkpoint_sample=args.sample)
 
 
 def _edit(args) -> int:

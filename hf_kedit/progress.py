@@ -25,10 +25,17 @@ class StepBar:
         self._left = 0
 
     def __iter__(self) -> Iterator:
+        for batch in self.batches(1):
+            yield batch[0]
+
+    def batches(self, size: int) -> Iterator[list]:
+        """The items in lists of up to `size`, worked on together: `step()` once per
+        item and step."""
         try:
-            for item in self.items:
-                self._left = self.steps
-                yield item
+            for start in range(0, len(self.items), size):
+                batch = self.items[start:start + size]
+                self._left = self.steps * len(batch)
+                yield batch
                 self.bar.update(self._left)
         finally:
             self.bar.close()

@@ -11,7 +11,8 @@ from hf_kedit.cli import main as kedit
 from hf_kedit.errors import EditRequestError
 from hf_kedit.methods import ActAddConfig, BaFTConfig, MEMITConfig, SAKEConfig, make_pack
 from hf_kedit.methods.finetune import lora
-from hf_kedit.methods.locate import memit, rome
+from hf_kedit.methods.lifelong import ultraedit
+from hf_kedit.methods.locate import alphaedit, memit, rome
 from test_bad_input import raises_exactly, untouched
 from test_datasets import COUNTERFACT_RECORD
 from test_rome import tiny
@@ -39,8 +40,10 @@ def nothing_expensive(monkeypatch):
     """Statistics, context templates, value optimisation and LoRA's training fail the test if they start."""
     def started(*args, **kwargs):
         raise AssertionError("expensive work started before the request was checked")
-    for module, names in ((rome, ("key_second_moments", "context_templates", "optimise_value")),
-                          (memit, ("key_second_moments", "context_templates", "optimise_value")),
+    for module, names in ((rome, ("key_second_moments", "context_templates", "optimise_values")),
+                          (memit, ("key_second_moments", "context_templates", "optimise_values")),
+                          (alphaedit, ("key_second_moments", "context_templates", "spread_update")),
+                          (ultraedit, ("_read",)),
                           (lora, ("teacher_forced",))):
         for name in names:
             monkeypatch.setattr(module, name, started)
@@ -91,6 +94,25 @@ CASES = [  # (id, method, requests, settings, error type, regex the message must
      r"update_weight=0: give a positive number \(λ\), or None"),
     ("memit-update-weight-text", "memit", [GOOD], {"update_weight": "15000"}, EditRequestError,
      r"update_weight='15000': give a positive number"),
+    ("alphaedit-share-1", "alphaedit", [GOOD], {"nullspace_share": 1}, EditRequestError,
+     r"nullspace_share=1: give a number between 0 and 1"),
+    ("alphaedit-ridge-text", "alphaedit", [GOOD], {"ridge": "10"}, EditRequestError, r"ridge='10': give a positive"),
+    ("alphaedit-no-covariance", "alphaedit", [GOOD], {"covariance": False}, EditRequestError,
+     r"covariance=False: AlphaEdit's null space comes from the key statistics"),
+    ("alphaedit-layers-0-99", "alphaedit", [GOOD], {"layers": (0, 99)}, EditRequestError,
+     r"layers=\(0, 99\) gives layers \[99\], out of range"),
+    ("ultraedit-lr-0", "ultraedit", [GOOD], {"lr": 0}, EditRequestError, r"lr=0: give a positive number"),
+    ("ultraedit-positions", "ultraedit", [GOOD], {"positions": "mask"}, EditRequestError,
+     r"positions='mask': give one of 'all', 'target'"),
+    ("ultraedit-chunk-0", "ultraedit", [GOOD], {"chunk": 0}, EditRequestError, r"chunk=0: give a positive int"),
+    ("ultraedit-no-projections", "ultraedit", [GOOD], {"projections": ()}, EditRequestError,
+     r"projections=\(\): give module names inside a decoder layer"),
+    ("ultraedit-missing-projection", "ultraedit", [GOOD], {"layers": (1,), "projections": ("mlp.w1",)},
+     EditRequestError, r"LlamaForCausalLM has no model.layers.1.mlp.w1: give projections that every decoder layer"),
+    ("ultraedit-layers-0-99", "ultraedit", [GOOD], {"layers": (0, 99)}, EditRequestError,
+     r"layers=\(0, 99\) gives layers \[99\], out of range"),
+    ("value-batch-size-0", "memit", [GOOD], {"batch_size": 0}, EditRequestError,
+     r"batch_size=0: give a positive int"),
     ("lora-layer-99", "lora", [GOOD], {"layer": 99}, EditRequestError, r"layer=99 gives layers \[99\]"),
     ("steam-no-fact-base", "steam", [GOOD], {}, EditRequestError, r"STEAM needs a fact base"),
     ("steam-missing-file", "steam", [GOOD], {"fact_base": "missing.json"}, FileNotFoundError,

@@ -25,6 +25,9 @@ FILES = {  # file -> (format, records)
     "knowedit_wiki_counterfact.json": ("knowedit", 857),
     "knowedit_wiki_recent.json": ("knowedit", 335),
     "knowedit_zsre.json": ("knowedit", 793),
+    "counterfact_easyedit.json": ("easyedit", 13216),
+    "wikibigedit_3k.json": ("easyedit", 1790),
+    "zsre_3k.json": ("zsre", 1846),
 }
 
 # A small CounterFact record in ROME's schema, for the bad-input tests (no shared data needed).
@@ -166,6 +169,34 @@ def test_knowedit_wiki_recent_has_no_true_target_and_flattens_alias_lists(shared
     assert len(locality) == 5 and set(case.probes) == {"efficacy", "locality/Relation_Specificity"}
     assert locality[2] == Probe("The name of the alma mater of Ingrīda Amantova is",
                                 ["University of Latvia", "Latvijas Universitāte"])
+
+
+def test_counterfact_in_easyedits_format_first_record(shared_cases):
+    case = shared_cases("counterfact_easyedit.json")[0][0]
+    edit = case.edits[0]
+    assert (case.id, edit.subject, edit.prompt, edit.target_new, edit.target_true) == (
+        "easyedit-0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
+    assert case.probes["generality"] == [Probe("Where Danielle Darrieux is from, people speak the language of",
+                                               ["English"], contrast="French")]
+    assert case.probes["locality"] == [Probe("Michel Rocard is a native speaker of", ["French"], contrast="English")]
+
+
+def test_wikibigedit_has_no_old_answer(shared_cases):
+    case = shared_cases("wikibigedit_3k.json")[0][0]
+    edit = case.edits[0]
+    assert (case.id, edit.subject, edit.target_new, edit.target_true) == (
+        "easyedit-0", "Stefan Mair", "head coach", None)
+    assert edit.prompt == "What position does {} hold within the organization?"
+    assert case.probes["efficacy"] == [Probe("What position does Stefan Mair hold within the organization?",
+                                             ["head coach"], contrast=None)]
+    assert case.probes["locality"][0].answers == ["Holocaust victim"]
+
+
+def test_easyedit_record_without_a_target_names_the_field(tmp_path):
+    record = {"prompt": "A is", "subject": "A", "rephrase_prompt": "A was"}
+    with pytest.raises(DatasetError) as error:
+        read_cases("easyedit", write_json(tmp_path, [record]))
+    assert str(error.value).endswith("data.json record 0: missing target_new")
 
 
 def test_knowedit_zsre_first_record(shared_cases):

@@ -199,9 +199,67 @@ def test_cli_bench_writes_json_markdown_and_plots(model, tokenizer, tmp_path, ca
         ("lora", None, {"steps": 2}), ("lora", "short", {"steps": 1})]
     assert all(r["case_ids"] == [str(json.loads(DATA.read_text())[1]["case_id"])] for r in results)
     assert "| lora@short (single) |" in (out / "variants" / "results.md").read_text()
+    # the sequential mode with checkpoints: lifelong.md and lifelong.png beside the rest
+    assert kedit(["bench", "--model", str(tmp_path / "model"), "--methods", "unedited,lora", "--data",
+                  f"counterfact:{DATA}", "--limit", "2", "--set", "lora.steps=1", "--modes", "sequential",
+                  "--batch-size", "1", "--checkpoints", "1", "--metrics", "efficacy", "--out",
+                  str(out / "lifelong")]) == 0
+    rows = [line for line in (out / "lifelong" / "lifelong.md").read_text().splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[:2] for row in rows[1:]] == [["| lora (sequential)", "1"], ["| lora (sequential)", "2"]]
+    assert (out / "lifelong" / "lifelong.png").stat().st_size > 10_000
     assert kedit(["bench", "--model", str(tmp_path / "model"), "--methods", "unedited,rome9", "--data",
                   f"counterfact:{DATA}", "--out", str(out)]) == 2
     assert "unknown method ['rome9']" in capsys.readouterr().err
     assert kedit(["eval", "--model", str(tmp_path / "model"), "--data", f"counterfact:{DATA}", "--limit", "9999",
                   "--out", str(out / "e.json")]) == 2
     assert "9999" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")
+def test_the_sequential_mode_scores_at_each_checkpoint_and_carries_alphaedits_history(model, tokenizer,
+                                                                                      monkeypatch, tmp_path):
+    from hf_kedit.evaluate import harness
+    from hf_kedit.evaluate.datasets import read_cases
+
+    monkeypatch.setenv("HF_KEDIT_CACHE", str(tmp_path))
+    cases = read_cases("counterfact", DATA, limit=4)
+    made = []
+    monkeypatch.setattr(harness, "make_pack", lambda *a, **k: made.append(harness_make_pack(*a, **k)) or made[-1])
+    config = EvalConfig(metrics=("efficacy", "locality"), pack_cases=2, checkpoints=(2,), checkpoint_sample=1)
+    settings = {"layers": (0, 1), "steps": 2, "context_templates": [[1, 2]], "stats_tokens": 64}
+    result = evaluate(model, tokenizer, cases, "alphaedit", "sequential", settings, config, progress=False)
+    assert len(stack_of(model)) == 0
+    assert [p.hyperparameters["edits_before"] for p in made] == [0, 2]  # the second batch knew of the first
+    assert [(c["n_edits"], c["n_scored"]) for c in result["checkpoints"]] == [(2, 1), (4, 1)]
+    last = result["checkpoints"][-1]
+    assert last["metrics"] == result["metrics"] and len(result["per_case"]) == 1
+    assert last["general_ability"]["perplexity_ratio"] > 0 and last["general_ability"]["tokens_per_second_ratio"] > 0
+    assert last["timing"]["pack_bytes"] > result["checkpoints"][0]["timing"]["pack_bytes"] > 0
+
+
+def harness_make_pack(*args, **kwargs):
+    from hf_kedit.methods import make_pack
+
+    return make_pack(*args, **kwargs)
+
+
+def test_the_perplexity_ratio_is_one_without_packs_and_moves_with_one(model, tokenizer):
+    from hf_kedit import load_edits
+    from hf_kedit.evaluate.general_ability import general_passages, perplexity_ratio
+    from hf_kedit.methods import make_pack
+
+    scorer = Scorer(model, tokenizer)
+    assert perplexity_ratio(scorer) == 1.0 and len(general_passages()) == 6
+    pack = make_pack("lora", model, tokenizer, [Edit("e0", "Danielle Darrieux", "The mother tongue of {} is",
+                                                     "English", "French")], {"steps": 3, "lr": 0.5}, progress=False)
+    load_edits(model, pack, name="lora")
+    assert perplexity_ratio(scorer) != 1.0
+
+
+def test_sequential_settings_are_checked():
+    with pytest.raises(ValueError, match="pack_cases=0: give a positive int"):
+        EvalConfig(pack_cases=0)
+    with pytest.raises(ValueError, match="checkpoints=\\(0,\\): give positive ints"):
+        EvalConfig(checkpoints=(0,))
+    with pytest.raises(ValueError, match="checkpoint_sample=0"):
+        EvalConfig(checkpoint_sample=0)

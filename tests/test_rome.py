@@ -218,3 +218,53 @@ def test_the_update_adds_delta_exactly_at_the_key_it_is_solved_at(tokenizer, sol
     wanted = solved.value - solved.current_value
     torch.testing.assert_close(delta @ at, wanted, atol=1e-6, rtol=1e-4)
     assert (delta @ other - wanted).norm() > 0.01 * wanted.norm()  # k̄ and k differ: only one is exact
+
+
+def test_requests_optimised_together_get_the_values_they_get_alone(tokenizer, monkeypatch):
+    model = tiny(tokenizer, initializer_range=0.2)
+    module = model.get_submodule(anatomy_of(model).mlp_out(1))
+    edits = [EDIT, Edit("b", "Paris", "{} is the capital of", "Italy and Spain", "France"),
+             Edit("c", "Toyota", "{} was founded in", "Germany", "Japan"),
+             Edit("d", "The Eiffel Tower", "{} stands in", "Rome", "Paris")]
+    templates = ["{}", "Long ago, people told stories. {}"]
+    # On this model these settings stop the four after 1, 4, 12 and 6 steps: the batch is cut
+    # again when two have stopped and when three have.
+    config = ValueConfig(steps=12, stop_nll=10.5, lr=2.0, clamp_norm_factor=100.0)
+    steps = []
+    alone = []
+    for edit in edits:
+        count = []
+        alone.append(optimise_value(model, tokenizer, module, edit, templates, config, on_step=lambda: count.append(1)))
+        steps.append(len(count))
+    assert steps == [1, 4, 12, 6]
+    cuts = []
+    monkeypatch.setattr(locate.SplitBatch, "cut", lambda *a, cut=locate.SplitBatch.cut: cuts.append(1) or cut(*a))
+    count = []
+    together = locate.optimise_values(model, tokenizer, module, edits, templates, config,
+                                      on_step=lambda: count.append(1))
+    assert len(count) == sum(steps) and len(cuts) == 3
+    for a, b in zip(alone, together):
+        torch.testing.assert_close(b.value, a.value, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b.key, a.key, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b.current_key, a.current_key, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b.current_value, a.current_value, atol=1e-5, rtol=1e-4)
+    assert len({round(float(s.value.norm()), 3) for s in together}) == 4  # each request has its own δ
+
+
+def test_steams_alignment_terms_stay_with_their_own_requests_in_a_batch(tokenizer):
+    model = tiny(tokenizer, initializer_range=0.2)
+    module = model.get_submodule(anatomy_of(model).mlp_out(0))
+    layers = model.get_submodule(anatomy_of(model).layers)
+    edits = [EDIT, Edit("b", "Paris", "{} is the capital of", "Italy and Spain", "France"),
+             Edit("c", "Toyota", "{} was founded in", "Germany", "Japan")]
+    g = torch.Generator().manual_seed(0)
+    alignments = [locate.Alignment([layers[1], layers[2]], torch.randn(2, 32, generator=g), 5.0), None,
+                  locate.Alignment([layers[1], layers[2]], torch.randn(2, 32, generator=g), 5.0,
+                                   torch.randn(2, 32, generator=g))]
+    templates, config = ["{}", "Yes. {}"], ValueConfig(steps=5, stop_nll=0.0, lr=2.0)
+    together = locate.optimise_values(model, tokenizer, module, edits, templates, config, alignments)
+    for edit, alignment, solved in zip(edits, alignments, together):
+        alone = optimise_value(model, tokenizer, module, edit, templates, config, alignment)
+        torch.testing.assert_close(solved.value, alone.value, atol=1e-5, rtol=1e-4)
+    plain = optimise_value(model, tokenizer, module, edits[0], templates, config)
+    assert (plain.value - together[0].value).norm() > 1e-3  # the term moved request 0's v*

@@ -1,4 +1,6 @@
-"""Every method on the same cases, side by side: results.json, results.md and plots."""
+"""Every method on the same cases, side by side: results.json, results.md and
+plots, and for the sequential mode lifelong.md and lifelong.png (each score
+against the number of edits made)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +8,7 @@ import time
 from pathlib import Path
 
 from .harness import BASELINES, EvalConfig, evaluate, locality_references
-from .report import markdown_table, plot_cost, plot_quality
+from .report import lifelong_table, markdown_table, plot_cost, plot_lifelong, plot_quality
 
 
 def run_bench(model, tokenizer, cases, methods: list[str], modes=("single",), settings: dict | None = None,
@@ -41,4 +43,9 @@ def run_bench(model, tokenizer, cases, methods: list[str], modes=("single",), se
     plot_quality(results, out / "quality.png")
     plot_cost(results, out / "cost.png")
     print(table)
+    if any(r.get("checkpoints") for r in results):
+        lifelong = lifelong_table(results)
+        (out / "lifelong.md").write_text(lifelong + "\n")
+        plot_lifelong(results, out / "lifelong.png")
+        print(lifelong)
     return results

@@ -1,5 +1,5 @@
 """Read knowledge-editing benchmark files (CounterFact, zsRE, RippleEdits,
-MQuAKE, KnowEdit) into `Case`s: the edit request(s) and the test prompts
+MQuAKE, KnowEdit, and EasyEdit's flat edit format) into `Case`s: the edit request(s) and the test prompts
 grouped by metric, whatever the benchmark's own schema.
 
 Every file is a JSON list of records. A record that does not fit its format
@@ -18,7 +18,7 @@ from ..errors import KeditError
 from ..pack import Edit
 from .cases import Case, Probe
 
-FORMATS = ("counterfact", "zsre", "ripple", "mquake", "knowedit")
+FORMATS = ("counterfact", "zsre", "ripple", "mquake", "knowedit", "easyedit")
 
 # RippleEdits' test categories and the metric each one measures: the last two ask
 # that facts next to the edit stay as they were, which RippleEdits counts as specificity.
@@ -34,7 +34,7 @@ RIPPLE_CATEGORIES = {
 # A top-level key only one format has: it lets an error say which format a file
 # passed under the wrong name really is.
 _SIGNATURE_KEYS = {"counterfact": "paraphrase_prompts", "zsre": "src", "ripple": "edit",
-                   "mquake": "new_answer", "knowedit": "target_new"}
+                   "mquake": "new_answer", "knowedit": "locality", "easyedit": "locality_prompt"}
 _JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "a list",
                dict: "an object"}
 _REQUIRED = object()
@@ -310,6 +310,24 @@ def _knowedit_case(record: _Record) -> Case:
     return Case(f"knowedit-{record.index}", [edit], probes)
 
 
+def _easyedit_case(record: _Record) -> Case:
+    """EasyEdit's flat edit records (its CounterFact split, WikiBigEdit): prompt,
+    subject, target_new, optional ground_truth (the old answer: absent where the
+    fact is new), rephrase_prompt, locality_prompt and locality_ground_truth."""
+    subject, prompt = record.text("subject"), record.text("prompt")
+    case_id = f"easyedit-{record.value('case_id', int) if record.has('case_id') else record.index}"
+    edit = Edit(case_id, subject, _with_subject_slot(prompt, subject), record.text("target_new"),
+                record.text("ground_truth") if record.has("ground_truth") else None)
+    probes = {"efficacy": _edit_probes([prompt], edit)}
+    if record.has("rephrase_prompt"):
+        probes["generality"] = _edit_probes([record.text("rephrase_prompt")], edit)
+    if record.has("locality_prompt"):
+        answers = [record.text("locality_ground_truth")] if record.has("locality_ground_truth") else []
+        probes["locality"] = [Probe(record.text("locality_prompt"), answers,
+                                    contrast=edit.target_new if answers else None)]
+    return Case(case_id, [edit], probes)
+
+
 def _knowedit_answers(record: _Record, field: str) -> list[str]:
     """KnowEdit writes an answer as a string, a list of strings, or a list of
     alias lists (one per accepted answer): flattened, the main answer first."""
@@ -435,4 +453,4 @@ def _split_subject(stem: str, template: _Template | None) -> tuple[str, str, boo
 
 
 _CONVERTERS = {"counterfact": _counterfact_case, "zsre": _zsre_case, "mquake": _mquake_case,
-               "knowedit": _knowedit_case}
+               "knowedit": _knowedit_case, "easyedit": _easyedit_case}

@@ -1,13 +1,16 @@
 """Edit, score, remove: one method on a list of cases in one edit mode.
 
 Modes: `single` (each case edited alone, scored, removed: the pack stack makes
-this exact), `batch` (all cases in one pack), `sequential` (packs accumulate
-case after case, each made on the model as the earlier ones left it; all
-scored at the end). Baselines that make no pack: `unedited`, and `icl`, which
-states the case's edits before every prompt (EasyEdit's IKE/PROMPT format).
+this exact), `batch` (all cases in one pack), `sequential` (packs of
+`EvalConfig.pack_cases` cases accumulate, each made on the model as the earlier
+ones left it; scored at each of `EvalConfig.checkpoints` and at the end, on the
+cases edited so far or a fixed sample of them, with the general ability beside
+the scores). Baselines that make no pack: `unedited`, and `icl`, which states
+the case's edits before every prompt (EasyEdit's IKE/PROMPT format).
 """
 from __future__ import annotations
 
+import random
 import statistics
 import tempfile
 import time
@@ -16,9 +19,10 @@ from dataclasses import asdict, dataclass
 from tqdm.auto import tqdm
 
 from ..attach import load_edits, remove_edits
-from ..methods import METHODS, make_pack
+from ..methods import METHODS, make_pack, new_history
 from ..pack import EditPack
 from .cases import Case
+from .general_ability import perplexity_ratio, speed_ratio
 from .metrics import DOUBT_TEMPLATES, fluency, in_context, reference_answers, score_cases, with_robustness
 from .scoring import Scorer
 
@@ -33,18 +37,31 @@ METRICS = ("efficacy", "generality", "locality", "portability", "fluency", "robu
 @dataclass
 class EvalConfig:
     """What is scored and how: the metrics (default all), fluency generations per
-    case and their length, the robustness doubt prompts, and the batch size."""
+    case and their length, the robustness doubt prompts, and the batch size; for
+    the sequential mode, the cases per pack, the checkpoints (numbers of edits
+    made, besides the end) and how many of the cases edited so far a checkpoint
+    scores (None: all; else a fixed random sample)."""
 
     metrics: tuple = METRICS
     fluency_prompts: int = 1
     fluency_tokens: int = 32
     doubt_templates: tuple = DOUBT_TEMPLATES
     batch_size: int = 16
+    pack_cases: int = 1
+    checkpoints: tuple = ()
+    checkpoint_sample: int | None = None
 
     def __post_init__(self):
         unknown = set(self.metrics) - set(METRICS)
         if unknown:
             raise ValueError(f"unknown metric {sorted(unknown)}: choose from {list(METRICS)}")
+        if type(self.pack_cases) is not int or self.pack_cases < 1:
+            raise ValueError(f"pack_cases={self.pack_cases!r}: give a positive int, the cases per pack")
+        if not all(type(c) is int and c > 0 for c in self.checkpoints):
+            raise ValueError(f"checkpoints={self.checkpoints!r}: give positive ints, numbers of edits made")
+        sample = self.checkpoint_sample
+        if sample is not None and (type(sample) is not int or sample < 1):
+            raise ValueError(f"checkpoint_sample={sample!r}: give a positive int, or None for every case")
 
     def select(self, case: Case) -> Case:
         """The case with only the probes of the chosen metrics (and its robustness probes if chosen)."""
@@ -129,22 +146,14 @@ def evaluate(model, tokenizer, cases: list[Case], method: str = "unedited", mode
         finally:
             remove_edits(model, "eval-batch")
     else:
-        names = []
-        try:
-            for case in tqdm(cases, desc=f"{method} sequential: editing", disable=not progress):
-                pack = _timed_pack(method, model, tokenizer, case.edits, settings, edit_seconds, sizes)
-                names.append(f"eval-{case.id}")
-                load_edits(model, pack, name=names[-1], tokenizer=tokenizer)
-            per_case = score(cases, f"{method} sequential: scoring")
-        finally:
-            for name in names:
-                remove_edits(model, name)
+        per_case, checkpoints = _sequential(model, tokenizer, cases, method, settings, config, score, edit_seconds,
+                                            sizes, progress)
     eval_seconds = time.perf_counter() - start - sum(edit_seconds)
     if method not in BASELINES:
         n_edits = sum(len(c.edits) for c in cases)
         if mode == "batch":  # one pack for all: its time per edit
             edit_seconds = [edit_seconds[0] / n_edits]
-    return {
+    result = {
         "model": model_name, "method": method, "mode": mode, "settings": settings or {},
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
         "n_cases": len(cases), "case_ids": [c.id for c in cases],
@@ -156,6 +165,55 @@ def evaluate(model, tokenizer, cases: list[Case], method: str = "unedited", mode
             "pack_params_per_edit": sum(n for _, n in sizes) / n_edits if sizes else None,
         },
     }
+    if mode == "sequential" and method not in BASELINES:
+        result["checkpoints"] = checkpoints
+    return result
+
+
+def _sequential(model, tokenizer, cases, method, settings, config: EvalConfig, score, edit_seconds, sizes,
+                progress) -> tuple[dict, list[dict]]:
+    """Packs of `config.pack_cases` cases, each made with the earlier ones attached
+    (and the method's history of them, if it keeps one), scored at each checkpoint
+    on the cases edited so far (or a fixed sample of `config.checkpoint_sample`),
+    then all removed. Returns (the last checkpoint's per-case scores, the checkpoints)."""
+    n_edits = sum(len(c.edits) for c in cases)
+    marks = sorted({c for c in config.checkpoints if c < n_edits}) + [n_edits]  # the next to reach first
+    history, names, checkpoints, made, scoring = new_history(method), [], [], 0, 0.0
+    scorer = Scorer(model, tokenizer, batch_size=config.batch_size)
+    start = time.perf_counter()
+    bar = tqdm(total=n_edits, desc=f"{method} sequential: editing", unit="edit", disable=not progress)
+    try:
+        for first in range(0, len(cases), config.pack_cases):
+            group = cases[first:first + config.pack_cases]
+            edits = [e for c in group for e in c.edits]
+            pack = _timed_pack(method, model, tokenizer, edits, settings, edit_seconds, sizes, history)
+            names.append(f"eval-{len(names)}")
+            load_edits(model, pack, name=names[-1], tokenizer=tokenizer)
+            made += len(edits)
+            bar.update(len(edits))
+            if made < marks[0]:
+                continue
+            while marks and marks[0] <= made:
+                marks.pop(0)
+            scored_from = time.perf_counter()
+            done = cases[:first + len(group)]
+            sample = config.checkpoint_sample
+            if sample is not None and sample < len(done):
+                done = [done[i] for i in sorted(random.Random(0).sample(range(len(done)), sample))]
+            per_case = score(done, f"{method} sequential: scoring {len(done)} cases at {made} edits")
+            checkpoints.append({
+                "n_edits": made, "n_scored": len(done), "metrics": aggregate(per_case),
+                "general_ability": {"perplexity_ratio": perplexity_ratio(scorer),
+                                    "tokens_per_second_ratio": speed_ratio(scorer)},
+                "timing": {"edit_seconds": sum(edit_seconds),
+                           "wall_seconds": scored_from - start - scoring,  # editing and attaching, not scoring
+                           "pack_bytes": sum(b for b, _ in sizes)}})
+            scoring += time.perf_counter() - scored_from
+    finally:
+        bar.close()
+        for name in names:
+            remove_edits(model, name)
+    return per_case, checkpoints
 
 
 def aggregate(per_case: dict) -> dict:
@@ -171,9 +229,9 @@ def aggregate(per_case: dict) -> dict:
             for m, kinds in sorted(metrics.items())}
 
 
-def _timed_pack(method, model, tokenizer, edits, settings, edit_seconds, sizes) -> EditPack:
+def _timed_pack(method, model, tokenizer, edits, settings, edit_seconds, sizes, history=None) -> EditPack:
     start = time.perf_counter()
-    pack = make_pack(method, model, tokenizer, edits, settings, progress=False)
+    pack = make_pack(method, model, tokenizer, edits, settings, progress=False, history=history)
     edit_seconds.append(time.perf_counter() - start)
     sizes.append((pack_bytes(pack), sum(t.numel() for t in pack.tensors.values())))
     return pack

@@ -32,6 +32,49 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+LIFELONG_SCORES = (("efficacy", "tf"), ("generality", "tf"), ("locality", "tf"), ("efficacy", "cmp"),
+                   ("generality", "cmp"), ("locality", "cmp"))
+
+
+def lifelong_table(results: list[dict]) -> str:
+    """One row per sequential method and checkpoint: the scores, general ability and cost so far."""
+    header = (["method", "edits", "scored"] + [f"{m} {k}" for m, k in LIFELONG_SCORES]
+              + ["perplexity ×", "tokens/s ×", "edit s", "pack bytes/edit"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        for c in r.get("checkpoints", []):
+            general, timing = c["general_ability"], c["timing"]
+            cells = [label(r), str(c["n_edits"]), str(c["n_scored"])]
+            cells += [_num(c["metrics"].get(m, {}).get(k)) for m, k in LIFELONG_SCORES]
+            cells += [_num(general["perplexity_ratio"], "{:.3f}"), _num(general["tokens_per_second_ratio"]),
+                      f"{timing['edit_seconds']:.0f}", f"{timing['pack_bytes'] / c['n_edits']:.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_lifelong(results: list[dict], path: str | Path) -> None:
+    """Each tf score against the number of edits made, one line per sequential method."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    for ax, (metric, kind) in zip(axes, LIFELONG_SCORES[:3]):
+        for r in results:
+            points = [(c["n_edits"], c["metrics"].get(metric, {}).get(kind)) for c in r.get("checkpoints", [])]
+            points = [(n, v) for n, v in points if v is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=label(r))
+        ax.set_xscale("log")
+        ax.set_xlabel("edits made")
+        ax.set_title(f"{metric} {kind}")
+        ax.set_ylim(0, 1.05)
+    axes[0].set_ylabel("score")
+    drawn = [ax for ax in axes if ax.lines]
+    if drawn:
+        drawn[-1].legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_quality(results: list[dict], path: str | Path) -> None:
     """One panel per score kind, the main metrics grouped, one bar per method."""
     plt = _pyplot()

@@ -1,11 +1,13 @@
 """Methods make packs: each takes a model, a tokenizer and edit requests and
 returns an `EditPack`, leaving the model as it found it. The methods live in
 families, one folder each, with the family's shared core beside one small
-file per method: `locate/` (ROME, MEMIT, STEAM: locate-and-edit, with its key
-statistics and head loss), `representation/` (ReFT, BaFT: basis
-interventions), `steering/` (SAKE, ActAdd: steering maps) and `finetune/`
-(LoRA). `requests.py` checks requests and layer settings for all of them,
-`builders.py` builds their packs; this module is the registry alone.
+file per method: `locate/` (ROME, MEMIT, AlphaEdit, STEAM: locate-and-edit,
+with its key statistics and head loss), `representation/` (ReFT, BaFT: basis
+interventions), `steering/` (SAKE, ActAdd: steering maps), `finetune/` (LoRA)
+and `lifelong/` (UltraEdit: closed-form batches that continue a running
+state). `requests.py` checks requests and layer settings for all of them,
+`history.py` is what sequential methods carry between batches, `builders.py`
+builds their packs; this module is the registry alone.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from torch import nn
 from ..errors import EditRequestError
 from ..pack import Edit, EditPack
 from .finetune.lora import LoRAConfig, lora_edit
+from .lifelong.ultraedit import LifelongNorm, UltraEditConfig, ultraedit_edit
+from .locate.alphaedit import AlphaEditConfig, EditedKeys, alphaedit_edit
 from .locate.memit import MEMITConfig, memit_edit
 from .locate.rome import ROMEConfig, rome_edit
 from .locate.steam import STEAMConfig, steam_edit
@@ -24,14 +28,26 @@ from .representation.reft import ReFTConfig, reft_edit
 from .steering.actadd import ActAddConfig, actadd_edit
 from .steering.sake import SAKEConfig, sake_edit
 
-METHODS = {"actadd": (actadd_edit, ActAddConfig), "baft": (baft_edit, BaFTConfig), "lora": (lora_edit, LoRAConfig),
-           "memit": (memit_edit, MEMITConfig), "reft": (reft_edit, ReFTConfig), "rome": (rome_edit, ROMEConfig),
-           "sake": (sake_edit, SAKEConfig), "steam": (steam_edit, STEAMConfig)}
+METHODS = {"actadd": (actadd_edit, ActAddConfig), "alphaedit": (alphaedit_edit, AlphaEditConfig),
+           "baft": (baft_edit, BaFTConfig), "lora": (lora_edit, LoRAConfig), "memit": (memit_edit, MEMITConfig),
+           "reft": (reft_edit, ReFTConfig), "rome": (rome_edit, ROMEConfig), "sake": (sake_edit, SAKEConfig),
+           "steam": (steam_edit, STEAMConfig), "ultraedit": (ultraedit_edit, UltraEditConfig)}
+
+
+# Methods that carry a history from one batch of a sequence to the next: its type.
+HISTORIES = {"alphaedit": EditedKeys, "ultraedit": LifelongNorm}
+
+
+def new_history(method: str):
+    """An empty history for a sequence of `method`'s batches, or None if it keeps none."""
+    return HISTORIES[method]() if method in HISTORIES else None
 
 
 def make_pack(method: str, model: nn.Module, tokenizer, edits: list[Edit], settings: dict | None = None,
-              progress: bool = True) -> EditPack:
-    """Run the method called `method` on `edits` with `settings` (its config's fields).
+              progress: bool = True, history=None) -> EditPack:
+    """Run the method called `method` on `edits` with `settings` (its config's fields);
+    `history`: what the method keeps of the earlier batches of a sequence
+    (`new_history`), read and extended.
 
     Example:
         >>> pack = make_pack("lora", model, tokenizer, edits, {"rank": 2})
@@ -43,4 +59,8 @@ def make_pack(method: str, model: nn.Module, tokenizer, edits: list[Edit], setti
     unknown = set(settings or {}) - known
     if unknown:
         raise EditRequestError(f"{method} has no setting {sorted(unknown)}; its settings are {sorted(known)}")
-    return edit(model, tokenizer, edits, config_class(**(settings or {})), progress=progress)
+    if history is not None and not isinstance(history, HISTORIES.get(method, ())):
+        raise EditRequestError(f"history={type(history).__name__}: {method} keeps "
+                               + (f"a {HISTORIES[method].__name__}" if method in HISTORIES else "no history"))
+    extra = {"history": history} if history is not None else {}
+    return edit(model, tokenizer, edits, config_class(**(settings or {})), progress=progress, **extra)

@@ -109,7 +109,8 @@ class EditPack:
                 for name in sorted(e.tensors):
                     t = self.tensors[name].detach().to("cpu").contiguous()
                     h.update(f"{name}|{t.dtype}|{list(t.shape)}".encode())
-                    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                    # Flat first: a [n, 1] tensor can be "contiguous" with a column stride ≠ 1.
+                    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
                 digests[e.id] = h.hexdigest()
             self.__dict__["_digests"] = digests
         return self.__dict__["_digests"]

@@ -43,9 +43,18 @@ class ValueConfig:
     stop_nll: float = setting(5e-2, "stop once the target's mean NLL over the templates is below this (the target "
                               "at 95 % on average)", "ROME's reference code stops at a loss of 5e-2 (its whole "
                               "loss; here the NLL alone, chosen here)")
+    batch_size: int = setting(16, "requests whose v* are optimised together, in one forward and backward per step "
+                              "(each its own δ, Adam state and stopping point: the same v* as alone, up to rounding)",
+                              f"measured here ({LOCATE}#batched-values)")
     head_loss: bool = setting(True, "the NLL and KL through the LM head in one chunked pass over its weight, where "
                               "the logits are the head's plain affine map (False: the log-softmax of the logits, as "
                               "ROME's code)", f"measured here: the same v* up to rounding, 0.90× the time ({LOCATE})")
+
+    def __post_init__(self):
+        """`EditRequestError` for a `batch_size` that is not a positive int."""
+        if type(self.batch_size) is not int or self.batch_size < 1:
+            raise EditRequestError(f"batch_size={self.batch_size!r}: give a positive int, the requests whose v* are "
+                                   "optimised together (1: one at a time)")
 
 
 def context_templates(model, tokenizer, counts) -> list[str]:
@@ -140,90 +149,181 @@ class Solved:
 
 def optimise_value(model, tokenizer, module, edit: Edit, templates: list[str], config: ValueConfig,
                    alignment: Alignment | None = None, on_step: Callable[[], object] | None = None) -> Solved:
-    """v* = the module's output (an MLP projection's for ROME, a decoder layer's
-    hidden state for MEMIT) at the subject's last token plus the δ that makes the
-    model say `edit.target_new` in every template (ROME's compute_v), optionally
-    pulled towards STEAM's anchors (`alignment`). The keys come from the same
-    unedited pass: the target's tokens follow the subject, so they do not change them.
-    `on_step()` after each step (`progress.StepBar.step`)."""
-    target = tokenizer(" " + edit.target_new.strip(), add_special_tokens=False).input_ids
-    prefix = tokenizer.decode(target[:-1])
-    rewriting = [t.format(edit.prompt).replace("{}", edit.subject) + prefix for t in templates]
-    texts = rewriting + [f"{edit.subject} is a"]
-    batch = SplitBatch.cut([tokenizer(t).input_ids for t in texts],
-                           [subject_last_index(tokenizer, t, edit.subject) for t in texts], pad_id(tokenizer),
-                           model.device)
-    cache = batch.prefix_cache(model)
-    n, rows = len(rewriting), torch.arange(len(texts), device=model.device)
-    # Suffixes end in one column: the last len(target) columns predict the target
-    # (the KL prompt's last column its next token), so only those get logits.
-    # δ sits at each row's first suffix column, the subject's last token.
-    starts = batch.suffix_ids.shape[1] - batch.suffix_lengths
-    first_target = batch.suffix_ids.shape[1] - len(target)
-    target_ids = torch.tensor(target, device=model.device).expand(n, -1)
+    """`optimise_values` for one request."""
+    return optimise_values(model, tokenizer, module, [edit], templates, config, [alignment], on_step)[0]
 
-    delta, captured, targets = None, {}, None
 
-    def add_delta(m, args, out):
-        nonlocal delta
-        h = hidden_states(out)
-        if delta is None:  # the first pass reads k and v unedited and starts δ at zero
-            captured["keys"] = args[0][rows[:n], starts[:n]].detach().float()
-            captured["initial"] = h[0, starts[0]].detach().float()
-            delta = torch.zeros_like(captured["initial"], requires_grad=True)
-        h = h.index_put((rows, starts), h[rows, starts] + delta.to(h.dtype))
-        return (h, *out[1:]) if isinstance(out, tuple) else h
-
-    mid_states = [[] for _ in alignment.layers] if alignment else []
-    handles = [module.register_forward_hook(add_delta)] + (
-        [layer.register_forward_hook(lambda m, args, out, seen=seen: seen.append(hidden_states(out)))
-         for layer, seen in zip(alignment.layers, mid_states)] if alignment else [])
+def optimise_values(model, tokenizer, module, edits: list[Edit], templates: list[str], config: ValueConfig,
+                    alignments: list[Alignment | None] | None = None,
+                    on_step: Callable[[], object] | None = None) -> list[Solved]:
+    """Per request, v* = the module's output (an MLP projection's for ROME, a
+    decoder layer's hidden state for MEMIT) at the subject's last token plus the
+    δ that makes the model say `edit.target_new` in every template (ROME's
+    compute_v), optionally pulled towards STEAM's anchors (`alignments`, one per
+    request or None). The requests run in one forward and backward per step, each
+    with its own δ on its own rows, its own Adam state and its own stopping point,
+    so each gets the v* it gets alone (up to rounding); once half of a batch has
+    stopped, the rest run on in a batch of their own. The keys come from the
+    same unedited pass: the target's tokens follow the subject, so they do not
+    change them. `on_step()` once per request and step (`progress.StepBar.step`)."""
+    alignments = alignments or [None] * len(edits)
+    prompts = [_ValuePrompts.make(tokenizer, edit, templates) for edit in edits]
+    n_templates, device = len(templates), model.device
+    deltas, optimizers, first = [], [], {}  # first: what the first (unedited) pass reads
+    active, step, fused = list(range(len(edits))), 0, False
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     try:
-        with _replayed(_layers_before(model, module)):
-            for step in range(max(config.steps, 1)):  # the first pass is also the first step
-                heads, logits = batch.suffix_pass(model, cache, len(target), logits=targets is None)
-                if step == 0:
-                    initial = captured["initial"]
-                    kl_initial = F.log_softmax(logits[n, -1].detach().float(), -1)
-                    optimizer = torch.optim.Adam([delta], lr=config.lr)
-                    targets = (_HeadTargets.read(model, heads, logits, target_ids, kl_initial) if config.head_loss
-                               else None)
-                if logits is not None:
-                    log_probs = F.log_softmax(logits[:n].float(), -1)
-                    nll = -log_probs.gather(-1, target_ids[..., None]).mean()
-                    kl = F.kl_div(F.log_softmax(logits[n, -1].float(), -1), kl_initial, log_target=True,
-                                  reduction="sum")
-                else:
-                    nll, kl = targets.losses(heads)
-                loss = nll + config.kl_factor * kl + config.weight_decay * delta.norm() / initial.norm() ** 2
-                if alignment is not None:
-                    states = torch.stack([seen.pop()[:n, first_target] for seen in mid_states])  # [L, n, d]
-                    centre = alignment.centre[:, None, :] if torch.is_tensor(alignment.centre) else 0.0
-                    cosine = F.cosine_similarity(states.float() - centre, alignment.anchors[:, None, :] - centre,
-                                                 dim=-1)
-                    loss = loss + alignment.weight * (1 - cosine).mean()
-                if on_step:
-                    on_step()
-                if nll.item() < config.stop_nll or step >= config.steps - 1:
-                    break
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    limit = config.clamp_norm_factor * initial.norm()
-                    if delta.norm() > limit:
-                        delta.mul_(limit / delta.norm())
+        while active:
+            members = active
+            rows = [row for i in members for row in prompts[i].rows]
+            batch = SplitBatch.cut(rows, [c for i in members for c in prompts[i].cuts], pad_id(tokenizer), device)
+            cache = batch.prefix_cache(model)
+            plan = _LossPlan.make([prompts[i].target for i in members], n_templates, device)
+            # δ sits at each row's first suffix column, the subject's last token.
+            all_rows, starts = torch.arange(len(rows), device=device), batch.suffix_ids.shape[1] - batch.suffix_lengths
+            owner = torch.tensor(members, device=device).repeat_interleave(n_templates + 1)
+            head = _HeadTargets.make(model, plan, first["kl"][members]) if fused else None
+
+            def add_delta(m, args, out):
+                h = hidden_states(out)
+                if not deltas:  # the first pass reads k and v unedited and starts each δ at zero
+                    first["keys"] = args[0][all_rows, starts].detach().float().unflatten(0, (len(edits), -1))
+                    bare = plan.kl_rows - n_templates  # template 0 is "{}": the bare prompt
+                    first["value"] = h[bare, starts[bare]].detach().float()
+                    deltas.extend(torch.zeros_like(v, requires_grad=True) for v in first["value"])
+                h = h.index_put((all_rows, starts), h[all_rows, starts] + torch.stack(deltas)[owner].to(h.dtype))
+                return (h, *out[1:]) if isinstance(out, tuple) else h
+
+            aligned = [j for j, i in enumerate(members) if alignments[i] is not None]
+            mid_layers = alignments[members[aligned[0]]].layers if aligned else []
+            mid_states = [[] for _ in mid_layers]
+            handles = [module.register_forward_hook(add_delta)] + [
+                layer.register_forward_hook(lambda m, args, out, seen=seen: seen.append(hidden_states(out)))
+                for layer, seen in zip(mid_layers, mid_states)]
+
+            def alignment_term(j):
+                a, own = alignments[members[j]], slice(plan.kl_rows[j] - n_templates, plan.kl_rows[j])
+                column = batch.suffix_ids.shape[1] - plan.lengths[j]  # predicts the target's first token
+                states = torch.stack([seen[-1][own, column] for seen in mid_states])  # [layers, templates, d]
+                centre = a.centre[:, None, :] if torch.is_tensor(a.centre) else 0.0
+                cosine = F.cosine_similarity(states.float() - centre, a.anchors[:, None, :] - centre, dim=-1)
+                return a.weight * (1 - cosine).mean()
+
+            try:
+                with _replayed(_layers_before(model, module)):
+                    while active:
+                        # Suffixes end in one column: the last `plan.last` columns predict the
+                        # targets (a KL prompt's last column its next token), so only those get logits.
+                        heads, logits = batch.suffix_pass(model, cache, plan.last, logits=not fused)
+                        if step == 0:
+                            first["kl"] = F.log_softmax(logits[plan.kl_rows, -1].detach().float(), -1)
+                            optimizers = [torch.optim.Adam([d], lr=config.lr) for d in deltas]
+                            fused = config.head_loss and _HeadTargets.applies(model, heads, logits, plan)
+                            head = _HeadTargets.make(model, plan, first["kl"]) if fused else None
+                        nll, kl = (head.losses(heads) if head is not None and step > 0
+                                   else plan.losses(logits, first["kl"][members]))
+                        own = torch.stack([deltas[i] for i in members])
+                        loss = (nll + config.kl_factor * kl
+                                + config.weight_decay * own.norm(dim=1) / first["value"][members].norm(dim=1) ** 2)
+                        if aligned:
+                            loss = loss + torch.stack([alignment_term(j) if j in aligned else loss.new_zeros(())
+                                                       for j in range(len(members))])
+                        for seen in mid_states:
+                            seen.clear()
+                        nlls = dict(zip(members, nll.tolist()))
+                        for _ in active:
+                            if on_step:
+                                on_step()
+                        active = [i for i in active if nlls[i] >= config.stop_nll and step < config.steps - 1]
+                        if not active:
+                            break
+                        for d in deltas:
+                            d.grad = None
+                        loss[[members.index(i) for i in active]].sum().backward()
+                        with torch.no_grad():
+                            for i in active:
+                                optimizers[i].step()
+                                limit = config.clamp_norm_factor * first["value"][i].norm()
+                                if deltas[i].norm() > limit:
+                                    deltas[i].mul_(limit / deltas[i].norm())
+                        step += 1
+                        if len(active) <= len(members) // 2:
+                            break  # the stopped rows would be half the work: cut a batch of the rest
+            finally:
+                for handle in handles:
+                    handle.remove()
     finally:
-        for handle in handles:
-            handle.remove()
         for p in frozen:
             p.requires_grad_(True)
-    keys = captured["keys"]
-    # Template 0 is "{}": its row is the bare prompt (plus the target's first tokens).
-    return Solved(initial + delta.detach(), keys.mean(0), keys[0], initial)
+    keys, values = first["keys"][:, :n_templates], first["value"]
+    return [Solved(values[i] + deltas[i].detach(), keys[i].mean(0), keys[i, 0], values[i]) for i in range(len(edits))]
+
+
+@dataclass
+class _ValuePrompts:
+    """One request's rows in the value optimisation: its rewriting prompts (each
+    template around the prompt, followed by all but the last target token), then
+    its KL prompt "{subject} is a"; where each is cut (the subject's last token),
+    and the target's tokens."""
+
+    rows: list[list[int]]
+    cuts: list[int]
+    target: list[int]
+
+    @classmethod
+    def make(cls, tokenizer, edit: Edit, templates: list[str]) -> "_ValuePrompts":
+        target = tokenizer(" " + edit.target_new.strip(), add_special_tokens=False).input_ids
+        prefix = tokenizer.decode(target[:-1])
+        texts = [t.format(edit.prompt).replace("{}", edit.subject) + prefix for t in templates]
+        texts.append(f"{edit.subject} is a")
+        return cls([tokenizer(t).input_ids for t in texts],
+                   [subject_last_index(tokenizer, t, edit.subject) for t in texts], target)
+
+
+@dataclass
+class _LossPlan:
+    """Where each request's losses are read in a batch whose rows are, per request,
+    its rewriting prompts (one per template) and then its KL prompt, and whose
+    head is read at the last `last` columns (the longest target's length)."""
+
+    last: int
+    kl_rows: torch.Tensor  # [n]: each request's KL row
+    target_rows: torch.Tensor  # [S]: the row of each target token's prediction
+    target_cols: torch.Tensor  # [S]: its column among the last `last`
+    target_ids: torch.Tensor  # [S]: the token
+    target_owner: torch.Tensor  # [S]: its request
+    counts: torch.Tensor  # [n]: target predictions per request
+    lengths: list[int]  # each request's target length in tokens
+
+    @classmethod
+    def make(cls, targets: list[list[int]], n_templates: int, device) -> "_LossPlan":
+        last = max(map(len, targets))
+        rows, cols, ids, owner = [], [], [], []
+        for i, target in enumerate(targets):
+            for t in range(n_templates):
+                rows += [i * (n_templates + 1) + t] * len(target)
+                cols += range(last - len(target), last)
+                ids += target
+                owner += [i] * len(target)
+        kl_rows = torch.arange(len(targets), device=device) * (n_templates + 1) + n_templates
+        as_tensor = lambda x: torch.tensor(x, device=device)  # noqa: E731
+        counts = torch.tensor([n_templates * len(t) for t in targets], device=device)
+        return cls(last, kl_rows, as_tensor(rows), as_tensor(cols), as_tensor(ids), as_tensor(owner), counts,
+                   list(map(len, targets)))
+
+    def per_request(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean over each request's target predictions of `values` [S]."""
+        total = torch.zeros(len(self.counts), device=values.device, dtype=values.dtype)
+        return total.index_add(0, self.target_owner, values) / self.counts
+
+    def losses(self, logits: torch.Tensor, kl_initial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per request: mean NLL of its target tokens, KL(p₀‖p) of its KL prompt) from the logits."""
+        log_probs = F.log_softmax(logits[self.target_rows, self.target_cols].float(), -1)
+        nll = self.per_request(-log_probs.gather(-1, self.target_ids[:, None])[:, 0])
+        kl_log_probs = F.log_softmax(logits[self.kl_rows, -1].float(), -1)
+        return nll, (kl_initial.exp() * (kl_initial - kl_log_probs)).sum(-1)
 
 
 def _layers_before(model, module) -> list:
@@ -319,41 +419,47 @@ def cache_argument(model) -> str:
 
 @dataclass
 class _HeadTargets:
-    """The value optimisation's NLL (rows 0..n-1: the target tokens) and KL (row n:
-    the first step's next-token distribution p₀) as `head_cross_entropy` terms,
-    which read the LM head's weight once per step instead of twice."""
+    """The value optimisation's NLLs (the target tokens) and KLs (each KL prompt's
+    next-token distribution against the first step's, p₀) as `head_cross_entropy`
+    terms, which read the LM head's weight once per step instead of twice."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
-    rows: torch.Tensor  # [n·len(target) + 1, hidden]: the targets' head rows, then p₀ @ W
+    plan: _LossPlan
+    rows: torch.Tensor  # [S + n, hidden]: the targets' head rows, then each p₀ @ W
     row_bias: torch.Tensor
-    entropy: torch.Tensor  # H(p₀): KL(p₀‖p) = cross-entropy − H(p₀)
+    entropy: torch.Tensor  # [n] H(p₀): KL(p₀‖p) = cross-entropy − H(p₀)
+
+    @staticmethod
+    @torch.no_grad()
+    def applies(model, heads, logits, plan: _LossPlan) -> bool:
+        """Whether the model's logits are its head's plain affine map of the head's
+        input: a model that scales or caps its logits keeps the plain loss."""
+        head = model.get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear):
+            return False
+        probe = plan.kl_rows[:1]
+        expected = F.linear(heads[probe, -1], head.weight, head.bias).float()
+        return torch.allclose(logits[probe, -1].float(), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
 
     @classmethod
     @torch.no_grad()
-    def read(cls, model, heads, logits, target_ids, kl_initial) -> "_HeadTargets | None":
-        """None unless the model's logits are its head's plain affine map of the
-        head's input: a model that scales or caps its logits keeps the plain loss."""
+    def make(cls, model, plan: _LossPlan, kl_initial: torch.Tensor) -> "_HeadTargets":
+        """The terms of the requests `plan` reads, whose p₀ are `kl_initial` (log-probabilities)."""
         head = model.get_output_embeddings()
-        if not isinstance(head, torch.nn.Linear):
-            return None
-        n = len(target_ids)
-        expected = F.linear(heads[n, -1:], head.weight, head.bias).float()
-        if not torch.allclose(logits[n, -1:].float(), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item()):
-            return None
-        p0 = kl_initial.exp()
-        weight, bias = head.weight, head.bias
-        rows = torch.cat([weight[target_ids.reshape(-1)].float(), (p0 @ weight.float())[None]])
-        row_bias = (torch.cat([bias[target_ids.reshape(-1)].float(), (p0 @ bias.float())[None]])
-                    if bias is not None else torch.zeros(len(rows), device=rows.device))
-        return cls(weight, bias, rows, row_bias, -(p0 * kl_initial).sum())
+        p0, weight, bias = kl_initial.exp(), head.weight, head.bias
+        rows = torch.cat([weight[plan.target_ids].float(), p0 @ weight.float()])
+        row_bias = (torch.cat([bias[plan.target_ids].float(), p0 @ bias.float()]) if bias is not None
+                    else torch.zeros(len(rows), device=rows.device))
+        return cls(weight, bias, plan, rows, row_bias, -(p0 * kl_initial).sum(-1))
 
     def losses(self, heads) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean NLL of the target tokens, KL(p₀‖p) of the KL prompt) from the head's input."""
-        n = len(heads) - 1
-        states = torch.cat([heads[:n].reshape(-1, heads.shape[-1]), heads[n, -1:]])
+        """(per request: mean NLL of its target tokens, KL(p₀‖p) of its KL prompt) from the head's input."""
+        plan = self.plan
+        states = torch.cat([heads[plan.target_rows, plan.target_cols], heads[plan.kl_rows, -1]])
         cross_entropy = head_cross_entropy(states, self.weight, self.bias, self.rows, self.row_bias)
-        return cross_entropy[:-1].mean(), cross_entropy[-1] - self.entropy
+        n = len(plan.kl_rows)
+        return plan.per_request(cross_entropy[:-n]), cross_entropy[-n:] - self.entropy
 
 
 def rank_one_update(key: torch.Tensor, value: torch.Tensor, current_key: torch.Tensor,

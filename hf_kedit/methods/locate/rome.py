@@ -12,7 +12,7 @@ from .stats import StatisticsConfig, corpus_name, key_second_moments
 from ..builders import weight_delta_pack
 from ..requests import check_requests, resolve_layer
 from ..setting import setting
-from .core import LOCATE, ValueConfig, context_templates, optimise_value, rank_one_update, template_counts
+from .core import LOCATE, ValueConfig, context_templates, optimise_values, rank_one_update, template_counts
 
 
 SOLVE_AT = ("prompt", "templates")
@@ -66,11 +66,12 @@ def rank_one_edits(model, tokenizer, requests: list[Edit], config: ROMEConfig, m
     templates = context_templates(model, tokenizer, config.context_templates)
     factors = {}
     bar = StepBar(requests, config.steps, f"{method}: optimising values", disable=not progress)
-    for edit in bar:
-        alignment = alignment_for(edit, layer) if alignment_for else None
-        solved = optimise_value(model, tokenizer, module, edit, templates, config, alignment, bar.step)
-        key = solved.key if config.solve_at == "templates" else solved.current_key
-        factors[edit.id] = {name: rank_one_update(solved.key, solved.value, key, solved.current_value, C)}
+    for batch in bar.batches(config.batch_size):
+        alignments = [alignment_for(edit, layer) if alignment_for else None for edit in batch]
+        for edit, solved in zip(batch, optimise_values(model, tokenizer, module, batch, templates, config,
+                                                       alignments, bar.step)):
+            key = solved.key if config.solve_at == "templates" else solved.current_key
+            factors[edit.id] = {name: rank_one_update(solved.key, solved.value, key, solved.current_value, C)}
     recorded = {**asdict(config), "layer": layer, "stats_corpus": corpus_name(config.stats_corpus),
                 **(hyperparameters or {})}
     return weight_delta_pack(model, method, recorded, requests, factors)
