@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 from ...anatomy import anatomy_of, linear_shape
 from ...batching import pad_id, padded
@@ -20,8 +21,7 @@ from ...pack.fingerprint import base_model_record
 from ..builders import weight_delta_pack
 from ..history import History
 from ..requests import check_requests, edit_layers
-from ..setting import NOT_TUNED, setting
-from tqdm.auto import tqdm
+from ..setting import setting
 
 ULTRAEDIT = "UltraEdit's reference code (EasyEdit's hparams/ULTRAEDIT)"
 LIFELONG = "docs/lifelong.md"
