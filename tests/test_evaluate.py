@@ -263,3 +263,15 @@ def test_sequential_settings_are_checked():
         EvalConfig(checkpoints=(0,))
     with pytest.raises(ValueError, match="checkpoint_sample=0"):
         EvalConfig(checkpoint_sample=0)
+
+
+def test_the_sequential_mode_lets_a_later_edit_of_the_same_fact_win(model, tokenizer):
+    first = Case("a", [Edit("a", "Athens", "What is the twin city of {}? It is", "Prague")],
+                 {"efficacy": [Probe("What is the twin city of Athens? It is", ["Prague"])]})
+    later = Case("b", [Edit("b", "Athens", "What is the twin city of {}? It is", "Jakarta")],
+                 {"efficacy": [Probe("What is the twin city of Athens? It is", ["Jakarta"])]})
+    config = EvalConfig(metrics=("efficacy",), checkpoints=(1,))
+    with pytest.warns(UserWarning, match="newest edit wins"):
+        result = evaluate(model, tokenizer, [first, later], "lora", "sequential", {"steps": 1}, config,
+                          progress=False)
+    assert [c["n_edits"] for c in result["checkpoints"]] == [1, 2] and len(stack_of(model)) == 0

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
 
-from ..attach import load_edits, remove_edits
+from ..attach import load_edits, remove_edits, stack_of
 from ..methods import METHODS, make_pack, new_history
 from ..pack import EditPack
 from .cases import Case
@@ -187,8 +187,9 @@ def _sequential(model, tokenizer, cases, method, settings, config: EvalConfig, s
             group = cases[first:first + config.pack_cases]
             edits = [e for c in group for e in c.edits]
             pack = _timed_pack(method, model, tokenizer, edits, settings, edit_seconds, sizes, history)
+            # A later edit of the same subject and prompt supersedes an earlier one, as in a model kept up to date.
+            load_edits(model, pack, name=f"eval-{len(names)}", on_conflict="last", tokenizer=tokenizer)
             names.append(f"eval-{len(names)}")
-            load_edits(model, pack, name=names[-1], tokenizer=tokenizer)
             made += len(edits)
             bar.update(len(edits))
             if made < marks[0]:
@@ -211,8 +212,10 @@ def _sequential(model, tokenizer, cases, method, settings, config: EvalConfig, s
             scoring += time.perf_counter() - scored_from
     finally:
         bar.close()
+        attached = {p.name for p in stack_of(model).list()}
         for name in names:
-            remove_edits(model, name)
+            if name in attached:  # a pack whose every edit a later one superseded is gone already
+                remove_edits(model, name)
     return per_case, checkpoints
 
 
