@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from hf_kedit.evaluate.datasets import read_cases
 from hf_kedit.evaluate.harness import EvalConfig, evaluate, locality_references
-from hf_kedit.methods.locate import memit
+from hf_kedit.methods.locate import core
 
 from bench_setup import arguments, prepared, write_results
 
@@ -21,8 +21,9 @@ SCORES = [("efficacy", "tf"), ("efficacy", "cmp"), ("generality", "tf"), ("gener
 
 
 def shared_values():
-    """Replace MEMIT's value optimisation by a memo of it (same module, edits and settings: same v*)."""
-    optimise, memo = memit.optimise_values, {}
+    """Replace the value optimisation of MEMIT's layer loop by a memo of it (same module, edits and
+    settings: same v*)."""
+    optimise, memo = core.optimise_values, {}
 
     def remembered(model, tokenizer, module, edits, templates, config, *args, **kwargs):
         key = (id(module), tuple(e.id for e in edits), config.steps, config.lr, config.kl_factor,
@@ -30,7 +31,7 @@ def shared_values():
         if key not in memo:
             memo[key] = optimise(model, tokenizer, module, edits, templates, config, *args, **kwargs)
         return memo[key]
-    memit.optimise_values = remembered
+    core.optimise_values = remembered
 
 
 def main() -> None:

@@ -21,8 +21,7 @@ from ..builders import weight_delta_pack
 from ..history import History
 from ..requests import check_requests, edit_layers
 from ..setting import setting
-from .core import LOCATE, context_templates, key_at_subject, template_counts
-from .memit import SpreadConfig, spread_update
+from .core import LOCATE, SpreadConfig, context_templates, key_at_subject, spread_update, template_counts
 from .stats import corpus_name, key_second_moments
 
 ALPHAEDIT = "AlphaEdit's reference code (hparams/AlphaEdit/Llama3-8B.json)"

@@ -1,6 +1,7 @@
-"""The locate-and-edit core ROME, MEMIT and STEAM share: the subject's last token,
-context templates, the key k*, the value v* (optimised), and ROME's rank-one
-closed form. It reads the model and never leaves it changed."""
+"""The locate-and-edit core ROME, MEMIT, AlphaEdit and STEAM share: the
+subject's last token, context templates, the key k*, the values v* (optimised
+in batches), ROME's rank-one closed form, and the layer loop MEMIT and
+AlphaEdit spread a batch over. It reads the model and never leaves it changed."""
 from __future__ import annotations
 
 import copy
@@ -11,16 +12,20 @@ from typing import Callable
 
 import torch
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 from ...anatomy import anatomy_of, hidden_states
 from ...batching import pad_id, padded
 from ...errors import EditRequestError
+from ...kinds.weight_delta import deltas_applied
 from ..requests import subject_last_index
 from .head_loss import head_cross_entropy
 from ...pack import Edit
 from ...partial_forward import lm_head_at, run_until
+from ...progress import StepBar
 from ...sampling import per_model, sample_texts, seeded
 from ..setting import setting
+from .stats import StatisticsConfig
 
 LOCATE = "docs/locate-and-edit.md"
 
@@ -55,6 +60,18 @@ class ValueConfig:
         if type(self.batch_size) is not int or self.batch_size < 1:
             raise EditRequestError(f"batch_size={self.batch_size!r}: give a positive int, the requests whose v* are "
                                    "optimised together (1: one at a time)")
+
+
+@dataclass
+class SpreadConfig(ValueConfig, StatisticsConfig):
+    """The settings MEMIT and AlphaEdit share: the key statistics'
+    (`StatisticsConfig`), the value optimisation's at the last edited layer
+    (`ValueConfig`), and the layers the update spreads over."""
+
+    layers: tuple = setting((0.13, 0.27), "the edited layers: indices, or a (start, end) pair of relative depths",
+                            "EasyEdit's layers 4-8 for Llama-family models (0.13-0.27 is 4-8 of 30)")
+    context_templates: tuple = setting(((5, 10),), "(how many, tokens) pairs of texts the model samples to put "
+                                       "before the prompt", "MEMIT's code in EasyEdit (five of 10 tokens)")
 
 
 def context_templates(model, tokenizer, counts) -> list[str]:
@@ -324,6 +341,35 @@ class _LossPlan:
         nll = self.per_request(-log_probs.gather(-1, self.target_ids[:, None])[:, 0])
         kl_log_probs = F.log_softmax(logits[self.kl_rows, -1].float(), -1)
         return nll, (kl_initial.exp() * (kl_initial - kl_log_probs)).sum(-1)
+
+
+def spread_update(model, tokenizer, requests: list[Edit], config: SpreadConfig, layers: list[int], method: str,
+                  progress: bool, solve) -> tuple[dict, dict]:
+    """MEMIT's loop, shared with AlphaEdit: the v* of every request at the last
+    layer's output, then layer by layer the keys and residuals on the model with
+    the layers before updated, and `solve(layer, keys [d_ff, n], residual [d, n])`'s
+    factors (A [n, d_ff], B [d, n]; column j edit j's share). Returns (per edit, per
+    module, its factors; per module, the batch's factors)."""
+    template_counts(config.context_templates)
+    anatomy = anatomy_of(model)
+    names = {layer: anatomy.mlp_out(layer) for layer in layers}
+    last_block = model.get_submodule(anatomy.layer(layers[-1]))
+    templates = context_templates(model, tokenizer, config.context_templates)
+    bar = StepBar(requests, config.steps, f"{method}: optimising targets", disable=not progress)
+    targets = torch.stack([solved.value for batch in bar.batches(config.batch_size)
+                           for solved in optimise_values(model, tokenizer, last_block, batch, templates, config,
+                                                         on_step=bar.step)], 1)
+    applied, factors = {}, {e.id: {} for e in requests}
+    for i, layer in enumerate(tqdm(layers, desc=f"{method}: solving layers", unit="layer", disable=not progress)):
+        module = model.get_submodule(names[layer])
+        with deltas_applied(model, applied):  # keys and residuals see the layers updated so far
+            keys = torch.stack([key_at_subject(model, tokenizer, module, e, templates) for e in requests], 1)
+            current = torch.stack([io_at_subject(model, tokenizer, last_block, e)[1] for e in requests], 1)
+        A, B = solve(layer, keys, (targets - current) / (len(layers) - i))
+        applied[names[layer]] = (A, B)
+        for j, edit in enumerate(requests):
+            factors[edit.id][names[layer]] = (A[j:j + 1], B[:, j:j + 1])
+    return factors, applied
 
 
 def _layers_before(model, module) -> list:

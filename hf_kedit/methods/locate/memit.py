@@ -1,37 +1,21 @@
 """MEMIT: a batch of edits spread over several MLP output projections by least
 squares, stored as a `weight_delta` pack (per layer, one rank-one pair per edit,
-rank n for a batch of n). Its loop over the layers (`spread_update`) is shared
-with AlphaEdit, which solves each layer differently."""
+rank n for a batch of n), with the layer loop it shares with AlphaEdit
+(`core.spread_update`)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from ...anatomy import anatomy_of, linear_shape
 from ...errors import EditRequestError
-from ...kinds.weight_delta import deltas_applied
 from ...pack import Edit, EditPack
-from ...progress import StepBar
-from .stats import StatisticsConfig, corpus_name, key_second_moments
+from .stats import corpus_name, key_second_moments
 from ..builders import weight_delta_pack
 from ..requests import check_requests, edit_layers
 from ..setting import setting
-from .core import (LOCATE, ValueConfig, context_templates, io_at_subject, key_at_subject, optimise_values,
-                   template_counts)
-
-
-@dataclass
-class SpreadConfig(ValueConfig, StatisticsConfig):
-    """The settings MEMIT and AlphaEdit share: the key statistics'
-    (`StatisticsConfig`), the value optimisation's at the last edited layer
-    (`ValueConfig`), and the layers the update spreads over."""
-
-    layers: tuple = setting((0.13, 0.27), "the edited layers: indices, or a (start, end) pair of relative depths",
-                            "EasyEdit's layers 4-8 for Llama-family models (0.13-0.27 is 4-8 of 30)")
-    context_templates: tuple = setting(((5, 10),), "(how many, tokens) pairs of texts the model samples to put "
-                                       "before the prompt", "MEMIT's code in EasyEdit (five of 10 tokens)")
+from .core import LOCATE, SpreadConfig, spread_update, template_counts
 
 
 @dataclass
@@ -75,35 +59,6 @@ def memit_edit(model, tokenizer, requests: list[Edit], config: MEMITConfig | Non
     hyperparameters = {**asdict(config), "layers": layers, "update_weight": weight,
                        "stats_corpus": corpus_name(config.stats_corpus)}
     return weight_delta_pack(model, "memit", hyperparameters, requests, factors)
-
-
-def spread_update(model, tokenizer, requests: list[Edit], config: SpreadConfig, layers: list[int], method: str,
-                  progress: bool, solve) -> tuple[dict, dict]:
-    """MEMIT's loop, shared with AlphaEdit: the v* of every request at the last
-    layer's output, then layer by layer the keys and residuals on the model with
-    the layers before updated, and `solve(layer, keys [d_ff, n], residual [d, n])`'s
-    factors (A [n, d_ff], B [d, n]; column j edit j's share). Returns (per edit, per
-    module, its factors; per module, the batch's factors)."""
-    template_counts(config.context_templates)
-    anatomy = anatomy_of(model)
-    names = {layer: anatomy.mlp_out(layer) for layer in layers}
-    last_block = model.get_submodule(anatomy.layer(layers[-1]))
-    templates = context_templates(model, tokenizer, config.context_templates)
-    bar = StepBar(requests, config.steps, f"{method}: optimising targets", disable=not progress)
-    targets = torch.stack([solved.value for batch in bar.batches(config.batch_size)
-                           for solved in optimise_values(model, tokenizer, last_block, batch, templates, config,
-                                                         on_step=bar.step)], 1)
-    applied, factors = {}, {e.id: {} for e in requests}
-    for i, layer in enumerate(tqdm(layers, desc=f"{method}: solving layers", unit="layer", disable=not progress)):
-        module = model.get_submodule(names[layer])
-        with deltas_applied(model, applied):  # keys and residuals see the layers updated so far
-            keys = torch.stack([key_at_subject(model, tokenizer, module, e, templates) for e in requests], 1)
-            current = torch.stack([io_at_subject(model, tokenizer, last_block, e)[1] for e in requests], 1)
-        A, B = solve(layer, keys, (targets - current) / (len(layers) - i))
-        applied[names[layer]] = (A, B)
-        for j, edit in enumerate(requests):
-            factors[edit.id][names[layer]] = (A[j:j + 1], B[:, j:j + 1])
-    return factors, applied
 
 
 def scaled_update_weight(key_size: int) -> float:
