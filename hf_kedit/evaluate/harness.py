@@ -146,8 +146,8 @@ def evaluate(model, tokenizer, cases: list[Case], method: str = "unedited", mode
         finally:
             remove_edits(model, "eval-batch")
     else:
-        per_case, checkpoints = _sequential(model, tokenizer, cases, method, settings, config, score, edit_seconds,
-                                            sizes, progress)
+        per_case, checkpoints = _sequential(model, tokenizer, cases, method, settings, config, scorer, score,
+                                            edit_seconds, sizes, progress)
     eval_seconds = time.perf_counter() - start - sum(edit_seconds)
     if method not in BASELINES:
         n_edits = sum(len(c.edits) for c in cases)
@@ -170,8 +170,8 @@ def evaluate(model, tokenizer, cases: list[Case], method: str = "unedited", mode
     return result
 
 
-def _sequential(model, tokenizer, cases, method, settings, config: EvalConfig, score, edit_seconds, sizes,
-                progress) -> tuple[dict, list[dict]]:
+def _sequential(model, tokenizer, cases, method, settings, config: EvalConfig, scorer: Scorer, score, edit_seconds,
+                sizes, progress) -> tuple[dict, list[dict]]:
     """Packs of `config.pack_cases` cases, each made with the earlier ones attached
     (and the method's history of them, if it keeps one), scored at each checkpoint
     on the cases edited so far (or a fixed sample of `config.checkpoint_sample`),
@@ -179,7 +179,6 @@ def _sequential(model, tokenizer, cases, method, settings, config: EvalConfig, s
     n_edits = sum(len(c.edits) for c in cases)
     marks = sorted({c for c in config.checkpoints if c < n_edits}) + [n_edits]  # the next to reach first
     history, names, checkpoints, made, scoring = new_history(method), [], [], 0, 0.0
-    scorer = Scorer(model, tokenizer, batch_size=config.batch_size)
     start = time.perf_counter()
     bar = tqdm(total=n_edits, desc=f"{method} sequential: editing", unit="edit", disable=not progress)
     try:

@@ -80,16 +80,14 @@ class LifelongNorm(History):
 
     def update(self, shape: str, features: torch.Tensor) -> None:
         """Add rows [N, D] to the running mean and variance of `shape` (Chan et al.'s parallel update)."""
-        x = features.double()
-        n, mean, m2 = len(x), x.mean(0), ((x - x.mean(0)) ** 2).sum(0)
-        if f"{shape}.count" in self.tensors:
-            seen = self.tensors[f"{shape}.count"].double()
-            old_mean, old_m2 = self.tensors[f"{shape}.mean"].double(), self.tensors[f"{shape}.m2"].double()
-            total = seen + n
-            delta = mean - old_mean
-            mean, m2, n = old_mean + delta * n / total, old_m2 + m2 + delta ** 2 * seen * n / total, total
-        self.tensors[f"{shape}.count"] = torch.tensor([float(n)]) if not torch.is_tensor(n) else n.float()
-        self.tensors[f"{shape}.mean"], self.tensors[f"{shape}.m2"] = mean.float(), m2.float()
+        x, names = features.double(), [f"{shape}.count", f"{shape}.mean", f"{shape}.m2"]
+        empty = [torch.zeros(1), torch.zeros(x.shape[1]), torch.zeros(x.shape[1])]  # no rows seen yet
+        seen, old_mean, old_m2 = (self.tensors.get(name, zero).double() for name, zero in zip(names, empty))
+        n, mean = len(x), x.mean(0)
+        total, delta = seen + n, mean - old_mean
+        m2 = old_m2 + ((x - mean) ** 2).sum(0) + delta ** 2 * seen * n / total
+        updated = (total, old_mean + delta * n / total, m2)
+        self.tensors.update({name: t.float() for name, t in zip(names, updated)})
 
     def normalise(self, shape: str, features: torch.Tensor) -> torch.Tensor:
         count = self.tensors[f"{shape}.count"].to(features.device)
