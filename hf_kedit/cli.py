@@ -88,6 +88,11 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--out", default="trace.png")
 
+    p = sub.add_parser("playground", help="a page in the browser: make an edit, compare answers, switch packs")
+    p.add_argument("--model", default="default", help='"default", a local folder or a Hub id')
+    p.add_argument("--host", default="127.0.0.1", help="the address to serve on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=7860)
+
     args = parser.parse_args(argv)
     from .errors import KeditError
 
@@ -287,6 +292,13 @@ def _bench(args) -> int:
     return 0
 
 
+def _playground(args) -> int:
+    from .playground import launch
+
+    launch(args.model, host=args.host, port=args.port)
+    return 0
+
+
 def _trace(args) -> int:
     from .models import load_model
     from .trace import trace
@@ -301,7 +313,8 @@ def _trace(args) -> int:
 
 
 COMMANDS = {"demo": _demo, "trace": _trace, "info": _info, "push": _push, "push-stats": _push_stats, "pull": _pull,
-            "export-peft": _export_peft, "export-gguf": _export_gguf, "edit": _edit, "eval": _eval, "bench": _bench}
+            "export-peft": _export_peft, "export-gguf": _export_gguf, "edit": _edit, "eval": _eval, "bench": _bench,
+            "playground": _playground}
 
 if __name__ == "__main__":
     sys.exit(main())

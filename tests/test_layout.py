@@ -14,7 +14,7 @@ LAYERS = [
     {"kinds"},
     {"pack"},
     {"attach", "methods"},
-    {"models", "evaluate", "demo", "cli", "__init__"},
+    {"models", "evaluate", "demo", "playground", "cli", "__init__"},
 ]
 
 
