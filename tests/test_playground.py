@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_kedit import stack_of
+from hf_kedit.cli import main as kedit
 from hf_kedit.errors import EditConflictError, EditRequestError, IncompatiblePackError, KeditError, PackFormatError
 from hf_kedit.methods import LoRAConfig, make_pack
 from hf_kedit.pack import CONFIG_NAME, Edit
@@ -311,3 +313,26 @@ def test_the_page_makes_a_pack_switches_it_saves_loads_pushes_and_shows_errors(p
     expect(edited).to_have_text(edited_answer, timeout=60_000)  # the failed load changed nothing
     expect(page.locator("#packs")).to_contain_text(str(tmp_path / "saved"))
     expect(page.locator("#packs")).not_to_contain_text(str(bad))
+
+    page.get_by_text("Causal tracing of the edit prompt").click()
+    page.locator("#trace").click()
+    expect(status).to_contain_text("Traced the edit prompt", timeout=120_000)
+    expect(page.locator("#heatmap img")).to_be_visible()
+
+
+def test_the_playground_command_without_gradio_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` raises ImportError
+    assert kedit(["playground", "--model", "default"]) == 2
+    err = capsys.readouterr().err
+    assert "MissingDependencyError" in err and "pip install 'hf-kedit[playground]'" in err
+
+
+@pytest.mark.default_model
+def test_the_docs_example_edits_the_default_model_through_a_session(capsys):
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "playground.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    scope = {}
+    exec(compile(code, "docs/playground.md", "exec"), scope)
+    base, edited = capsys.readouterr().out.split(" p ")[0].split(" -> ")
+    assert base.startswith("French") and edited.startswith("English")
+    assert scope["session"].attached() == [] and list(scope["session"].packs) == [scope["name"]]

@@ -11,7 +11,7 @@ import logging
 from html import escape
 
 from ..demo import DEMO_EDIT, NEIGHBOUR
-from ..errors import MissingDependencyError
+from ..errors import KeditError, MissingDependencyError
 from ..methods import METHODS
 from ..methods.setting import settings_table
 from .session import Playground, default_settings, parse_settings_json
@@ -19,6 +19,8 @@ from .session import Playground, default_settings, parse_settings_json
 DEFAULT_METHOD = "rome"
 DEFAULT_PROMPTS = f"{DEMO_EDIT.subject}'s mother tongue is\n{NEIGHBOUR}"
 INSTALL_HINT = "pip install 'hf-kedit[playground]'"
+# The errors bad input raises (hf_kedit's typed errors, missing files and names, Hub errors): shown, not logged loudly.
+EXPECTED = (KeditError, ValueError, KeyError, OSError)
 log = logging.getLogger(__name__)
 
 
@@ -145,7 +147,9 @@ def build_app(session: Playground, model_name: str = "default"):
             try:
                 result = action()
             except Exception as e:  # every failure reaches the page as its type and message
-                log.info("playground: %s", shown(e), exc_info=True)
+                # A user's mistake is a typed error; anything else is a bug, and its traceback goes to the terminal.
+                log.log(logging.INFO if isinstance(e, EXPECTED) else logging.ERROR, "playground: %s", e,
+                        exc_info=True)
                 return view(shown(e), pick)
             return view(done(result), result if isinstance(result, str) and result in session.packs else pick)
 
@@ -203,18 +207,20 @@ def build_app(session: Playground, model_name: str = "default"):
                 return None, shown(e)
 
         read = dict(fn=on_compare, inputs=[subject, prompt, target_new, prompts], outputs=answers)
+        # A pack's progress shows once, under the status line, not over every widget the event redraws.
+        shown_once = dict(outputs=pack_view, show_progress_on=status)
         method.change(on_method, method, [settings, settings_help])
         make.click(on_make, [method, settings, subject, prompt, target_new, target_true, newest_wins],
-                   pack_view).then(**read)
+                   **shown_once).then(**read)
         compare.click(**read)
-        switches.input(on_switch, [switches, newest_wins], pack_view).then(**read)
+        switches.input(on_switch, [switches, newest_wins], **shown_once).then(**read)
         disable_all.input(on_disable, disable_all, status).then(**read)
-        load.click(on_load, [source, revision, newest_wins], pack_view).then(**read)
-        remove_edit.click(on_remove_edit, [chosen, edit_id], pack_view).then(**read)
-        forget.click(on_forget, chosen, pack_view).then(**read)
-        save.click(on_save, [chosen, folder, overwrite], pack_view)
-        push.click(on_push, [chosen, repo_id, branch, private], pack_view)
-        chosen.input(on_pick, chosen, pack_view)
+        load.click(on_load, [source, revision, newest_wins], **shown_once).then(**read)
+        remove_edit.click(on_remove_edit, [chosen, edit_id], **shown_once).then(**read)
+        forget.click(on_forget, chosen, **shown_once).then(**read)
+        save.click(on_save, [chosen, folder, overwrite], **shown_once)
+        push.click(on_push, [chosen, repo_id, branch, private], **shown_once)
+        chosen.input(on_pick, chosen, **shown_once)
         trace_button.click(on_trace, [subject, prompt, trace_kind], [heatmap, status])
         app.load(**read)
     return app
