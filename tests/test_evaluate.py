@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_kedit import Edit, stack_of
 from hf_kedit.cli import main as kedit
@@ -12,6 +11,7 @@ from hf_kedit.evaluate.cases import Case, Probe
 from hf_kedit.evaluate.harness import EvalConfig, evaluate, locality_references
 from hf_kedit.evaluate.metrics import ngram_entropy, reference_answers, score_cases
 from hf_kedit.evaluate.scoring import Scorer
+from tiny_models import tiny_llama_for
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact.json"
 
@@ -23,11 +23,7 @@ def tokenizer(default_model):
 
 @pytest.fixture
 def model(tokenizer):
-    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                  max_position_embeddings=256, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return tiny_llama_for(tokenizer)
 
 
 class _Handles:

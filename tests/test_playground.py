@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_kedit import stack_of
 from hf_kedit.cli import main as kedit
@@ -26,7 +25,7 @@ from hf_kedit.pack import CONFIG_NAME, Edit
 from hf_kedit.playground.app import settings_text
 from hf_kedit.playground.session import Playground, default_settings, parse_settings_json
 from test_bad_input import raises_exactly, untouched
-from tiny_models import tiny_inputs
+from tiny_models import tiny_inputs, tiny_llama_for
 
 PROMPT = "The mother tongue of {} is"
 EDIT_PROMPT = PROMPT.format("Danielle Darrieux")
@@ -44,11 +43,7 @@ def tokenizer(default_model):
 
 
 def tiny_lm(tokenizer):
-    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                  max_position_embeddings=256, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
+    return tiny_llama_for(tokenizer, hidden_size=64)  # wide enough for LoRA to move the greedy answer
 
 
 @pytest.fixture
@@ -138,9 +133,7 @@ def _bad_folders(tmp_path, tokenizer, model):
     no_weights = shutil.copytree(good, tmp_path / "no-weights")
     (no_weights / "kedit_model.safetensors").unlink()
     other_model = tmp_path / "other-model"
-    smaller = AutoModelForCausalLM.from_config(AutoConfig.for_model(
-        "llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)).eval()
+    smaller = tiny_llama_for(tokenizer, hidden_size=32)
     make_pack("lora", smaller, tokenizer, [Edit("a", "Danielle Darrieux", PROMPT, "English")], LORA,
               progress=False).save_pretrained(other_model)
     return {"broken-json": (PackFormatError, "kedit_config.json"), "no-weights": (PackFormatError, "missing"),
@@ -267,6 +260,15 @@ def test_the_page_makes_a_pack_switches_it_saves_loads_pushes_and_shows_errors(p
     base_answer = page.locator("#answers tbody tr").first.locator("td").nth(1).inner_text()
     assert edited.inner_text() == base_answer
 
+    # Another fact than the form's default one: the edit prompt's row follows the form.
+    page.locator("#subject textarea").fill("Jacques Chirac")
+    page.locator("#target-new textarea").fill("German")
+    page.locator("#target-true textarea").fill("French")
+    page.locator("#compare").click()
+    first = page.locator("#answers tbody tr").first.locator("td")
+    expect(first.nth(0)).to_have_text(OTHER, timeout=60_000)
+    expect(page.locator("#answers thead")).to_contain_text("p(German)")
+    base_answer = first.nth(1).inner_text()
     page.locator("#method input").click()
     page.get_by_role("option", name="lora", exact=True).click()
     settings = page.locator("#settings textarea")

@@ -32,3 +32,13 @@ def tiny_model(arch: str, dtype=torch.float32, seed: int = 0):
 def tiny_inputs(batch: int = 2, length: int = 7, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 128, (batch, length), generator=g)
+
+
+def tiny_llama_for(tokenizer, hidden_size: int = 16):
+    """A tiny random two-layer Llama with `tokenizer`'s vocabulary (the default model's, in
+    the tests that read real text), in eval mode."""
+    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=hidden_size,
+                                  intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
