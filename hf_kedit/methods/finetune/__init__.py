@@ -1,1 +1,2 @@
-"""Fine-tuning baselines (LoRA): a low-rank delta trained on the edit."""
+"""Fine-tuning baselines trained on the edit: low-rank deltas through PEFT (LoRA, AdaLoRA) and a
+constrained dense one (FT-L)."""

@@ -1,19 +1,22 @@
 """LoRA baseline: a rank-r fine-tune of one MLP output projection on each edit's
-target (teacher-forced NLL), stored as a `weight_delta` pack."""
+target (teacher-forced NLL), trained as PEFT's own LoRA layer and stored as a
+`weight_delta` pack."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraModel
 
 from ...anatomy import anatomy_of, linear_shape
-from ...kinds.weight_delta import deltas_applied
 from ...pack import Edit, EditPack
 from ...progress import StepBar
 from ..builders import weight_delta_pack
 from ..requests import check_requests, resolve_layer
 from ..setting import NOT_TUNED, setting
 from ..teacher_forcing import fit_target, teacher_forced
+from .peft_tuning import ADAPTER, fan_in_fan_out, peft_adapter, trained_factors
 
 
 @dataclass
@@ -45,18 +48,21 @@ def lora_edit(model, tokenizer, requests: list[Edit], config: LoRAConfig | None 
     layer = resolve_layer(config.layer, anatomy.num_layers, model, tokenizer, requests)
     name = anatomy.mlp_out(layer)
     module = model.get_submodule(name)
-    out_f, in_f = linear_shape(module)
-    param = next(model.parameters())
+    _, in_f = linear_shape(module)
+    # lora_alpha = r: PEFT's scaling alpha / r is 1, so the trained factors are the pack's.
+    peft_config = LoraConfig(r=config.rank, lora_alpha=config.rank, target_modules=[name], lora_dropout=0.0,
+                             fan_in_fan_out=fan_in_fan_out(model, [name]))
     factors = {}
     bar = StepBar(requests, config.steps, "lora: training", disable=not progress)
     for edit in bar:
-        torch.manual_seed(config.seed)
-        A = (torch.randn(config.rank, in_f, device=param.device) / in_f ** 0.5).requires_grad_()
-        B = torch.zeros(out_f, config.rank, device=param.device, requires_grad=True)
-        ids, labels, _ = teacher_forced(tokenizer, edit.text, edit.target_new, param.device)
-        optimizer = torch.optim.Adam([A, B], lr=config.lr)
-        with deltas_applied(model, {name: (A, B)}):
+        with peft_adapter(model, LoraModel, peft_config):
+            trained = model.get_submodule(name)
+            A, B = trained.lora_A[ADAPTER].weight, trained.lora_B[ADAPTER].weight
+            torch.manual_seed(config.seed)
+            with torch.no_grad():  # A's start: Gaussian of variance 1/in (B starts at zero, as PEFT's does)
+                A.copy_(torch.randn(config.rank, in_f, device=A.device) / in_f ** 0.5)
+            ids, labels, _ = teacher_forced(tokenizer, edit.text, edit.target_new, A.device)
+            optimizer = torch.optim.Adam([A, B], lr=config.lr)
             fit_target(model, ids, labels, optimizer, config.steps, config.stop_loss, bar.step)
-        model.zero_grad(set_to_none=True)
-        factors[edit.id] = {name: (A.detach(), B.detach())}
+            factors[edit.id] = {name: trained_factors(model, name)}
     return weight_delta_pack(model, "lora", {**asdict(config), "layer": layer}, requests, factors)

@@ -28,7 +28,7 @@ from ...progress import StepBar
 from ...partial_forward import run_until
 from ..builders import basis_intervention_pack
 from ..setting import NOT_TUNED, setting
-from ..teacher_forcing import fit_target, teacher_forced
+from ..teacher_forcing import fit_target, frozen, teacher_forced
 from ..requests import check_requests, resolve_layer, subject_last_index
 
 
@@ -190,19 +190,6 @@ def layer_states(model, tokenizer, layer: str, texts: list[str],
         handle.remove()
     where = mask.bool() if positions is None else select_positions(mask.bool(), *positions)
     return captured[0][where].float()
-
-
-@contextmanager
-def frozen(model):
-    """The model's parameters without gradients for the block: only the intervention trains."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
 
 
 @contextmanager

@@ -1,0 +1,170 @@
+"""The fine-tuning baselines: LoRA and AdaLoRA trained as PEFT's own layers, FT-L's
+constrained dense change. Tiny random models with the default model's tokenizer."""
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import AdaLoraConfig, PeftModel
+from peft.tuners.adalora import AdaLoraModel
+
+from hf_kedit import EditPack, load_edits, remove_edits
+from hf_kedit.anatomy import anatomy_of, linear_shape
+from hf_kedit.errors import EditRequestError
+from hf_kedit.kinds.weight_delta import deltas_applied
+from hf_kedit.methods import AdaLoRAConfig, FTConfig, make_pack
+from hf_kedit.methods.finetune.peft_tuning import ADAPTER, peft_adapter, trained_factors
+from hf_kedit.methods.teacher_forcing import fit_target, frozen, teacher_forced
+from hf_kedit.pack import Edit
+from test_bad_input import raises_exactly
+from test_rome import tiny
+from tiny_models import tiny_inputs
+
+EDIT = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
+ARCHS = ["llama", "gpt2"]  # an nn.Linear projection and GPT-2's transposed Conv1D
+QUICK = {"lora": {"steps": 3}, "adalora": {"steps": 8, "tinit": 2, "tfinal": 3, "delta_t": 1, "init_r": 4,
+                                           "target_r": 2, "layers": [0, 1, 2]},
+         "ft": {"steps": 3, "layer": 1}}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model):
+    return default_model[1]
+
+
+def snapshot(model):
+    """Everything a method must leave as it found it."""
+    return ({n: id(m) for n, m in model.named_modules()}, {n: (p.detach().clone(), p.requires_grad)
+                                                            for n, p in model.named_parameters()},
+            set(model.__dict__), [(n, list(m._forward_hooks), list(m._forward_pre_hooks))
+                                  for n, m in model.named_modules()])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", sorted(QUICK))
+def test_each_method_leaves_the_model_exactly_as_it_found_it(tokenizer, one_thread, arch, method):
+    model = tiny(tokenizer, arch)
+    model.get_submodule(anatomy_of(model).mlp_out(0)).weight.requires_grad_(False)  # a flag of the user's own
+    modules, params, attributes, hooks = snapshot(model)
+    pack = make_pack(method, model, tokenizer, [EDIT], QUICK[method], progress=False)
+    after_modules, after_params, after_attributes, after_hooks = snapshot(model)
+    assert after_modules == modules and after_attributes == attributes and after_hooks == hooks
+    assert after_params.keys() == params.keys()
+    assert all(torch.equal(after_params[n][0], p) and after_params[n][1] == flag for n, (p, flag) in params.items())
+    assert all(p.grad is None for p in model.parameters())
+    assert pack.kind == "weight_delta" and pack.edits[0].tensors
+
+
+def test_lora_through_peft_gives_the_factors_of_its_own_training_loop(tokenizer, one_thread):
+    """The pack equals what training the factors directly (the same start, loss and
+    Adam steps, through a hook) gives: PEFT's layer computes the same thing."""
+    model = tiny(tokenizer)
+    pack = make_pack("lora", model, tokenizer, [EDIT], {"steps": 20, "layer": 1, "rank": 2}, progress=False)
+    name = anatomy_of(model).mlp_out(1)
+    out_f, in_f = linear_shape(model.get_submodule(name))
+    torch.manual_seed(0)
+    A = (torch.randn(2, in_f) / in_f ** 0.5).requires_grad_()
+    B = torch.zeros(out_f, 2, requires_grad=True)
+    ids, labels, _ = teacher_forced(tokenizer, EDIT.text, EDIT.target_new, "cpu")
+    with deltas_applied(model, {name: (A, B)}), frozen(model):
+        fit_target(model, ids, labels, torch.optim.Adam([A, B], lr=2e-2), 20, 0.05)
+    torch.testing.assert_close(pack.tensors[f"e0.{name}.lora_A"], A.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(pack.tensors[f"e0.{name}.lora_B"], B.detach(), rtol=0, atol=1e-6)
+    assert B.abs().max() > 0.01  # it trained
+
+
+def test_trained_factors_equal_peft_s_own_delta_weight_for_pruned_adalora_ranks(tokenizer, one_thread):
+    model = tiny(tokenizer)
+    name = anatomy_of(model).mlp_out(1)
+    config = AdaLoraConfig(target_modules=[name], init_r=4, target_r=2, total_step=10, tinit=1, tfinal=2,
+                           lora_alpha=8)
+    with peft_adapter(model, AdaLoraModel, config):
+        layer = model.get_submodule(name)
+        with torch.no_grad():
+            layer.lora_E[ADAPTER].copy_(torch.tensor([[0.5], [0.0], [-2.0], [0.0]]))  # two ranks pruned
+        A, B = trained_factors(model, name)
+        expected = layer.get_delta_weight(ADAPTER)
+    assert A.shape == (2, linear_shape(layer.base_layer)[1]) and B.shape == (linear_shape(layer.base_layer)[0], 2)
+    torch.testing.assert_close(B @ A, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_an_adalora_pack_keeps_its_varying_ranks_through_save_attach_and_peft_export(tokenizer, one_thread,
+                                                                                    tmp_path):
+    model = tiny(tokenizer, num_hidden_layers=4)
+    settings = {"steps": 24, "tinit": 4, "tfinal": 6, "delta_t": 2, "init_r": 6, "target_r": 3, "lr": 2e-2,
+                "layers": [0, 1, 2, 3]}
+    pack = make_pack("adalora", model, tokenizer, [EDIT], settings, progress=False)
+    ranks = {n: t.shape[0] for n, t in pack.tensors.items() if n.endswith("lora_A")}
+    assert len(set(ranks.values())) > 1  # the budget went where it mattered, unevenly
+    assert sum(ranks.values()) <= 4 * 3 and max(ranks.values()) <= 6
+    pack.save_pretrained(tmp_path / "pack")
+    loaded = EditPack.from_pretrained(tmp_path / "pack")
+    assert all(torch.equal(loaded.tensors[n], t) for n, t in pack.tensors.items())
+    ids = tiny_inputs()
+    with torch.no_grad():
+        base = model(ids).logits
+        load_edits(model, loaded, name="ada")
+        edited = model(ids).logits
+        remove_edits(model, "ada")
+        assert torch.equal(model(ids).logits, base)
+    assert (edited - base).abs().max() > 1e-4
+    pack.export_peft(tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(tiny(tokenizer, num_hidden_layers=4), tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, edited, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ft_l_keeps_every_weight_within_its_bound_and_stores_the_dense_change_exactly(tokenizer, one_thread, arch):
+    model = tiny(tokenizer, arch)
+    pack = make_pack("ft", model, tokenizer, [EDIT], {"steps": 10, "layer": 1, "lr": 1e-2,
+                                                      "norm_constraint": 2e-3}, progress=False)
+    name = anatomy_of(model).mlp_out(1)
+    A, B = pack.tensors[f"e0.{name}.lora_A"], pack.tensors[f"e0.{name}.lora_B"]
+    out_f, in_f = linear_shape(model.get_submodule(name))
+    assert A.shape[0] == B.shape[1] == min(out_f, in_f)
+    dense = A if out_f <= in_f else B  # the other factor is the identity
+    assert torch.equal(A if out_f > in_f else B, torch.eye(min(out_f, in_f)))
+    assert torch.equal(B @ A, dense)
+    assert dense.abs().max() <= 2e-3 + 1e-9 and (dense.abs() > 2e-3 * 0.99).any()  # the bound binds
+
+
+def test_ft_l_s_objective_scores_every_target_token_at_the_prompt_s_end(tokenizer, one_thread):
+    model = tiny(tokenizer)
+    ids, labels, prompt = teacher_forced(tokenizer, EDIT.text, "the English language", "cpu")
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()
+    targets = labels[0, prompt:]
+    at_end = torch.nn.functional.cross_entropy(logits[prompt - 1].expand(len(targets), -1), targets)
+    each = torch.nn.functional.cross_entropy(logits[prompt - 1:-1], targets)
+    delta = torch.zeros(1, 1, requires_grad=True)  # no step is taken: steps=1 reads the loss only
+    read = {flag: fit_target(model, ids, labels, torch.optim.Adam([delta]), 1, 1e9, at_prompt_end=flag)
+            for flag in (True, False)}
+    assert read[True] == pytest.approx(at_end.item(), rel=1e-6) and read[False] == pytest.approx(each.item(), rel=1e-6)
+    assert abs(read[True] - read[False]) > 1e-3
+
+
+def test_unconstrained_ft_and_adalora_make_the_target_likelier(tokenizer, one_thread):
+    model = tiny(tokenizer)
+    ids, labels, _ = teacher_forced(tokenizer, EDIT.text, EDIT.target_new, "cpu")
+
+    def target_loss():
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(model(ids).logits[0, :-1], labels[0, 1:]).item()
+
+    before = target_loss()
+    for method, settings in [("ft", {"norm_constraint": None, "objective": "target", "layer": 1, "lr": 1e-2}),
+                             ("adalora", {**QUICK["adalora"], "steps": 20, "lr": 2e-2})]:
+        load_edits(model, make_pack(method, model, tokenizer, [EDIT], settings, progress=False), name=method)
+        assert target_loss() < before - 0.5, method
+        remove_edits(model, method)
+
+
+@pytest.mark.parametrize("config, match", [
+    (lambda: FTConfig(objective="last"), "objective"),
+    (lambda: FTConfig(norm_constraint=0.0), "positive bound"),
+    (lambda: AdaLoRAConfig(target_r=16), "target_r"),
+    (lambda: AdaLoRAConfig(tinit=60), "tinit < steps - tfinal"),
+])
+def test_bad_settings_are_refused_before_any_work(config, match):
+    with raises_exactly(EditRequestError, match):
+        config()
