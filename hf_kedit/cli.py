@@ -98,7 +98,7 @@ def main(argv=None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (KeditError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (KeditError, OSError, ValueError) as e:  # OSError: missing files, a port in use, the Hub
         print(f"kedit {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 

@@ -338,3 +338,17 @@ def test_the_docs_example_edits_the_default_model_through_a_session(capsys):
     base, edited = capsys.readouterr().out.split(" p ")[0].split(" -> ")
     assert base.startswith("French") and edited.startswith("English")
     assert scope["session"].attached() == [] and list(scope["session"].packs) == [scope["name"]]
+
+
+def test_the_playground_command_on_a_port_in_use_says_so(tokenizer, tmp_path, capsys):
+    pytest.importorskip("gradio", reason="the playground extra is not installed: pip install 'hf-kedit[playground]'")
+    tiny_lm(tokenizer).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    capsys.readouterr()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert kedit(["playground", "--model", str(tmp_path / "tiny"), "--port", str(port)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading bar
+    assert last.startswith("kedit playground: OSError: Cannot find empty port") and str(port) in last

@@ -25,6 +25,7 @@ from ...partial_forward import lm_head_at, run_until
 from ...progress import StepBar
 from ...sampling import per_model, sample_texts, seeded
 from ..setting import setting
+from ..teacher_forcing import frozen
 from .stats import StatisticsConfig
 
 LOCATE = "docs/locate-and-edit.md"
@@ -188,10 +189,7 @@ def optimise_values(model, tokenizer, module, edits: list[Edit], templates: list
     n_templates, device = len(templates), model.device
     deltas, optimizers, first = [], [], {}  # first: what the first (unedited) pass reads
     active, step, fused = list(range(len(edits))), 0, False
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
+    with frozen(model):
         while active:
             members = active
             rows = [row for i in members for row in prompts[i].rows]
@@ -271,9 +269,6 @@ def optimise_values(model, tokenizer, module, edits: list[Edit], templates: list
             finally:
                 for handle in handles:
                     handle.remove()
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
     keys, values = first["keys"][:, :n_templates], first["value"]
     return [Solved(values[i] + deltas[i].detach(), keys[i].mean(0), keys[i, 0], values[i]) for i in range(len(edits))]
 
