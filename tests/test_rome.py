@@ -268,3 +268,19 @@ def test_steams_alignment_terms_stay_with_their_own_requests_in_a_batch(tokenize
         torch.testing.assert_close(solved.value, alone.value, atol=1e-5, rtol=1e-4)
     plain = optimise_value(model, tokenizer, module, edits[0], templates, config)
     assert (plain.value - together[0].value).norm() > 1e-3  # the term moved request 0's v*
+
+
+def test_a_target_that_names_the_subject_is_edited_at_the_subject_in_the_prompt(tokenizer, one_thread):
+    """zsRE has "What company is Vueling part of?" -> "Vueling Holdings": the value
+    optimisation's rows hold the target's first tokens, and the subject found there
+    put the cut, and the update, inside the target (and crashed on a short suffix)."""
+    from hf_kedit.methods.locate.core import _ValuePrompts
+
+    edit = Edit("v", "Vueling", "What company is {} part of?", "Vueling Holdings")
+    rows = _ValuePrompts.make(tokenizer, edit, ["{}", "Some text. {}"])
+    assert rows.cuts[:2] == [subject_last_index(tokenizer, edit.text, "Vueling"),
+                             subject_last_index(tokenizer, "Some text. " + edit.text, "Vueling")]
+    assert all(cut < len(tokenizer(p).input_ids) for cut, p in zip(rows.cuts, [edit.text, "Some text. " + edit.text]))
+    pack = rome_edit(tiny(tokenizer), tokenizer, [edit], ROMEConfig(covariance=False, steps=3, layer=1),
+                     progress=False)
+    assert pack.edits[0].tensors

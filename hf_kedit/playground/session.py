@@ -10,8 +10,8 @@ and the others still mean what they meant.
 Example:
     >>> session = Playground(model, tokenizer)
     >>> name = session.make("rome", "Danielle Darrieux", "The mother tongue of {} is", "English")
-    >>> [(a.base, a.edited) for a in session.answers(["The mother tongue of Danielle Darrieux is"], "English")]
-    [('French', 'English')]
+    >>> answer = session.answers(["The mother tongue of Danielle Darrieux is"], "English")[0]
+    >>> answer.base_p, answer.edited_p   # p(English) without and with the pack
     >>> session.switch(name, False)
 """
 from __future__ import annotations

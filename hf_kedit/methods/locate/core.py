@@ -288,10 +288,12 @@ class _ValuePrompts:
     def make(cls, tokenizer, edit: Edit, templates: list[str]) -> "_ValuePrompts":
         target = tokenizer(" " + edit.target_new.strip(), add_special_tokens=False).input_ids
         prefix = tokenizer.decode(target[:-1])
-        texts = [t.format(edit.prompt).replace("{}", edit.subject) + prefix for t in templates]
-        texts.append(f"{edit.subject} is a")
+        prompts = [t.format(edit.prompt).replace("{}", edit.subject) for t in templates] + [f"{edit.subject} is a"]
+        texts = [p + prefix for p in prompts[:-1]] + prompts[-1:]
+        # The subject is found in the prompt: a target that names it ("Vueling" -> "Vueling Holdings") must not move
+        # the cut, and the update, into the target.
         return cls([tokenizer(t).input_ids for t in texts],
-                   [subject_last_index(tokenizer, t, edit.subject) for t in texts], target)
+                   [subject_last_index(tokenizer, p, edit.subject) for p in prompts], target)
 
 
 @dataclass
