@@ -172,11 +172,9 @@ class Playground:
             if missing:
                 with self.stack.disable():
                     self._base_answers.update(zip([(p, target) for p in missing], self._read(missing, target)))
-            if self.all_disabled:
-                with self.stack.disable():
-                    edited = self._read(prompts, target)
-            else:
-                edited = self._read(prompts, target)
+            # Disabled, the model is the base model: its answers are the cached ones.
+            edited = ([self._base_answers[(p, target)] for p in prompts] if self.all_disabled
+                      else self._read(prompts, target))
             return [Answer(p, base, now, base_p, now_p) for p, (now, now_p) in zip(prompts, edited)
                     for base, base_p in [self._base_answers[(p, target)]]]
 
