@@ -114,3 +114,22 @@ def set_tensor(name, value):
 
 def kind_config_update(**fields):
     return lambda manifest: manifest["kind_config"].update(fields)
+
+
+def random_svf_pack(model, layers=(1,), n_edits=1, seed=0, prefix="e", scale=0.3, subject="S{}"):
+    """A singular_scale pack of `n_edits` edits, each z = 1 + `scale` · N(0, 1) on the
+    MLP output projection of every layer in `layers`, trained (as it were) on `model`'s SVD."""
+    from hf_kedit.kinds.singular_scale import singular_decomposition, weight_matrix
+    from hf_kedit.methods.builders import singular_scale_pack
+
+    g = torch.Generator().manual_seed(seed)
+    anatomy = anatomy_of(model)
+    modules = [anatomy.mlp_out(layer) for layer in layers]
+    spectra = {m: singular_decomposition(weight_matrix(model.get_submodule(m), model.get_submodule(m).weight))[1]
+               for m in modules}
+    edits, zs = [], {}
+    for i in range(n_edits):
+        eid = f"{prefix}{i}"
+        edits.append(Edit(eid, subject.format(i), "The capital of {} is", f"T{seed}-{i}", "Old"))
+        zs[eid] = {m: 1 + scale * torch.randn(len(S), generator=g) for m, S in spectra.items()}
+    return singular_scale_pack(model, "random", {"seed": seed}, edits, zs, spectra)

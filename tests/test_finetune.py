@@ -1,5 +1,5 @@
 """The fine-tuning baselines: LoRA and AdaLoRA trained as PEFT's own layers, FT-L's
-constrained dense change. Tiny random models with the default model's tokenizer."""
+constrained dense change, SVF's singular-value scales. Tiny random models with the default model's tokenizer."""
 from __future__ import annotations
 
 import pytest
@@ -10,10 +10,13 @@ from peft.tuners.adalora import AdaLoraModel
 from hf_kedit import EditPack, load_edits, remove_edits
 from hf_kedit.anatomy import anatomy_of, linear_shape
 from hf_kedit.errors import EditRequestError
+from hf_kedit.kinds.singular_scale import singular_decomposition, weight_matrix, z_name
 from hf_kedit.kinds.weight_delta import deltas_applied
 from hf_kedit.methods import AdaLoRAConfig, FTConfig, make_pack
+from hf_kedit.methods.finetune.svf import scaled
 from hf_kedit.methods.finetune.peft_tuning import ADAPTER, peft_adapter, trained_factors
-from hf_kedit.methods.teacher_forcing import fit_target, frozen, teacher_forced
+from hf_kedit.batching import padded
+from hf_kedit.methods.teacher_forcing import Kept, fit_target, frozen, teacher_forced
 from hf_kedit.pack import Edit
 from test_bad_input import raises_exactly
 from test_rome import tiny
@@ -23,7 +26,8 @@ EDIT = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", 
 ARCHS = ["llama", "gpt2"]  # an nn.Linear projection and GPT-2's transposed Conv1D
 QUICK = {"lora": {"steps": 3}, "adalora": {"steps": 8, "tinit": 2, "tfinal": 3, "delta_t": 1, "init_r": 4,
                                            "target_r": 2, "layers": [0, 1, 2]},
-         "ft": {"steps": 3, "layer": 1}}
+         "ft": {"steps": 3, "layer": 1}, "svf": {"steps": 3, "layers": [0, 2]}}
+KIND = {"lora": "weight_delta", "adalora": "weight_delta", "ft": "weight_delta", "svf": "singular_scale"}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,7 @@ def test_each_method_leaves_the_model_exactly_as_it_found_it(tokenizer, one_thre
     assert after_params.keys() == params.keys()
     assert all(torch.equal(after_params[n][0], p) and after_params[n][1] == flag for n, (p, flag) in params.items())
     assert all(p.grad is None for p in model.parameters())
-    assert pack.kind == "weight_delta" and pack.edits[0].tensors
+    assert pack.kind == KIND[method] and pack.edits[0].tensors
 
 
 def test_lora_through_peft_gives_the_factors_of_its_own_training_loop(tokenizer, one_thread):
@@ -157,6 +161,63 @@ def test_unconstrained_ft_and_adalora_make_the_target_likelier(tokenizer, one_th
         load_edits(model, make_pack(method, model, tokenizer, [EDIT], settings, progress=False), name=method)
         assert target_loss() < before - 0.5, method
         remove_edits(model, method)
+
+
+def test_kept_rows_share_the_edit_s_forward_pass_without_changing_its_loss(tokenizer, one_thread):
+    """Right padding leaves the edit's row as it reads alone; the kept rows' divergence
+    is zero before training and grows, weighted, as the model moves away from p₀."""
+    model = tiny(tokenizer)
+    ids, labels, _ = teacher_forced(tokenizer, EDIT.text, EDIT.target_new, "cpu")
+    long = tokenizer("A much longer text than the edit's own row, so that the edit's row is padded").input_ids
+    short = tokenizer("Danielle Darrieux is a").input_ids
+    kept = Kept.of(model, [long, short], [[0.5] * len(long), [0.0] * (len(short) - 1) + [2.0]], pad=0)
+    rows, mask = padded([long, short], 0, "cpu")
+    with torch.no_grad():
+        assert kept.divergence(model(input_ids=rows, attention_mask=mask).logits).item() == pytest.approx(0, abs=1e-6)
+    alone = fit_target(model, ids, labels, torch.optim.Adam([torch.zeros(1, requires_grad=True)]), 1, 1e9)
+    together = fit_target(model, ids, labels, torch.optim.Adam([torch.zeros(1, requires_grad=True)]), 1, 1e9,
+                          kept=kept, pad=0)
+    assert together == pytest.approx(alone, rel=1e-5)
+    module = anatomy_of(model).mlp_out(1)
+    out_f, in_f = linear_shape(model.get_submodule(module))
+    with torch.no_grad(), deltas_applied(model, {module: (torch.ones(1, in_f), torch.ones(out_f, 1))}):
+        moved = kept.divergence(model(input_ids=rows, attention_mask=mask).logits).item()
+        half = Kept(kept.rows, kept.weights / 2, kept.before).divergence(model(input_ids=rows, attention_mask=mask).logits)
+    assert moved > 1e-3 and half.item() == pytest.approx(moved / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_svf_s_pack_acts_as_the_z_it_trained_and_keeps_the_subject_s_distribution(tokenizer, one_thread, arch):
+    """Attached, the pack computes what the training hook computed with its z (one
+    map), the target gets likelier, and the KL term holds "{subject} is a" closer."""
+    model = tiny(tokenizer, arch)
+    ids, labels, _ = teacher_forced(tokenizer, EDIT.text, EDIT.target_new, "cpu")
+    keep = tokenizer(f"{EDIT.subject} is a", return_tensors="pt").input_ids
+
+    def losses():
+        with torch.no_grad():
+            logits = model(ids).logits
+            nll = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:]).item()
+            return logits, nll, torch.log_softmax(model(keep).logits[0, -1], -1)
+
+    _, before, p0 = losses()
+    anatomy = anatomy_of(model)
+    drift = {}
+    for kl in (0.0, 1.0):
+        settings = {"steps": 30, "lr": 0.5, "layers": [0, 1, 2], "kl_factor": kl, "stop_loss": 0.0}
+        pack = make_pack("svf", model, tokenizer, [EDIT], settings, progress=False)
+        modules = [anatomy.mlp_out(i) for i in range(3)]
+        decompositions = {m: singular_decomposition(weight_matrix(model.get_submodule(m), model.get_submodule(m).weight))
+                          for m in modules}
+        with torch.no_grad(), scaled(model, decompositions, {m: pack.tensors[z_name("e0", m)] for m in modules}):
+            trained = model(ids).logits
+        load_edits(model, pack, name="svf")
+        logits, after, p = losses()
+        remove_edits(model, "svf")
+        assert torch.allclose(logits, trained, atol=1e-4)
+        assert after < before - 0.3  # tiny random models: the MLP output moves the logits little
+        drift[kl] = (p0.exp() * (p0 - p)).sum().item()
+    assert drift[1.0] < drift[0.0]
 
 
 @pytest.mark.parametrize("config, match", [

@@ -142,7 +142,7 @@ class WeightDelta:
 
         def put(self, name: str, pack) -> None:
             """Attach `pack` as `name`, or replace the pack of that name in place."""
-            factors = factors_by_module(pack)
+            factors = self.factors_of(pack)
             old = self.packs.get(name)
             self.packs[name] = factors
             try:
@@ -153,6 +153,15 @@ class WeightDelta:
                 else:
                     self.packs[name] = old
                 raise
+
+        def factors_of(self, pack) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+            """What `pack` adds to each module, as factors (A [r, in], B [out, r])."""
+            return factors_by_module(pack)
+
+        @staticmethod
+        def fused(live: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+            """The live packs' factors of one module as one pair: concatenated along the rank."""
+            return torch.cat([a for a, _ in live], 0), torch.cat([b for _, b in live], 1)
 
         def remove(self, name: str) -> None:
             if name in self.merged:
@@ -203,7 +212,7 @@ class WeightDelta:
             fused = {}
             for module in modules:
                 live = [self.packs[n][module] for n in self.packs if n not in self.merged and module in self.packs[n]]
-                fused[module] = (torch.cat([a for a, _ in live], 0), torch.cat([b for _, b in live], 1)) if live else None
+                fused[module] = self.fused(live) if live else None
             targets = {m: self.model.get_submodule(m) for m, f in fused.items() if f and m not in self.hooks}
             for module, factors in fused.items():
                 if factors is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kinds import steering_map
+from ..kinds import singular_scale, steering_map
 from ..kinds.basis_intervention import BasisIntervention, BasisInterventionConfig, part_name
 from ..kinds.weight_delta import WeightDelta, factor_names, module_entry
 from ..pack import Edit, EditPack
@@ -55,3 +55,17 @@ def steering_map_pack(model: nn.Module, method: str, hyperparameters: dict, edit
     record = base_model_record(model, steering_map.SteeringMap.modules(config.to_dict(), model))
     return owning_pack(steering_map.SteeringMap.name, method, hyperparameters, edits, tensors, record,
                        config.to_dict())
+
+
+def singular_scale_pack(model: nn.Module, method: str, hyperparameters: dict, edits: list[Edit],
+                        zs: dict[str, dict[str, torch.Tensor]], spectra: dict[str, torch.Tensor]) -> EditPack:
+    """A `singular_scale` pack from per-edit, per-module z (`zs[edit_id][module]`), each
+    edit with mix weight 1, and the singular values `spectra[module]` they were trained on."""
+    tensors = {e.id: {singular_scale.mix_weight_name(e.id): torch.ones(1),
+                      **{singular_scale.z_name(e.id, m): z for m, z in zs[e.id].items()}} for e in edits}
+    modules = sorted({m for e in edits for m in zs[e.id]})
+    kind_config = {"modules": {m: singular_scale.module_entry(model, m, spectra[m]) for m in modules},
+                   "mix": singular_scale.MIX_RULE}
+    kind = singular_scale.SingularScale
+    return owning_pack(kind.name, method, hyperparameters, edits, tensors,
+                       base_model_record(model, kind.modules(kind_config, model)), kind_config)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch.nn import functional as F
+
+from ..batching import padded
 
 
 def teacher_forced(tokenizer, prompt: str, target: str, device) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -37,15 +40,50 @@ def frozen(model):
             p.requires_grad_(True)
 
 
+@dataclass
+class Kept:
+    """Token rows whose next-token distributions a trained edit must keep: the loss
+    gains Σ weight · KL(p₀ ‖ p) over the weighted positions, p₀ read before training.
+    `fit_target` reads them in the same forward pass as the edit's own row.
+
+    Example:
+        >>> kept = Kept.of(model, [tokenizer("Danielle Darrieux is a").input_ids], [[0] * 5 + [1.0]], pad=0)
+    """
+
+    rows: list[list[int]]
+    weights: torch.Tensor  # [n, T]: 0 where a position is not kept (padding included)
+    before: torch.Tensor  # [positions kept, vocab]: log p₀, in the order of weights.nonzero()
+
+    @classmethod
+    def of(cls, model, rows: list[list[int]], weights: list[list[float]], pad: int) -> "Kept":
+        """`rows` with one weight per token (the weight of the distribution after it), p₀ read from `model` now."""
+        device = next(model.parameters()).device
+        ids, mask = padded(rows, pad, device)
+        w = torch.zeros(ids.shape, device=device)
+        for i, row in enumerate(weights):
+            w[i, :len(row)] = torch.tensor(row, device=device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        return cls(rows, w, F.log_softmax(logits[w != 0].float(), -1))
+
+    def divergence(self, logits: torch.Tensor) -> torch.Tensor:
+        """Σ weight · KL(p₀ ‖ p) for `logits` [n, ≥T, vocab] of the rows (padded as `of` pads them)."""
+        now = F.log_softmax(logits[:, :self.weights.shape[1]][self.weights != 0].float(), -1)
+        return (self.weights[self.weights != 0] * (self.before.exp() * (self.before - now)).sum(-1)).sum()
+
+
 def fit_target(model, ids: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer, steps: int,
                stop_loss: float, on_step: Callable[[], object] | None = None, at_prompt_end: bool = False,
                after_step: Callable[[int], object] | None = None,
-               regulariser: Callable[[], torch.Tensor] | None = None) -> float:
+               regulariser: Callable[[], torch.Tensor] | None = None, kept: Kept | None = None,
+               pad: int = 0) -> float:
     """Up to `steps` Adam steps on the next-token loss of `labels` (−100: not scored),
     stopping once it is below `stop_loss`; the parameters are the optimizer's,
     applied to `model` by the caller's hooks; `on_step()` after each step
     (`progress.StepBar.step`), `after_step(i)` after the i-th parameter update
-    (a constraint, AdaLoRA's rank allocation), `regulariser()` added to the loss.
+    (a constraint, AdaLoRA's rank allocation), `regulariser()` added to the loss,
+    and `kept`'s divergence too, its rows run in one batch with the edit's
+    (right-padded with `pad`, so the edit's row reads as it does alone).
     With `at_prompt_end`, every target token is scored at the prompt's last
     position instead of each at its own (ROME's FT-L objective). The loss
     checked against `stop_loss` is the target's, without the regulariser.
@@ -58,9 +96,12 @@ def fit_target(model, ids: torch.Tensor, labels: torch.Tensor, optimizer: torch.
     scored = labels[0, 1:] != -100
     targets = labels[0, 1:][scored]
     prompt_end = int(scored.nonzero()[0])  # the position that predicts the first target token
+    width = ids.shape[1]
+    batch, mask = (ids, None) if kept is None else padded([ids[0].tolist()] + kept.rows, pad, ids.device)
     loss = float("nan")
     for step in range(steps):
-        logits = model(input_ids=ids).logits.float()[0, :-1]
+        every = model(input_ids=batch, attention_mask=mask).logits
+        logits = every[0, :width - 1].float()
         read = logits[prompt_end].expand(len(targets), -1) if at_prompt_end else logits[scored]
         step_loss = F.cross_entropy(read, targets)
         loss = step_loss.item()
@@ -70,6 +111,8 @@ def fit_target(model, ids: torch.Tensor, labels: torch.Tensor, optimizer: torch.
             break
         if regulariser:
             step_loss = step_loss + regulariser()
+        if kept is not None:
+            step_loss = step_loss + kept.divergence(every[1:])
         optimizer.zero_grad()
         step_loss.backward()
         optimizer.step()

@@ -38,6 +38,7 @@ from .self_sampled import self_sampled_texts
 
 STATS_MANIFEST = "kedit_stats.json"
 STATS_FORMAT_VERSION = 1
+TEXT_LENGTH = 128  # tokens per text of the corpus, at most
 
 
 @dataclass
@@ -68,7 +69,7 @@ def stats_file(layer: int) -> str:
 
 
 def key_second_moments(model, tokenizer, layers: list[int], corpus=None, n_tokens: int = 20_000,
-                       max_length: int = 128, batch_size: int = 8, progress: bool = True,
+                       max_length: int = TEXT_LENGTH, batch_size: int = 8, progress: bool = True,
                        source: str | os.PathLike | None = None) -> dict[int, torch.Tensor]:
     """C = E[k kᵀ] (float32, [d_ff, d_ff]) of the inputs k of each layer's MLP
     output projection over the non-pad tokens of `corpus` (an iterable of texts,
@@ -88,7 +89,7 @@ def key_second_moments(model, tokenizer, layers: list[int], corpus=None, n_token
 
 
 def push_stats(model, tokenizer, layers: list[int], repo_id: str, corpus=None, n_tokens: int = 20_000,
-               max_length: int = 128, batch_size: int = 8, branch: str | None = None, private: bool = False,
+               max_length: int = TEXT_LENGTH, batch_size: int = 8, branch: str | None = None, private: bool = False,
                token: str | None = None, progress: bool = True) -> str:
     """Upload the key statistics of `layers` (computed, or read from the local cache)
     to `repo_id` as one commit: one safetensors file per layer and the manifest
