@@ -203,3 +203,25 @@ def test_a_weight_is_decomposed_once_per_model_and_again_once_it_is_written(monk
         model.get_submodule(module_of(model)).weight.mul_(1.0)  # written in place: its version moves on
     load_edits(model, pack, name="svf")
     assert len(calls) == 2
+
+
+def test_a_pack_made_in_float32_attaches_to_the_same_weights_in_bfloat16():
+    """bf16 rounding moves the spectrum by less than the tolerance: the same model in
+    another dtype takes the pack, and it acts as it does in float32."""
+    model, low = tiny_model("llama"), tiny_model("llama", dtype=torch.bfloat16)
+    pack = random_svf_pack(model)
+    changes = []
+    for m in (model, low):
+        base = _logits(m).float()
+        load_edits(m, pack, name="svf")
+        changes.append((_logits(m).float() - base).flatten())
+    assert torch.nn.functional.cosine_similarity(changes[0], changes[1], 0) > 0.9  # bf16 logits round the change
+
+
+def test_exports_to_serving_formats_are_refused_with_the_reason(tmp_path):
+    pack = random_svf_pack(tiny_model("llama"))
+    with raises_exactly(PackFormatError, "singular_scale packs have no PEFT equivalent"):
+        pack.export_peft(tmp_path / "peft")
+    with raises_exactly(PackFormatError, "singular_scale packs have no llama.cpp LoRA equivalent"):
+        pack.export_gguf(tmp_path / "edits.gguf")
+    assert not (tmp_path / "peft").exists() and not (tmp_path / "edits.gguf").exists()
