@@ -1,5 +1,6 @@
 """Fitting an edit's target by teacher forcing: the one way the trained methods
-(LoRA, FT-L, ReFT, BaFT) read an edit as a training row and fit its parameters to it."""
+(LoRA, AdaLoRA, FT-L, SVF, ReFT, BaFT) read an edit as a training row and fit its
+parameters to it, with the rows whose distributions it must keep read alongside."""
 from __future__ import annotations
 
 from contextlib import contextmanager
