@@ -66,7 +66,7 @@ _DECOMPOSED: WeakKeyDictionary = WeakKeyDictionary()
 def decomposition(model: nn.Module, module: str, weight: torch.Tensor | None = None):
     """(U, S, Vᵀ) of `module`'s weight (or of `weight`, stored as the module stores
     its own), computed once per model and weight: again only if the weight is
-    another tensor or was written since (its version counter and its sum say so).
+    another tensor or holds other values (two checksums of them say so).
     The cache holds U and Vᵀ of every weight decomposed while the model lives.
 
     Example:
@@ -74,7 +74,10 @@ def decomposition(model: nn.Module, module: str, weight: torch.Tensor | None = N
     """
     m = model.get_submodule(module)
     with weight_present(m, weight) as w:
-        seen = (w.data_ptr(), w._version, w.dtype, tuple(w.shape), float(w.detach().double().sum()))
+        values = w.detach().double().flatten()
+        # What the weight holds, not how often it was written: a merge and its bit-exact unmerge leave it as it was.
+        seen = (w.data_ptr(), w.dtype, tuple(w.shape), float(values.sum()),
+                float(values @ torch.linspace(1, 2, len(values), dtype=torch.float64, device=values.device)))
         cache = _DECOMPOSED.setdefault(model, {})
         if module not in cache or cache[module][0] != seen:
             cache[module] = (seen, singular_decomposition(weight_matrix(m, w)))
