@@ -243,8 +243,10 @@ def test_requests_optimised_together_get_the_values_they_get_alone(tokenizer, mo
     together = locate.optimise_values(model, tokenizer, module, edits, templates, config,
                                       on_step=lambda: count.append(1))
     assert len(count) == sum(steps) and len(cuts) == 3
+    # Within rounding: a batch sums in another order, and 12 steps at lr 2.0 amplify that to ~1e-3
+    # relative on some CPUs (AMD EPYC here); a wrong δ per request is off by O(1).
     for a, b in zip(alone, together):
-        torch.testing.assert_close(b.value, a.value, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b.value, a.value, atol=1e-4, rtol=2e-3)
         torch.testing.assert_close(b.key, a.key, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(b.current_key, a.current_key, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(b.current_value, a.current_value, atol=1e-5, rtol=1e-4)
