@@ -104,11 +104,7 @@ def main():
             if name not in hook_us:
                 hook_us[name] = hook_microseconds_per_token(model)
             detach_all(model)
-    base = statistics.median(speeds["base model"])
-    rows = [{"condition": name, "tokens_per_s_median": statistics.median(v),
-             "tokens_per_s_iqr": quartiles(v), "runs": v, "relative_to_base": statistics.median(v) / base,
-             "hook_us_per_token": hook_us[name], "hook_share_of_base_token_time": hook_us[name] * 1e-6 * base}
-            for name, v in speeds.items()]
+    rows = generation_rows(speeds, hook_us)
 
     big = single_edit_packs(model, 1000, one_layer)
     thousand = EditPack(big[0].kind, "random", [e for p in big for e in p.edits],
@@ -138,11 +134,7 @@ def main():
                                "load_edits_s_median": statistics.median(attach_times),
                                "read_runs": read_times, "load_edits_runs": attach_times},
     }
-    table = ["| condition | tokens/s, median (p25-p75) | vs base | time in hooks per token | share of a base token |",
-             "|---|---|---|---|---|"]
-    table += [f"| {r['condition']} | {r['tokens_per_s_median']:.1f} ({r['tokens_per_s_iqr'][0]:.1f}-"
-              f"{r['tokens_per_s_iqr'][1]:.1f}) | {100 * r['relative_to_base']:.1f} % | "
-              f"{r['hook_us_per_token']:.0f} µs | {100 * r['hook_share_of_base_token_time']:.2f} % |" for r in rows]
+    table = generation_table(rows)
     table += ["", "| pack | value |", "|---|---|",
               f"| bytes per edit, one-edit pack folder (tensors + manifest + card) | {one_bytes} |",
               f"| bytes per edit, 1,000-edit pack folder | {thousand_bytes / 1000:.0f} |",
@@ -151,6 +143,26 @@ def main():
               f"| 1,000-edit pack: load_edits onto the model (median) | {statistics.median(attach_times):.3f} s |"]
     write_results(out, "\n".join(table), results)
     plot_tokens_per_s(rows, out / "tokens_per_s.png")
+
+
+def generation_rows(speeds: dict[str, list[float]], hook_us: dict[str, float]) -> list[dict]:
+    """Per condition: its tokens/s runs summarised against the "base model" condition's,
+    and its time in hooks per token."""
+    base = statistics.median(speeds["base model"])
+    return [{"condition": name, "tokens_per_s_median": statistics.median(v),
+             "tokens_per_s_iqr": quartiles(v), "runs": v, "relative_to_base": statistics.median(v) / base,
+             "hook_us_per_token": hook_us[name], "hook_share_of_base_token_time": hook_us[name] * 1e-6 * base}
+            for name, v in speeds.items()]
+
+
+def generation_table(rows: list[dict]) -> list[str]:
+    """The Markdown lines of `generation_rows`."""
+    table = ["| condition | tokens/s, median (p25-p75) | vs base | time in hooks per token | share of a base token |",
+             "|---|---|---|---|---|"]
+    return table + [f"| {r['condition']} | {r['tokens_per_s_median']:.1f} ({r['tokens_per_s_iqr'][0]:.1f}-"
+                    f"{r['tokens_per_s_iqr'][1]:.1f}) | {100 * r['relative_to_base']:.1f} % | "
+                    f"{r['hook_us_per_token']:.0f} µs | {100 * r['hook_share_of_base_token_time']:.2f} % |"
+                    for r in rows]
 
 
 def quartiles(values):

@@ -24,7 +24,8 @@ from hf_kedit.kinds.singular_scale import singular_decomposition, weight_matrix
 from hf_kedit.methods.builders import singular_scale_pack, weight_delta_pack
 from hf_kedit.methods.requests import edit_layers
 
-from attach_overhead import folder_bytes, hook_microseconds_per_token, plot_tokens_per_s, quartiles, tokens_per_second
+from attach_overhead import (folder_bytes, generation_rows, generation_table, hook_microseconds_per_token,
+                             plot_tokens_per_s, tokens_per_second)
 from bench_setup import arguments, prepared, write_results
 
 EDIT = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
@@ -70,10 +71,7 @@ def main():
             hook_us.setdefault(condition, hook_microseconds_per_token(model))
             if name is not None:
                 remove_edits(model, "p")
-    base = statistics.median(speeds["base model"])
-    rows = [{"condition": c, "tokens_per_s_median": statistics.median(v), "tokens_per_s_iqr": quartiles(v),
-             "runs": v, "relative_to_base": statistics.median(v) / base, "hook_us_per_token": hook_us[c],
-             "hook_share_of_base_token_time": hook_us[c] * 1e-6 * base} for c, v in speeds.items()]
+    rows = generation_rows(speeds, hook_us)
     sizes = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, pack in packs.items():
@@ -83,11 +81,7 @@ def main():
                "torch": torch.__version__, "new_tokens": args.new_tokens, "repeats": args.repeats,
                "generation": rows, "pack": sizes,
                "attach_s_median": {n: statistics.median(v) for n, v in attach_s.items()}}
-    table = ["| condition | tokens/s, median (p25-p75) | vs base | time in hooks per token | share of a base token |",
-             "|---|---|---|---|---|"]
-    table += [f"| {r['condition']} | {r['tokens_per_s_median']:.1f} ({r['tokens_per_s_iqr'][0]:.1f}-"
-              f"{r['tokens_per_s_iqr'][1]:.1f}) | {100 * r['relative_to_base']:.1f} % | "
-              f"{r['hook_us_per_token']:.0f} µs | {100 * r['hook_share_of_base_token_time']:.2f} % |" for r in rows]
+    table = generation_table(rows)
     table += ["", "| pack (one edit) | params | tensor bytes | folder bytes | attach, hooked (median) |",
               "|---|---|---|---|---|"]
     table += [f"| {n} | {s['params']} | {s['tensor_bytes']} | {s['folder_bytes']} | "

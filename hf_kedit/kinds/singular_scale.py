@@ -21,9 +21,9 @@ from weakref import WeakKeyDictionary
 import torch
 from torch import nn
 
-from ..anatomy import is_linear, linear_shape, weight_layout, weight_present
+from ..anatomy import linear_shape, weight_layout, weight_present
 from ..errors import IncompatiblePackError, PackFormatError
-from .weight_delta import WeightDelta
+from .weight_delta import WeightDelta, check_linear_targets
 
 SUFFIX_Z = ".svf_z"
 MIX_WEIGHT = "mix_weight"
@@ -173,19 +173,7 @@ class SingularScale:
     def check_model(pack, model: nn.Module) -> None:
         """Shapes only: the spectrum is checked at attach (`Runtime.put`), against the
         weights as they were before any merged pack changed them."""
-        for module, entry in pack.kind_config["modules"].items():
-            try:
-                m = model.get_submodule(module)
-            except AttributeError:
-                raise IncompatiblePackError(f"the pack edits {module!r}, which this model "
-                                            f"({type(model).__name__}) does not have") from None
-            if not is_linear(m):
-                raise IncompatiblePackError(f"the pack edits {module!r}, a {type(m).__name__} here: singular_scale "
-                                            "packs edit linear modules (nn.Linear, GPT-2's Conv1D) only")
-            if weight_layout(m) != entry["layout"] or list(linear_shape(m)) != entry["shape"]:
-                raise IncompatiblePackError(
-                    f"{module} is {weight_layout(m)} with (out, in) = {list(linear_shape(m))} here; the pack "
-                    f"expects {entry['layout']} with {entry['shape']}")
+        check_linear_targets(pack, model)
 
     class Runtime(WeightDelta.Runtime):
         """Every attached singular_scale pack of one model: weight_delta's fused hooks,

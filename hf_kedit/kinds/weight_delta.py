@@ -35,6 +35,25 @@ def module_entry(model: nn.Module, module: str) -> dict:
     return {"layout": weight_layout(m), "shape": list(linear_shape(m))}
 
 
+def check_linear_targets(pack, model: nn.Module) -> None:
+    """`IncompatiblePackError` unless every module of `pack.kind_config["modules"]` is a
+    linear module of `model` with the recorded layout and (out, in) shape: what both
+    kinds that change linear weights (weight_delta, singular_scale) ask of a model."""
+    for module, entry in pack.kind_config["modules"].items():
+        try:
+            m = model.get_submodule(module)
+        except AttributeError:
+            raise IncompatiblePackError(f"the pack edits {module!r}, which this model "
+                                        f"({type(model).__name__}) does not have") from None
+        if not is_linear(m):
+            raise IncompatiblePackError(f"the pack edits {module!r}, a {type(m).__name__} here: {pack.kind} "
+                                        "packs edit linear modules (nn.Linear, GPT-2's Conv1D) only")
+        if weight_layout(m) != entry["layout"] or list(linear_shape(m)) != entry["shape"]:
+            raise IncompatiblePackError(
+                f"{module} is {weight_layout(m)} with (out, in) = {list(linear_shape(m))} here; the pack "
+                f"expects {entry['layout']} with {entry['shape']}")
+
+
 class WeightDelta:
     name = "weight_delta"
     PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -75,19 +94,7 @@ class WeightDelta:
 
     @staticmethod
     def check_model(pack, model: nn.Module) -> None:
-        for module, entry in pack.kind_config["modules"].items():
-            try:
-                m = model.get_submodule(module)
-            except AttributeError:
-                raise IncompatiblePackError(f"the pack edits {module!r}, which this model "
-                                            f"({type(model).__name__}) does not have") from None
-            if not is_linear(m):
-                raise IncompatiblePackError(f"the pack edits {module!r}, a {type(m).__name__} here: weight_delta "
-                                            "packs edit linear modules (nn.Linear, GPT-2's Conv1D) only")
-            if weight_layout(m) != entry["layout"] or list(linear_shape(m)) != entry["shape"]:
-                raise IncompatiblePackError(
-                    f"{module} is {weight_layout(m)} with (out, in) = {list(linear_shape(m))} here; the pack "
-                    f"expects {entry['layout']} with {entry['shape']}")
+        check_linear_targets(pack, model)
         for module, (A, B) in factors_by_module(pack).items():
             m = model.get_submodule(module)
             size = _delta(m, A, B, torch.device("cpu")).abs().max().item()

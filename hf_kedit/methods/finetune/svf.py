@@ -11,11 +11,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
-from torch.nn import functional as F
 
 from ...anatomy import anatomy_of
 from ...batching import pad_id
 from ...kinds.singular_scale import decomposition
+from ...kinds.weight_delta import low_rank_delta
 from ...pack import Edit, EditPack
 from ...progress import StepBar
 from ..builders import singular_scale_pack
@@ -101,13 +101,10 @@ def own_texts(model, tokenizer, config: SVFConfig) -> list[list[int]]:
 def scaled(model, decompositions: dict, z: dict):
     """Run `model` with each named weight's singular values scaled by its z, for the
     block: the output gains U ((S ⊙ (z − 1)) ⊙ Vᵀx), differentiable in z."""
-    def hook(module, args, out, U, S, Vh, z):
-        x = args[0]
-        inner = F.linear(x, Vh.to(x.device, x.dtype)) * (S.to(x.device) * (z.to(x.device) - 1)).to(x.dtype)
-        return out + F.linear(inner, U.to(x.device, x.dtype))
-
+    # The kind's factors, A = Vᵀ and B = U diag(S ⊙ (z − 1)), so training computes what the attached pack will.
     handles = [model.get_submodule(name).register_forward_hook(
-        lambda m, a, o, U=U, S=S, Vh=Vh, v=z[name]: hook(m, a, o, U, S, Vh, v))
+        lambda m, args, out, U=U, S=S, Vh=Vh, v=z[name]: out + low_rank_delta(
+            args[0], Vh.to(args[0].device), (U * (S * (v - 1))).to(args[0].device)))
         for name, (U, S, Vh) in decompositions.items()]
     try:
         yield model
