@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,6 +35,14 @@ def main(argv=None) -> int:
     p.add_argument("--corpus", default=None, help="a text file (paragraphs); default: text the model samples")
     p.add_argument("--branch")
     p.add_argument("--private", action="store_true")
+
+    p = sub.add_parser("train-mend", help="train a MEND editor for a model on a data file of edits (once per model)")
+    _model_and_data(p)
+    p.add_argument("--held-out", action="append", default=[], metavar="FORMAT:PATH",
+                   help="cases to evaluate on later: training edits of their subjects are left out (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a training setting")
+    p.add_argument("--out", default=None, help="also write the editor into this folder")
+    p.add_argument("--push", default=None, metavar="REPO_ID", help="also push the editor to this Hub repo")
 
     p = sub.add_parser("pull", help="download a pack from the Hub into a folder")
     p.add_argument("repo_id")
@@ -154,6 +163,30 @@ def _push_stats(args) -> int:
     return 0
 
 
+def _train_mend(args) -> int:
+    from .evaluate.cases import training_edits
+    from .evaluate.datasets import read_cases
+    from .methods.learned.mend import MENDTrainingConfig, train_mend
+    from .methods.learned.store import cached_editor_dir, push_editor
+    from .models import load_model
+
+    held_out = [c for spec in args.held_out for c in read_cases(*_format_and_path(spec))]
+    examples = training_edits(_cases(args), held_out)
+    model, tokenizer = load_model(args.model)
+    config = MENDTrainingConfig(**parse_settings(args.set))
+    editor = train_mend(model, tokenizer, examples, config, data_name=args.data)
+    folder = cached_editor_dir(model, editor.targets)
+    print(f"trained a MEND editor on {len(examples)} edits ({len(held_out)} held-out cases' subjects left out); "
+          f"cached in {folder}")
+    if args.out:
+        shutil.copytree(folder, args.out, dirs_exist_ok=True)
+        print(f"copied it to {args.out}")
+    if args.push:
+        print(f"pushed it to {args.push} at commit {push_editor(folder, args.push)}; edit with "
+              f"--set editor_source={args.push}")
+    return 0
+
+
 def _pull(args) -> int:
     from .pack.hub import pull_folder
     from .pack import PACK_FILES, read_pack
@@ -208,10 +241,15 @@ def _sequence(p) -> None:
 def _cases(args):
     from .evaluate.datasets import read_cases
 
-    fmt, sep, path = args.data.partition(":")
-    if not sep:
-        raise ValueError(f"--data {args.data!r}: write FORMAT:PATH, e.g. counterfact:data/counterfact.json")
+    fmt, path = _format_and_path(args.data)
     return read_cases(fmt, path, limit=None if args.limit is None else args.skip + args.limit)[args.skip:]
+
+
+def _format_and_path(spec: str) -> tuple[str, str]:
+    fmt, sep, path = spec.partition(":")
+    if not sep:
+        raise ValueError(f"{spec!r}: write FORMAT:PATH, e.g. counterfact:data/counterfact.json")
+    return fmt, path
 
 
 def parse_settings(pairs: list[str]) -> dict:
@@ -313,6 +351,7 @@ def _trace(args) -> int:
 
 
 COMMANDS = {"demo": _demo, "trace": _trace, "info": _info, "push": _push, "push-stats": _push_stats, "pull": _pull,
+            "train-mend": _train_mend,
             "export-peft": _export_peft, "export-gguf": _export_gguf, "edit": _edit, "eval": _eval, "bench": _bench,
             "playground": _playground}
 

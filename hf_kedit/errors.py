@@ -39,3 +39,8 @@ class StatsError(KeditError, ValueError):
 class MissingDependencyError(KeditError, ImportError):
     """A pack needs a package that is not installed (a steering router's
     sentence-embedding model); the message says what to `pip install`."""
+
+
+class EditorError(KeditError, ValueError):
+    """A trained editor (MEND's editor network, written by `train_mend`) that is
+    missing, malformed, or was trained on another model's weights."""

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 import transformers
-from huggingface_hub import constants
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .cache import cache_root
 from .pack.fingerprint import GGUF_REVISION_PREFIX
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -36,9 +36,8 @@ def default_cache_dir() -> Path:
     """Where the converted default model lives: `$HF_KEDIT_CACHE`, else `$HF_HOME/hf_kedit`,
     one folder per transformers major version (5.x saves a tokenizer class 4.x cannot read)."""
     gguf = default_gguf()
-    root = Path(os.environ.get("HF_KEDIT_CACHE") or Path(constants.HF_HOME) / "hf_kedit")
     major = transformers.__version__.split(".")[0]
-    return root / "default-model" / f"{gguf.stem}-{gguf.stat().st_size}-transformers{major}"
+    return cache_root() / "default-model" / f"{gguf.stem}-{gguf.stat().st_size}-transformers{major}"
 
 
 def load_default(dtype: torch.dtype = torch.float32, device_map=None):

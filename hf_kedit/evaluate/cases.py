@@ -34,3 +34,21 @@ class Case:
     edits: list[Edit]
     probes: dict[str, list[Probe]] = field(default_factory=dict)
     generation_prompts: list[str] = field(default_factory=list)
+
+
+def training_edits(cases: list[Case], held_out: list[Case] = ()) -> list:
+    """`cases` as training edits of a learned editor (MEND's `TrainingEdit`): each
+    case's edit, its generality prompts as rephrases, its locality prompts as the
+    unrelated prompts to keep. A case whose subject is the subject of an edit in
+    `held_out` (the cases the editor will be evaluated on) is left out.
+
+    Example:
+        >>> train = training_edits(read_cases("easyedit", "counterfact_easyedit.json"),
+        ...                        held_out=read_cases("counterfact", "counterfact.json"))
+    """
+    from ..methods.learned.mend import TrainingEdit
+
+    seen = {e.subject.casefold() for c in held_out for e in c.edits}
+    return [TrainingEdit(c.edits[0], [p.prompt for p in c.probes.get("generality", [])],
+                         [p.prompt for p in c.probes.get("locality", [])])
+            for c in cases if len(c.edits) == 1 and c.edits[0].subject.casefold() not in seen]

@@ -3,9 +3,10 @@ returns an `EditPack`, leaving the model as it found it. The methods live in
 families, one folder each, with the family's shared core beside one small
 file per method: `locate/` (ROME, MEMIT, AlphaEdit, STEAM: locate-and-edit,
 with its key statistics and head loss), `representation/` (ReFT, BaFT: basis
-interventions), `steering/` (SAKE, ActAdd: steering maps), `finetune/` (LoRA, AdaLoRA, FT-L, SVF)
-and `lifelong/` (UltraEdit: closed-form batches that continue a running
-state). `requests.py` checks requests and layer settings for all of them,
+interventions), `steering/` (SAKE, ActAdd: steering maps), `finetune/`
+(LoRA, AdaLoRA, FT-L, SVF), `lifelong/` (UltraEdit: closed-form batches that
+continue a running state) and `learned/` (MEND: an editor network trained
+once per base model). `requests.py` checks requests and layer settings for all of them,
 `history.py` is what sequential methods carry between batches, `builders.py`
 builds their packs; this module is the registry alone.
 """
@@ -21,6 +22,7 @@ from .finetune.adalora import AdaLoRAConfig, adalora_edit
 from .finetune.ft import FTConfig, ft_edit
 from .finetune.lora import LoRAConfig, lora_edit
 from .finetune.svf import SVFConfig, svf_edit
+from .learned.mend import MENDConfig, MENDTrainingConfig, mend_edit
 from .lifelong.ultraedit import LifelongNorm, UltraEditConfig, ultraedit_edit
 from .locate.alphaedit import AlphaEditConfig, EditedKeys, alphaedit_edit
 from .locate.memit import MEMITConfig, memit_edit
@@ -33,8 +35,12 @@ from .steering.sake import SAKEConfig, sake_edit
 
 METHODS = {"actadd": (actadd_edit, ActAddConfig), "adalora": (adalora_edit, AdaLoRAConfig), "alphaedit": (alphaedit_edit, AlphaEditConfig),
            "baft": (baft_edit, BaFTConfig), "ft": (ft_edit, FTConfig), "lora": (lora_edit, LoRAConfig), "memit": (memit_edit, MEMITConfig),
+           "mend": (mend_edit, MENDConfig),
            "reft": (reft_edit, ReFTConfig), "rome": (rome_edit, ROMEConfig), "sake": (sake_edit, SAKEConfig),
            "steam": (steam_edit, STEAMConfig), "svf": (svf_edit, SVFConfig), "ultraedit": (ultraedit_edit, UltraEditConfig)}
+
+# Methods trained once per base model before they edit: their training's config.
+TRAINING = {"mend": MENDTrainingConfig}
 
 
 # Methods that carry a history from one batch of a sequence to the next: its type.

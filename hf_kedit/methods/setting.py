@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import field, fields
 
 NOT_TUNED = "chosen here, not tuned"
-REGENERATE = ("python -c \"from hf_kedit.methods import METHODS; from hf_kedit.methods.setting import settings_page; "
-              "open('docs/settings.md', 'w').write(settings_page(METHODS))\"")
+REGENERATE = ("python -c \"from hf_kedit.methods import METHODS, TRAINING; from hf_kedit.methods.setting import "
+              "settings_page; open('docs/settings.md', 'w').write(settings_page(METHODS, TRAINING))\"")
 
 
 def setting(default, help: str, source: str):
@@ -32,8 +32,9 @@ def settings_table(config_class) -> str:
     return "\n".join(rows)
 
 
-def settings_page(methods: dict) -> str:
-    """docs/settings.md: one table per method of `methods` (name -> (edit function, config class))."""
+def settings_page(methods: dict, training: dict | None = None) -> str:
+    """docs/settings.md: one table per method of `methods` (name -> (edit function, config
+    class)), and one per config of `training` (name -> config class of a method's training)."""
     parts = ["# Method settings", "",
              "Every method's settings, with their defaults and where each default comes from. Written from the",
              "configs themselves (`hf_kedit.methods.setting`); regenerate with",
@@ -42,6 +43,8 @@ def settings_page(methods: dict) -> str:
              "as `--set key=value` on the command line.", ""]
     for name, (_, config_class) in sorted(methods.items()):
         parts += [f"## `{name}` ({config_class.__name__})", "", settings_table(config_class), ""]
+    for name, config_class in sorted((training or {}).items()):
+        parts += [f"## `{name}` training ({config_class.__name__})", "", settings_table(config_class), ""]
     return "\n".join(parts)
 
 

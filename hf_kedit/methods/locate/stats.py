@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import constants
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ...cache import cache_root
 from ...version import __version__
 from ...anatomy import anatomy_of, linear_shape
 from ...batching import pad_id, padded
@@ -60,7 +60,7 @@ class StatisticsConfig:
 
 
 def stats_dir() -> Path:
-    return Path(os.environ.get("HF_KEDIT_CACHE") or Path(constants.HF_HOME) / "hf_kedit") / "stats"
+    return cache_root() / "stats"
 
 
 def stats_file(layer: int) -> str:
