@@ -21,6 +21,7 @@ from hf_kedit.methods.learned.store import (EDITOR_MANIFEST, EDITOR_WEIGHTS, cac
                                             save_editor)
 from hf_kedit.methods.teacher_forcing import teacher_forced
 from hf_kedit.pack import Edit
+from hf_kedit.pack.hub import file_sha256
 from test_bad_input import raises_exactly
 from test_rome import tiny
 
@@ -204,7 +205,7 @@ def test_a_damaged_editor_folder_is_an_editor_error(tokenizer, trained, tmp_path
 
     def rewrite(tensors):
         save_file(tensors, str(weights_path))
-        manifest["sha256"] = __import__("hf_kedit.pack.hub", fromlist=["file_sha256"]).file_sha256(weights_path)
+        manifest["sha256"] = file_sha256(weights_path)
 
     if damage == "no manifest":
         manifest_path.unlink()

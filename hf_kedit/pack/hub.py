@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from huggingface_hub import HfApi, snapshot_download
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 
@@ -86,3 +88,17 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_listed_safetensors(path: Path, sha256: str, where, error: type[Exception], again: str) -> dict:
+    """The tensors of a safetensors file a manifest lists with its sha256 (shared
+    statistics, a trained editor), or `error` saying it is missing, corrupted or
+    unreadable and that the fix is to `again` (e.g. "push the statistics again")."""
+    if not path.is_file():
+        raise error(f"{where} lacks {path.name}, which its manifest lists; {again}")
+    if file_sha256(path) != sha256:
+        raise error(f"{where}: {path.name} is corrupted (its sha256 differs from the manifest's); {again}")
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise error(f"{where}: {path.name} is not a readable safetensors file ({e})") from None

@@ -24,14 +24,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ...cache import cache_root
 from ...errors import EditorError
 from ...pack.fingerprint import base_model_record
 from ...pack.format import read_manifest
-from ...pack.hub import file_sha256, push_folder, resolve_source
+from ...pack.hub import file_sha256, push_folder, read_listed_safetensors, resolve_source
 from ...version import __version__
 from .editor import MENDEditor
 
@@ -139,16 +138,8 @@ def _read_manifest(folder: Path, where) -> dict:
 
 
 def _read_tensors(folder: Path, where, manifest: dict, editor: MENDEditor) -> dict[str, torch.Tensor]:
-    path = folder / EDITOR_WEIGHTS
-    if not path.is_file():
-        raise EditorError(f"{where} lacks {EDITOR_WEIGHTS}, which its manifest names; save the editor again")
-    if file_sha256(path) != manifest["sha256"]:
-        raise EditorError(f"{where}: {EDITOR_WEIGHTS} is corrupted (its sha256 differs from the manifest's); "
-                          "save or push the editor again")
-    try:
-        tensors = load_file(str(path))
-    except SafetensorError as e:
-        raise EditorError(f"{where}: {EDITOR_WEIGHTS} is not a readable safetensors file ({e})") from None
+    tensors = read_listed_safetensors(folder / EDITOR_WEIGHTS, manifest["sha256"], where, EditorError,
+                                      "save or push the editor again")
     expected = editor.state_dict()
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     wrong = [n for n in expected if n in tensors and (tensors[n].shape != expected[n].shape

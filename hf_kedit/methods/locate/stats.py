@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -31,7 +31,7 @@ from ...batching import pad_id, padded
 from ...errors import StatsError
 from ...pack.fingerprint import base_model_record
 from ...pack.format import read_manifest
-from ...pack.hub import file_sha256, push_folder, resolve_source
+from ...pack.hub import file_sha256, push_folder, read_listed_safetensors, resolve_source
 from ...partial_forward import run_until
 from ..setting import setting
 from .self_sampled import self_sampled_texts
@@ -217,15 +217,8 @@ def _read_manifest(folder: Path, source) -> dict:
 
 def _read_layer(folder: Path, source, layer: int, entry: dict, module) -> torch.Tensor:
     path = folder / stats_file(layer)
-    if not path.is_file():
-        raise StatsError(f"{source} lacks {path.name}, which its manifest lists; push the statistics again")
-    if file_sha256(path) != entry["sha256"]:
-        raise StatsError(f"{source}: {path.name} is corrupted (its sha256 differs from the manifest's); push the "
-                         "statistics again")
-    try:
-        C = load_file(str(path)).get("second_moment")
-    except SafetensorError as e:
-        raise StatsError(f"{source}: {path.name} is not a readable safetensors file ({e})") from None
+    C = read_listed_safetensors(path, entry["sha256"], source, StatsError, "push the statistics again").get(
+        "second_moment")
     d = linear_shape(module)[1]
     if C is None or C.dtype != torch.float32 or list(C.shape) != [d, d]:
         found = "no 'second_moment'" if C is None else f"{C.dtype} {list(C.shape)}"
