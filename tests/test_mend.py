@@ -29,7 +29,7 @@ SUBJECTS = [("Danielle Darrieux", "English"), ("Michel Rocard", "German"), ("Alb
             ("Marie Curie", "Italian"), ("Johann Bach", "Dutch"), ("Leo Tolstoy", "Finnish")]
 EDITS = [Edit(f"e{i}", s, "The mother tongue of {} is", t) for i, (s, t) in enumerate(SUBJECTS)]
 EXAMPLES = [TrainingEdit(e, [f"{e.subject} grew up speaking"], ["The capital of France is"]) for e in EDITS]
-QUICK = MENDTrainingConfig(layers=(-2, -1), steps=24, rank=8, norm_edits=6, lr=1e-3, lr_lr=1e-3)
+QUICK = MENDTrainingConfig(layers=(-2, -1), steps=24, rank=8, norm_edits=6, lr=1e-3, lr_lr=1e-3, val_edits=0)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +145,25 @@ def test_training_lowers_the_edit_loss_and_keeps_the_model(tokenizer, cache, one
     assert all(not m._forward_hooks for m in model.modules())
     manifest = json.loads((cached_editor_dir(model, editor.targets) / EDITOR_MANIFEST).read_text())
     assert manifest["training"]["edits"] == len(EXAMPLES) and manifest["training"]["steps"] == 60
+    assert manifest["training"]["kept_step"] == 60 and manifest["training"]["validation"] == []
+
+
+def test_training_keeps_the_editor_of_the_lowest_validation_loss(tokenizer, cache, one_thread):
+    """A step size that overshoots makes later editors worse on the held-out edits;
+    the one kept is the best of those validated, not the last."""
+    model = tiny(tokenizer)
+    config = MENDTrainingConfig(**{**QUICK.__dict__, "steps": 12, "lr": 0.3, "lr_lr": 0.3, "val_edits": 2,
+                                   "val_every": 3, "norm_edits": 4})
+    editor = train_mend(model, tokenizer, EXAMPLES, config, progress=False)
+    training = json.loads((cached_editor_dir(model, editor.targets) / EDITOR_MANIFEST).read_text())["training"]
+    history = training["validation"]
+    assert [h["step"] for h in history] == [0, 3, 6, 9, 12] and training["edits"] == len(EXAMPLES) - 2
+    best = min(history, key=lambda h: h["loss"])
+    assert training["kept_step"] == best["step"] and best["loss"] < history[-1]["loss"]
+    with torch.no_grad():
+        kept = torch.stack([config.c_edit * (ls := _training_step(model, tokenizer, editor, ex, "cpu"))["edit"]
+                            + config.c_loc * ls["loc"] for ex in EXAMPLES[:2]]).mean().item()
+    assert kept == pytest.approx(best["loss"], abs=1e-4)
 
 
 def test_a_mend_pack_is_the_editors_update_and_comes_off_exactly(tokenizer, trained):
@@ -242,6 +261,9 @@ def test_training_needs_edits_and_checks_them(tokenizer, cache, one_thread):
         train_mend(model, tokenizer, [], QUICK, progress=False)
     with pytest.raises(KeditError):
         train_mend(model, tokenizer, [TrainingEdit(Edit("x", "", "{} is", "a"))], QUICK, progress=False)
+    with raises_exactly(EditRequestError, match="holds out the first 30 edits for validation and was given 6"):
+        train_mend(model, tokenizer, EXAMPLES, MENDTrainingConfig(**{**QUICK.__dict__, "val_edits": 30}),
+                   progress=False)
 
 
 def test_training_edits_leave_out_the_held_out_subjects():
@@ -264,7 +286,7 @@ def test_mend_on_the_default_model_end_to_end(default_model, cache, tmp_path):
                for i, e in enumerate(EDITS)]
     data = tmp_path / "train.json"
     data.write_text(json.dumps(records))
-    assert main(["train-mend", "--data", f"easyedit:{data}", "--set", "steps=4", "--set", "norm_edits=3",
+    assert main(["train-mend", "--data", f"easyedit:{data}", "--set", "steps=4", "--set", "norm_edits=3", "--set", "val_edits=2",
                  "--set", "rank=8", "--out", str(tmp_path / "editor")]) == 0
     assert (tmp_path / "editor" / EDITOR_MANIFEST).is_file()
     pack = make_pack("mend", model, tokenizer, EDITS[:1], {"editor_source": str(tmp_path / "editor")},

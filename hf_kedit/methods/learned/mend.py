@@ -62,6 +62,11 @@ class MENDTrainingConfig:
     c_loc: float = setting(1.0, "weight of the locality loss (KL on the unrelated prompts)", f"{MEND_CODE} (cloc)")
     norm_edits: int = setting(100, "training edits whose gradients give the editor's input normalisation",
                               "chosen here, not tuned (MEND keeps running statistics)")
+    grad_clip: float = setting(100.0, "largest norm of the editor's gradient in a step (clipped above it)",
+                               f"{MEND_CODE} (grad_clip)")
+    val_edits: int = setting(30, "the first training edits, held out: the editor of the lowest loss on them is "
+                             "the one kept; 0 keeps the last", "chosen here, not tuned")
+    val_every: int = setting(100, "steps between two validations", "chosen here, not tuned")
     seed: int = setting(0, "the seed of the editor's initialisation and the order of the training edits",
                         NOT_TUNED)
 
@@ -118,7 +123,9 @@ def train_mend(model, tokenizer, examples: list[TrainingEdit], config: MENDTrain
                progress: bool = True, data_name: str = "") -> MENDEditor:
     """Train a MEND editor for `model` on `examples` and keep it in the local cache,
     where `mend_edit` finds it (`cached_editor_dir(model, editor.targets)`; copy it
-    with `save_editor`, share it with `push_editor`). The model is left as it was.
+    with `save_editor`, share it with `push_editor`). The first `config.val_edits`
+    examples are held out, and the editor kept is the one of the lowest loss on
+    them. The model is left as it was.
 
     Example:
         >>> editor = train_mend(model, tokenizer, [TrainingEdit(edit, rephrases, unrelated), ...])
@@ -126,29 +133,66 @@ def train_mend(model, tokenizer, examples: list[TrainingEdit], config: MENDTrain
     config = config or MENDTrainingConfig()
     if not examples:
         raise EditRequestError("train_mend needs training edits; give a list of TrainingEdit")
+    if len(examples) <= config.val_edits:
+        raise EditRequestError(f"train_mend holds out the first {config.val_edits} edits for validation and was "
+                               f"given {len(examples)}; give more training edits or set val_edits lower")
     check_requests([ex.edit for ex in examples], subject_slot=False)
     targets = mend_targets(model, config.layers)
     torch.manual_seed(config.seed)
     device = model.get_submodule(targets[0]).weight.device
+    validation, examples = examples[:config.val_edits], examples[config.val_edits:]
     editor = MENDEditor.for_model(model, targets, config.rank, config.hidden_layers, config.edit_lr).to(device)
     _set_normalisation(model, tokenizer, editor, examples[:config.norm_edits], device)
     optimizer = torch.optim.Adam([{"params": list(editor.nets.parameters()), "lr": config.lr},
                                   {"params": [editor.edit_lr], "lr": config.lr_lr}])
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    started, recent = time.perf_counter(), []
+    started, recent, skipped, history, best = time.perf_counter(), [], 0, [], None
+
+    def validate(step):
+        nonlocal best
+        loss = _validation_loss(model, tokenizer, editor, validation, config, device)
+        history.append({"step": step, "loss": round(loss, 4)})
+        if best is None or loss < best[1]:  # NaN never wins
+            best = (step, loss, {k: v.detach().clone() for k, v in editor.state_dict().items()})
+
+    if validation:
+        validate(0)
     bar = tqdm(range(config.steps), desc="mend: training the editor", unit="step", disable=not progress)
     for step in bar:
         losses = _training_step(model, tokenizer, editor, examples[order[step % len(order)]], device)
-        optimizer.zero_grad()
-        (config.c_edit * losses["edit"] + config.c_loc * losses["loc"]).backward()
-        optimizer.step()
+        loss = config.c_edit * losses["edit"] + config.c_loc * losses["loc"]
+        if torch.isfinite(loss):  # one overflowing edit must not poison Adam's moments
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(editor.parameters(), config.grad_clip)
+            optimizer.step()
+        else:
+            skipped += 1
         recent = (recent + [{k: v.item() for k, v in losses.items()}])[-100:]
-        bar.set_postfix({k: f"{sum(r[k] for r in recent) / len(recent):.3f}" for k in recent[0]}, refresh=False)
+        if validation and ((step + 1) % config.val_every == 0 or step + 1 == config.steps):
+            validate(step + 1)
+        postfix = {k: f"{sum(r[k] for r in recent) / len(recent):.3f}" for k in recent[0]}
+        bar.set_postfix({**postfix, **({"val": f"{history[-1]['loss']:.3f}"} if history else {})}, refresh=False)
+    if best is not None:
+        editor.load_state_dict(best[2])
     training = {"data": data_name, "edits": len(examples), **asdict(config), "layers": list(config.layers),
-                "seconds": round(time.perf_counter() - started, 1),
-                "last_100_steps": {k: round(sum(r[k] for r in recent) / len(recent), 4) for k in recent[0]}}
+                "seconds": round(time.perf_counter() - started, 1), "skipped_steps": skipped,
+                "last_100_steps": {k: round(sum(r[k] for r in recent) / len(recent), 4) for k in recent[0]},
+                "validation": history, "kept_step": best[0] if best else config.steps,
+                "edit_lr": [round(x, 8) for x in editor.edit_lr.tolist()]}
     save_editor(editor, cached_editor_dir(model, targets), model, training)
     return editor
+
+
+def _validation_loss(model, tokenizer, editor: MENDEditor, examples: list[TrainingEdit],
+                     config: MENDTrainingConfig, device) -> float:
+    """The training loss, averaged over held-out edits, with no gradient for the editor."""
+    total = 0.0
+    with torch.no_grad():  # edit_gradients turns autograd back on for the model's own gradient
+        for ex in examples:
+            losses = _training_step(model, tokenizer, editor, ex, device)
+            total += (config.c_edit * losses["edit"] + config.c_loc * losses["loc"]).item()
+    return total / len(examples)
 
 
 def _set_normalisation(model, tokenizer, editor: MENDEditor, examples: list[TrainingEdit], device) -> None:
