@@ -14,6 +14,7 @@ from hf_kedit.anatomy import anatomy_of
 from hf_kedit.errors import EditorError, EditRequestError, KeditError
 from hf_kedit.evaluate.cases import Case, Probe, training_edits
 from hf_kedit.methods import make_pack
+from hf_kedit.methods.learned import mend
 from hf_kedit.methods.learned.editor import MENDEditor, edit_gradients
 from hf_kedit.methods.learned.mend import (MENDConfig, MENDTrainingConfig, TrainingEdit, _training_step,
                                            mend_targets, train_mend)
@@ -148,16 +149,26 @@ def test_training_lowers_the_edit_loss_and_keeps_the_model(tokenizer, cache, one
     assert manifest["training"]["kept_step"] == 60 and manifest["training"]["validation"] == []
 
 
-def test_training_keeps_the_editor_of_the_lowest_validation_loss(tokenizer, cache, one_thread):
+def test_training_keeps_the_editor_of_the_lowest_validation_loss(tokenizer, cache, one_thread, monkeypatch):
     """A step size that overshoots makes later editors worse on the held-out edits;
-    the one kept is the best of those validated, not the last."""
+    the one kept is the best of those validated, not the last. The progress bar
+    counts training and validation edits and ends exactly at its total."""
+    bars = []
+
+    class Recorded(mend.tqdm):
+        def close(self):
+            bars.append((self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(mend, "tqdm", Recorded)
     model = tiny(tokenizer)
     config = MENDTrainingConfig(**{**QUICK.__dict__, "steps": 12, "lr": 0.3, "lr_lr": 0.3, "val_edits": 2,
-                                   "val_every": 3, "norm_edits": 4})
-    editor = train_mend(model, tokenizer, EXAMPLES, config, progress=False)
+                                   "val_every": 5, "norm_edits": 4})
+    editor = train_mend(model, tokenizer, EXAMPLES, config, progress=True)
+    assert bars[0] == (12 + 4 * 2, 12 + 4 * 2)  # validations at steps 0, 5, 10 and 12, of 2 edits each
     training = json.loads((cached_editor_dir(model, editor.targets) / EDITOR_MANIFEST).read_text())["training"]
     history = training["validation"]
-    assert [h["step"] for h in history] == [0, 3, 6, 9, 12] and training["edits"] == len(EXAMPLES) - 2
+    assert [h["step"] for h in history] == [0, 5, 10, 12] and training["edits"] == len(EXAMPLES) - 2
     best = min(history, key=lambda h: h["loss"])
     assert training["kept_step"] == best["step"] and best["loss"] < history[-1]["loss"]
     with torch.no_grad():
@@ -264,6 +275,14 @@ def test_training_needs_edits_and_checks_them(tokenizer, cache, one_thread):
     with raises_exactly(EditRequestError, match="holds out the first 30 edits for validation and was given 6"):
         train_mend(model, tokenizer, EXAMPLES, MENDTrainingConfig(**{**QUICK.__dict__, "val_edits": 30}),
                    progress=False)
+
+
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"val_every": 0}, {"rank": 2.5}, {"val_edits": -1},
+                                 {"lr": 0.0}, {"grad_clip": -1.0}])
+def test_a_bad_training_setting_is_refused_by_name(bad):
+    name = next(iter(bad))
+    with raises_exactly(EditRequestError, match=f"^{name}="):
+        MENDTrainingConfig(**bad)
 
 
 def test_training_edits_leave_out_the_held_out_subjects():

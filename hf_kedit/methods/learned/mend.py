@@ -70,6 +70,16 @@ class MENDTrainingConfig:
     seed: int = setting(0, "the seed of the editor's initialisation and the order of the training edits",
                         NOT_TUNED)
 
+    def __post_init__(self):
+        for name in ("rank", "steps", "norm_edits", "val_every"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise EditRequestError(f"{name}={getattr(self, name)!r}: give a whole number of at least 1")
+        if not (isinstance(self.val_edits, int) and self.val_edits >= 0):
+            raise EditRequestError(f"val_edits={self.val_edits!r}: give a whole number, 0 for no validation")
+        for name in ("lr", "lr_lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise EditRequestError(f"{name}={getattr(self, name)!r}: give a positive number")
+
 
 @dataclass
 class TrainingEdit:
@@ -150,15 +160,19 @@ def train_mend(model, tokenizer, examples: list[TrainingEdit], config: MENDTrain
 
     def validate(step):
         nonlocal best
-        loss = _validation_loss(model, tokenizer, editor, validation, config, device)
+        loss = _validation_loss(model, tokenizer, editor, validation, config, device, on_edit=lambda: bar.update(1))
         history.append({"step": step, "loss": round(loss, 4)})
         if best is None or loss < best[1]:  # NaN never wins
             best = (step, loss, {k: v.detach().clone() for k, v in editor.state_dict().items()})
 
+    # The bar counts training edits and validation edits alike (each about one forward
+    # and backward), so validating every val_every steps does not make the estimate jump.
+    validations = (1 + -(-config.steps // config.val_every)) if validation else 0
+    bar = tqdm(total=config.steps + validations * len(validation), desc="mend: training the editor",
+               unit="edit", disable=not progress)
     if validation:
         validate(0)
-    bar = tqdm(range(config.steps), desc="mend: training the editor", unit="step", disable=not progress)
-    for step in bar:
+    for step in range(config.steps):
         losses = _training_step(model, tokenizer, editor, examples[order[step % len(order)]], device)
         loss = config.c_edit * losses["edit"] + config.c_loc * losses["loc"]
         if torch.isfinite(loss):  # one overflowing edit must not poison Adam's moments
@@ -173,6 +187,8 @@ def train_mend(model, tokenizer, examples: list[TrainingEdit], config: MENDTrain
             validate(step + 1)
         postfix = {k: f"{sum(r[k] for r in recent) / len(recent):.3f}" for k in recent[0]}
         bar.set_postfix({**postfix, **({"val": f"{history[-1]['loss']:.3f}"} if history else {})}, refresh=False)
+        bar.update(1)
+    bar.close()
     if best is not None:
         editor.load_state_dict(best[2])
     training = {"data": data_name, "edits": len(examples), **asdict(config), "layers": list(config.layers),
@@ -185,13 +201,14 @@ def train_mend(model, tokenizer, examples: list[TrainingEdit], config: MENDTrain
 
 
 def _validation_loss(model, tokenizer, editor: MENDEditor, examples: list[TrainingEdit],
-                     config: MENDTrainingConfig, device) -> float:
+                     config: MENDTrainingConfig, device, on_edit=lambda: None) -> float:
     """The training loss, averaged over held-out edits, with no gradient for the editor."""
     total = 0.0
     with torch.no_grad():  # edit_gradients turns autograd back on for the model's own gradient
         for ex in examples:
             losses = _training_step(model, tokenizer, editor, ex, device)
             total += (config.c_edit * losses["edit"] + config.c_loc * losses["loc"]).item()
+            on_edit()
     return total / len(examples)
 
 
