@@ -176,8 +176,8 @@ def _train_mend(args) -> int:
     config = MENDTrainingConfig(**parse_settings(args.set))
     editor = train_mend(model, tokenizer, examples, config, data_name=args.data)
     folder = cached_editor_dir(model, editor.targets)
-    print(f"trained a MEND editor on {len(examples)} edits ({len(held_out)} held-out cases' subjects left out); "
-          f"cached in {folder}")
+    print(f"trained a MEND editor on {len(examples) - config.val_edits} edits, validated on {config.val_edits} "
+          f"({len(held_out)} held-out cases' subjects left out); cached in {folder}")
     if args.out:
         shutil.copytree(folder, args.out, dirs_exist_ok=True)
         print(f"copied it to {args.out}")

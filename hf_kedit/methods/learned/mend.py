@@ -195,7 +195,7 @@ def train_mend(model, tokenizer, examples: list[TrainingEdit], config: MENDTrain
                 "seconds": round(time.perf_counter() - started, 1), "skipped_steps": skipped,
                 "last_100_steps": {k: round(sum(r[k] for r in recent) / len(recent), 4) for k in recent[0]},
                 "validation": history, "kept_step": best[0] if best else config.steps,
-                "edit_lr": [round(x, 8) for x in editor.edit_lr.tolist()]}
+                "learned_edit_lr": [round(x, 8) for x in editor.edit_lr.tolist()]}
     save_editor(editor, cached_editor_dir(model, targets), model, training)
     return editor
 
