@@ -1,13 +1,18 @@
 """Edit quality against the rank a pack is compacted to for serving: ROME edits
-of the first N CounterFact cases as one pack, attached together, scored as
+of the first N cases of --data as one pack, attached together, scored as
 they are and with each weight's change compacted (truncated SVD,
 `weight_delta.compacted`) to each rank of --ranks; the unedited model beside.
-Prints a Markdown table; writes results.json, results.md and compact_rank.png
-into --out.
+All N cases are scored, or a fixed sample of --score-sample of them (the same
+cases in every row). Prints a Markdown table; writes results.json, results.md
+and compact_rank.png into --out.
 
     python benchmarks/compact_rank.py --cases 100 --ranks 64,32,16,8,4,1 --out docs/bench/compact-rank-100
+    python benchmarks/compact_rank.py --data easyedit:../shared/data/counterfact_easyedit.json --cases 1000 \
+        --score-sample 200 --ranks 512,256,128,64,16,1 --out docs/bench/compact-rank-1000
 """
 from __future__ import annotations
+
+import random
 
 import torch
 
@@ -27,18 +32,23 @@ SCORES = [(m, k) for m in METRICS for k in ("cmp", "tf", "gen")]
 
 def main() -> None:
     p = arguments(__doc__, out=None)
-    p.add_argument("--data", default="../shared/data/counterfact.json")
-    p.add_argument("--cases", type=int, default=100)
+    p.add_argument("--data", default="counterfact:../shared/data/counterfact.json", metavar="FORMAT:PATH")
+    p.add_argument("--cases", type=int, default=100, help="the first N cases are edited")
+    p.add_argument("--score-sample", type=int, default=None, help="score a fixed sample of this many of them")
     p.add_argument("--ranks", default="64,32,16,8,4,1")
     p.add_argument("--solve-at", default="templates", help="ROME's solve_at: many edits attached together "
                    "hold better with 'templates' (docs/locate-and-edit.md)")
     args = p.parse_args()
     model, tokenizer, out = prepared(args)
     config = EvalConfig(metrics=METRICS)
-    cases = read_cases("counterfact", args.data, limit=args.cases)
-    references = locality_references(model, tokenizer, cases, config)
+    data_format, _, path = args.data.partition(":")
+    cases = read_cases(data_format, path, limit=args.cases)
+    scored = cases
+    if args.score_sample is not None and args.score_sample < len(cases):
+        scored = [cases[i] for i in sorted(random.Random(0).sample(range(len(cases)), args.score_sample))]
+    references = locality_references(model, tokenizer, scored, config)
     scorer = Scorer(model, tokenizer, batch_size=config.batch_size)
-    selected = [config.select(c) for c in cases]
+    selected = [config.select(c) for c in scored]
 
     def scores(desc):
         return aggregate(score_cases(scorer, selected, references, desc))
@@ -65,10 +75,13 @@ def main() -> None:
         rank = int(name.rsplit(" ", 1)[1]) if name.startswith("compacted") else None
         share = f"{min(kept[rank].values()):.3f}" if rank else ("1" if name.startswith("pack") else "–")
         lines.append(f"| {name} | {share} | " + " | ".join(f"{row[m][k]:.2f}" for m, k in SCORES) + " |")
-    table = "\n".join(lines) + (f"\n\n{len(cases)} ROME edits (solve_at={args.solve_at!r}) of the first "
-                                f"{len(cases)} CounterFact cases, one pack, all attached; share: the smallest over "
-                                "the edited weights of ‖ΔW_k‖² / ‖ΔW‖².\n")
-    write_results(out, table, {"cases": len(cases), "full_rank": full, "rows": rows,
+    n_edits = sum(len(c.edits) for c in cases)
+    table = "\n".join(lines) + (f"\n\n{n_edits} ROME edits (solve_at={args.solve_at!r}) of the first "
+                                f"{len(cases)} cases of {path}, one pack, all attached, scored on "
+                                f"{len(scored)} of them; share: the smallest over the edited weights of "
+                                "‖ΔW_k‖² / ‖ΔW‖².\n")
+    write_results(out, table, {"data": args.data, "cases": len(cases), "edits": n_edits, "scored": len(scored),
+                               "scored_ids": [c.id for c in scored], "full_rank": full, "rows": rows,
                                "share_kept": {str(r): v for r, v in kept.items()}})
     runs = [f"compacted to rank {r}" for r in ranks] + [f"pack (rank {full})"]
     plot_against(out / "compact_rank.png", ranks + [full],

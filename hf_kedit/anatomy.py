@@ -118,16 +118,49 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return (cols, rows) if weight_layout(module) == "in_out" else (rows, cols)
 
 
+def execution_device(model: nn.Module, name: str = "") -> torch.device:
+    """The device the submodule `name` of `model` computes on: the execution
+    device of accelerate's hook on it or on the nearest module above it (a model
+    dispatched with a device map, or offloaded to CPU or disk, whose weights wait
+    on `meta` between forwards), else that of its first parameter not on `meta`.
+
+    Example:
+        >>> execution_device(model, "model.layers.5.mlp.down_proj")
+        device(type='cpu')
+    """
+    parts = name.split(".") if name else []
+    for depth in range(len(parts), -1, -1):
+        hook = getattr(model.get_submodule(".".join(parts[:depth])), "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]):  # accelerate's SequentialHook holds several
+            device = getattr(h, "execution_device", None)
+            if device is not None:
+                return torch.device(device)
+    for p in (*model.get_submodule(name).parameters(), *model.parameters()):
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where `model`'s input ids go: the device its input embedding computes on
+    (`model.device`, the first parameter's, is `meta` on an offloaded model)."""
+    embeddings = model.get_input_embeddings()
+    name = next((n for n, m in model.named_modules() if m is embeddings), "")
+    return execution_device(model, name)
+
+
 @contextmanager
-def weight_present(module: nn.Module, weight: torch.Tensor | None = None):
-    """`weight`, or the module's weight where it can be read (accelerate's
-    offloaded weights brought to the CPU for the block)."""
+def weight_present(module: nn.Module, weight: torch.Tensor | None = None, device: str | None = "cpu"):
+    """`weight`, or the module's weight where it can be read: accelerate's
+    offloaded weights brought to `device` for the block (None: to the device
+    the module computes on). The tensor stays valid in the block even if a
+    forward of the module offloads its weight again meanwhile."""
     if weight is not None:
         yield weight
     # accelerate's offload keeps weights on `meta` until forward; bring them in to read them.
     elif module.weight.device.type == "meta":
         from accelerate.utils import align_module_device
-        with align_module_device(module, execution_device="cpu"):
+        with align_module_device(module, execution_device=device):
             yield module.weight.detach()
     else:
         yield module.weight.detach()

@@ -13,7 +13,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="edit a fact on the default model, save, reload, remove")
-    p.add_argument("--model", default="default", help='"default", a local folder or a Hub id')
+    _model_options(p)
     p.add_argument("--out", default="demo-pack", help="where to save the pack")
     p.add_argument("--overwrite", action="store_true", help="replace a pack already in --out")
 
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("push-stats", help="upload a model's key statistics (ROME, MEMIT) to the Hub for reuse")
     p.add_argument("repo_id")
-    p.add_argument("--model", default="default", help='"default", a local folder or a Hub id')
+    _model_options(p)
     p.add_argument("--layers", required=True, type=_layer_list, help="comma-separated layer indices, e.g. 4,5,6")
     p.add_argument("--tokens", type=int, default=20_000, help="how many tokens the statistics read")
     p.add_argument("--corpus", default=None, help="a text file (paragraphs); default: text the model samples")
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the folder to write results.json, results.md and plots into")
 
     p = sub.add_parser("trace", help="causal tracing of a fact: where the model reads it (heatmap PNG)")
-    p.add_argument("--model", default="default", help='"default", a local folder or a Hub id')
+    _model_options(p)
     p.add_argument("--prompt", required=True, help="the fact's prompt, e.g. 'The mother tongue of Danielle Darrieux is'")
     p.add_argument("--subject", required=True)
     p.add_argument("--kind", default="hidden", help="hidden (restore hidden states) or mlp (MLP outputs)")
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="trace.png")
 
     p = sub.add_parser("playground", help="a page in the browser: make an edit, compare answers, switch packs")
-    p.add_argument("--model", default="default", help='"default", a local folder or a Hub id')
+    _model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="the address to serve on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860)
 
@@ -115,7 +115,8 @@ def main(argv=None) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    return 0 if run_demo(args.out, args.model, overwrite=args.overwrite) else 1
+    return 0 if run_demo(args.out, args.model, overwrite=args.overwrite, device_map=args.device_map,
+                         offload_folder=args.offload_folder) else 1
 
 
 def _info(args) -> int:
@@ -151,10 +152,9 @@ def _layer_list(text: str) -> list[int]:
 
 
 def _push_stats(args) -> int:
-    from .models import load_model
     from .methods.locate.stats import push_stats
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = _loaded(args)
     sha = push_stats(model, tokenizer, args.layers, args.repo_id, corpus=args.corpus, n_tokens=args.tokens,
                      branch=args.branch, private=args.private)
     corpus = f" --set stats_corpus={args.corpus}" if args.corpus else ""
@@ -168,11 +168,10 @@ def _train_mend(args) -> int:
     from .evaluate.datasets import read_cases
     from .methods.learned.mend import MENDTrainingConfig, train_mend
     from .methods.learned.store import cached_editor_dir, push_editor
-    from .models import load_model
 
     held_out = [c for spec in args.held_out for c in read_cases(*_format_and_path(spec))]
     examples = training_edits(_cases(args), held_out)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = _loaded(args)
     config = MENDTrainingConfig(**parse_settings(args.set))
     editor = train_mend(model, tokenizer, examples, config, data_name=args.data)
     folder = cached_editor_dir(model, editor.targets)
@@ -222,8 +221,36 @@ def _export_peft(args) -> int:
     return 0
 
 
-def _model_and_data(p) -> None:
+def _model_options(p) -> None:
     p.add_argument("--model", default="default", help='"default", a local folder or a Hub id')
+    p.add_argument("--device-map", default=None, type=_device_map,
+                   help='where the layers go, as transformers\' from_pretrained takes it: "auto", "balanced", '
+                        '"sequential", a device ("cpu", "cuda:0"), or a JSON object of module name -> device '
+                        '("disk" offloads to --offload-folder)')
+    p.add_argument("--offload-folder", default=None, help="where layers the device map puts on disk are kept")
+
+
+def _device_map(text: str):
+    if not text.lstrip().startswith("{"):
+        return text
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--device-map {text!r} is not valid JSON: {e}") from None
+    if not isinstance(mapping, dict):
+        raise argparse.ArgumentTypeError(f"--device-map {text!r}: give a JSON object of module name -> device")
+    return mapping
+
+
+def _loaded(args):
+    """(model, tokenizer) as the command's --model, --device-map and --offload-folder say."""
+    from .models import load_model
+
+    return load_model(args.model, device_map=args.device_map, offload_folder=args.offload_folder)
+
+
+def _model_and_data(p) -> None:
+    _model_options(p)
     p.add_argument("--data", required=True, metavar="FORMAT:PATH",
                    help="counterfact, zsre, ripple, mquake, knowedit or easyedit, and a file")
     p.add_argument("--limit", type=int, default=None, help="the first N records (after --skip)")
@@ -276,10 +303,9 @@ def _config(args):
 
 def _edit(args) -> int:
     from .methods import make_pack
-    from .models import load_model
 
     cases = _cases(args)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = _loaded(args)
     pack = make_pack(args.method, model, tokenizer, [e for c in cases for e in c.edits], parse_settings(args.set))
     pack.save_pretrained(args.out, overwrite=args.overwrite)
     print(f"wrote {len(pack.edits)} {args.method} edits to {args.out}")
@@ -290,12 +316,11 @@ def _eval(args) -> int:
     from .attach import load_edits
     from .evaluate.harness import evaluate, locality_references
     from .evaluate.report import markdown_table
-    from .models import load_model
 
     if args.pack and args.method:
         raise ValueError("give --pack or --method, not both")
     cases, config = _cases(args), _config(args)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = _loaded(args)
     references = locality_references(model, tokenizer, cases, config)  # before any pack changes the model
     for pack in args.pack:
         load_edits(model, pack, tokenizer=tokenizer)
@@ -312,7 +337,6 @@ def _eval(args) -> int:
 def _bench(args) -> int:
     from .evaluate.bench import run_bench
     from .evaluate.harness import known_methods
-    from .models import load_model
 
     methods = args.methods.split(",")
     unknown = [m for m in methods if m.partition("@")[0] not in known_methods()]
@@ -325,7 +349,7 @@ def _bench(args) -> int:
             raise ValueError(f"--set {key}=...: write METHOD.KEY=VALUE, e.g. lora.rank=2")
         settings.setdefault(method, {})[name] = value
     cases, config = _cases(args), _config(args)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = _loaded(args)
     run_bench(model, tokenizer, cases, methods, args.modes.split(","), settings, config, args.out, args.model)
     return 0
 
@@ -333,15 +357,15 @@ def _bench(args) -> int:
 def _playground(args) -> int:
     from .playground import launch
 
-    launch(args.model, host=args.host, port=args.port)
+    launch(args.model, host=args.host, port=args.port, device_map=args.device_map,
+           offload_folder=args.offload_folder)
     return 0
 
 
 def _trace(args) -> int:
-    from .models import load_model
     from .trace import trace
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = _loaded(args)
     result = trace(model, tokenizer, args.prompt, args.subject, kind=args.kind, samples=args.samples)
     result.plot(args.out)
     print(f"answer {result.answer!r}: p = {result.clean:.3f} clean, {result.corrupted:.3f} with the subject "

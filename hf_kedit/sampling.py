@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from .anatomy import input_device
+
 _PER_MODEL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -52,7 +54,7 @@ def sample_texts(model, tokenizer, n: int, new_tokens: int, top_k: int,
     """`n` texts of `new_tokens` sampled tokens (top-k) from the start token;
     `on_step(n)` after each step (a progress bar's `update`)."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((n, 1), start, device=model.device)
+    ids = torch.full((n, 1), start, device=input_device(model))
     steps = LogitsProcessorList([_EachStep(on_step)] if on_step else [])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=top_k,
                          max_new_tokens=new_tokens, pad_token_id=tokenizer.eos_token_id, logits_processor=steps)
@@ -68,7 +70,7 @@ def sibling_names(model, tokenizer, subject: str, n: int, new_tokens: int = 8) -
     """Up to `n` distinct names the model writes after "... {subject} and": things
     of the subject's kind (for "Brazil": Argentina, Chile, Portugal, ...), never
     the subject itself. Sampled with top-k 20; seed the caller's RNG (`seeded`)."""
-    ids = torch.tensor([tokenizer(SIBLING_FRAME.format(subject)).input_ids] * n, device=model.device)
+    ids = torch.tensor([tokenizer(SIBLING_FRAME.format(subject)).input_ids] * n, device=input_device(model))
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=20,
                          max_new_tokens=new_tokens, pad_token_id=tokenizer.eos_token_id)
     names = []

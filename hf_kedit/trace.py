@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .anatomy import anatomy_of, hidden_states
+from .anatomy import anatomy_of, hidden_states, input_device
 from .partial_forward import lm_head_at
 
 TRACED = ("hidden", "mlp")
@@ -82,7 +82,7 @@ def trace(model, tokenizer, prompt: str, subject: str, kind: str = "hidden", sam
     # The prefix without its trailing space: that space belongs to the subject's first token.
     start = len(tokenizer(prompt[:where].rstrip()).input_ids)
     end = len(tokenizer(prompt[:where + len(subject)]).input_ids)
-    inputs = torch.tensor([ids], device=model.device)
+    inputs = torch.tensor([ids], device=input_device(model))
     modules = [model.get_submodule(anatomy.layer(l) if kind == "hidden" else anatomy.mlp_out(l))
                for l in range(anatomy.num_layers)]
 
@@ -127,7 +127,7 @@ def trace(model, tokenizer, prompt: str, subject: str, kind: str = "hidden", sam
     scores = torch.zeros(tokens, anatomy.num_layers)
     # One batch per layer: every (token, noise sample) pair restores its own position.
     batch = corrupted.repeat(tokens, 1, 1)
-    positions = torch.arange(tokens, device=model.device).repeat_interleave(samples)
+    positions = torch.arange(tokens, device=inputs.device).repeat_interleave(samples)
     for layer in tqdm(range(anatomy.num_layers), desc="causal trace (layers)", disable=not progress):
         p = answer_probability(batch, (layer, positions))
         scores[:, layer] = p.view(tokens, samples).mean(1).cpu()

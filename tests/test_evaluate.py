@@ -138,6 +138,8 @@ def test_every_mode_edits_scores_and_leaves_the_model_as_it_was(model, tokenizer
         assert all(v is None or 0 <= v <= 1 for k, v in scores.items() if k != "entropy"), metric
     timing = result["timing"]
     assert timing["edit_seconds_median"] > 0 and timing["pack_bytes_per_edit"] > 1000
+    packs = {"single": 2, "batch": 1, "sequential": 2}[mode]  # sequential: EvalConfig's pack_cases, 1 case a pack
+    assert len(timing["edit_seconds_per_pack"]) == packs and all(s > 0 for s in timing["edit_seconds_per_pack"])
     assert 0 < 4 * timing["pack_params_per_edit"] < timing["pack_bytes_per_edit"]   # fp32 tensors + manifest + card
     assert set(result["per_case"]) == set(result["case_ids"])
 

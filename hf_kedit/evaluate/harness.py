@@ -149,6 +149,7 @@ def evaluate(model, tokenizer, cases: list[Case], method: str = "unedited", mode
         per_case, checkpoints = _sequential(model, tokenizer, cases, method, settings, config, scorer, score,
                                             edit_seconds, sizes, progress)
     eval_seconds = time.perf_counter() - start - sum(edit_seconds)
+    pack_seconds = list(edit_seconds)
     if method not in BASELINES:
         n_edits = sum(len(c.edits) for c in cases)
         if mode == "batch":  # one pack for all: its time per edit
@@ -160,6 +161,7 @@ def evaluate(model, tokenizer, cases: list[Case], method: str = "unedited", mode
         "metrics": aggregate(per_case), "per_case": per_case,
         "timing": {
             "edit_seconds_median": statistics.median(edit_seconds) if edit_seconds else None,
+            "edit_seconds_per_pack": pack_seconds,  # in the order made; in single mode the order of case_ids
             "eval_seconds": eval_seconds,
             "pack_bytes_per_edit": sum(b for b, _ in sizes) / n_edits if sizes else None,
             "pack_params_per_edit": sum(n for _, n in sizes) / n_edits if sizes else None,

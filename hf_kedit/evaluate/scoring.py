@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..anatomy import input_device
 from ..batching import pad_id, padded
 from ..kinds.prompt_calls import prompt_lengths
 from ..partial_forward import lm_head_at
@@ -43,7 +44,7 @@ class Scorer:
     def __init__(self, model, tokenizer, batch_size: int = 16):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.pad_id = pad_id(tokenizer)
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt).input_ids

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
+from ..anatomy import input_device
 from ..batching import padded
 
 
@@ -58,7 +59,7 @@ class Kept:
     @classmethod
     def of(cls, model, rows: list[list[int]], weights: list[list[float]], pad: int) -> "Kept":
         """`rows` with one weight per token (the weight of the distribution after it), p₀ read from `model` now."""
-        device = next(model.parameters()).device
+        device = input_device(model)
         ids, mask = padded(rows, pad, device)
         w = torch.zeros(ids.shape, device=device)
         for i, row in enumerate(weights):

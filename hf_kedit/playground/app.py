@@ -226,8 +226,10 @@ def build_app(session: Playground, model_name: str = "default"):
     return app
 
 
-def launch(model_name: str = "default", host: str = "127.0.0.1", port: int | None = None) -> None:
-    """Load `model_name` and serve its playground until interrupted.
+def launch(model_name: str = "default", host: str = "127.0.0.1", port: int | None = None, device_map=None,
+           offload_folder=None) -> None:
+    """Load `model_name` (with `device_map` and `offload_folder`, as `load_model`
+    takes them) and serve its playground until interrupted.
 
     Example:
         >>> launch("default", port=7860)   # then open http://127.0.0.1:7860
@@ -235,7 +237,7 @@ def launch(model_name: str = "default", host: str = "127.0.0.1", port: int | Non
     from ..models import load_model
 
     _gradio()  # fail before loading the model when Gradio is missing
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = load_model(model_name, device_map=device_map, offload_folder=offload_folder)
     app = build_app(Playground(model, tokenizer), model_name)
     # One event at a time: they all share one model.
     app.queue(default_concurrency_limit=1)

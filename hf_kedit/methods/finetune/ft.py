@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ...anatomy import anatomy_of, linear_shape
+from ...anatomy import anatomy_of, input_device, linear_shape
 from ...errors import EditRequestError
 from ...kinds.weight_delta import deltas_applied
 from ...pack import Edit, EditPack
@@ -60,7 +60,7 @@ def ft_edit(model, tokenizer, requests: list[Edit], config: FTConfig | None = No
     layer = resolve_layer(config.layer, anatomy.num_layers, model, tokenizer, requests)
     name = anatomy.mlp_out(layer)
     out_f, in_f = linear_shape(model.get_submodule(name))
-    device = next(model.parameters()).device
+    device = input_device(model)
     factors = {}
     bar = StepBar(requests, config.steps, "ft: fine-tuning", disable=not progress)
     for edit in bar:

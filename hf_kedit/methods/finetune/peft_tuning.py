@@ -6,9 +6,10 @@ modules back (`unload`), with their own `requires_grad` flags, exactly as it was
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
+from accelerate.utils import align_module_device
 from torch import nn
 
 from ...anatomy import weight_layout
@@ -26,7 +27,14 @@ def peft_adapter(model: nn.Module, tuner_class, config):
         ...     ...  # train; read the factors with `trained_factors`
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    tuner = tuner_class(model, config, ADAPTER)
+    with ExitStack() as present:
+        # PEFT puts each adapter where its base weight is: for a weight accelerate keeps on `meta`
+        # between forwards, bring it in while the adapter is made, so the adapter is real.
+        for name in config.target_modules:
+            module = model.get_submodule(name)
+            if module.weight.device.type == "meta":
+                present.enter_context(align_module_device(module))
+        tuner = tuner_class(model, config, ADAPTER)
     try:
         yield tuner
     finally:

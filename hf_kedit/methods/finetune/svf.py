@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ...anatomy import anatomy_of
+from ...anatomy import anatomy_of, input_device
 from ...batching import pad_id
 from ...kinds.singular_scale import decomposition
 from ...kinds.weight_delta import low_rank_delta
@@ -72,8 +72,7 @@ def svf_edit(model, tokenizer, requests: list[Edit], config: SVFConfig | None = 
     bar = StepBar(requests, config.steps, "svf: training", disable=not progress)
     for edit in bar:
         z = {name: torch.ones_like(S, requires_grad=True) for name, (_, S, _) in decompositions.items()}
-        device = model.get_submodule(modules[0]).weight.device
-        ids, labels, _ = teacher_forced(tokenizer, edit.text, edit.target_new, device)
+        ids, labels, _ = teacher_forced(tokenizer, edit.text, edit.target_new, input_device(model))
         essence = tokenizer(f"{edit.subject} is a").input_ids
         neutral = ([tokenizer(edit.prompt.replace("{}", s)).input_ids for s in config.neutral_subjects]
                    if config.relation_kl_factor and "{}" in edit.prompt else [])

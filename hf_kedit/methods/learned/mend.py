@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ...anatomy import anatomy_of
+from ...anatomy import anatomy_of, execution_device
 from ...batching import pad_id, padded
 from ...errors import EditRequestError
 from ...kinds.weight_delta import deltas_applied
@@ -117,7 +117,7 @@ def mend_edit(model, tokenizer, requests: list[Edit], config: MENDConfig | None 
     config = config or MENDConfig()
     targets = mend_targets(model, config.layers)
     editor, manifest = load_editor(model, config.editor_source, targets)
-    device = model.get_submodule(targets[0]).weight.device
+    device = execution_device(model, targets[0])
     factors = {}
     for edit in StepBar(requests, 1, "mend: editing", disable=not progress):
         ids, labels, _ = teacher_forced(tokenizer, edit.text, edit.target_new, device)
@@ -149,7 +149,7 @@ def train_mend(model, tokenizer, examples: list[TrainingEdit], config: MENDTrain
     check_requests([ex.edit for ex in examples], subject_slot=False)
     targets = mend_targets(model, config.layers)
     torch.manual_seed(config.seed)
-    device = model.get_submodule(targets[0]).weight.device
+    device = execution_device(model, targets[0])
     validation, examples = examples[:config.val_edits], examples[config.val_edits:]
     editor = MENDEditor.for_model(model, targets, config.rank, config.hidden_layers, config.edit_lr).to(device)
     _set_normalisation(model, tokenizer, editor, examples[:config.norm_edits], device)

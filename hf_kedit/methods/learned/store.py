@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ...anatomy import execution_device
 from ...cache import cache_root
 from ...errors import EditorError
 from ...pack.fingerprint import base_model_record
@@ -93,7 +94,7 @@ def load_editor(model, source: str | os.PathLike | None, targets: list[str]) -> 
     shapes = [tuple(s) for s in manifest["shapes"]]
     editor = MENDEditor(targets, shapes, manifest["rank"], manifest["hidden_layers"])
     editor.load_state_dict(_read_tensors(folder, where, manifest, editor))
-    return editor.to(model.get_submodule(targets[0]).weight.device), manifest
+    return editor.to(execution_device(model, targets[0])), manifest
 
 
 def push_editor(folder: str | os.PathLike, repo_id: str, branch: str | None = None, private: bool = False,

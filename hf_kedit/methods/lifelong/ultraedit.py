@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ...anatomy import anatomy_of, linear_shape
+from ...anatomy import anatomy_of, input_device, linear_shape
 from ...batching import pad_id, padded
 from ...errors import EditRequestError
 from ...pack import Edit, EditPack
@@ -145,7 +145,7 @@ def _read(model, tokenizer, requests, names, config, norm, progress):
     float32), the normalisation updated chunk by chunk; and each row's request."""
     keys, grads, owners = {n: [] for n in names}, {n: [] for n in names}, []
     modules = {n: model.get_submodule(n) for n in names}
-    device = next(model.parameters()).device
+    device = input_device(model)
     captured, handles, frozen = {}, [], [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)

@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ...anatomy import anatomy_of, hidden_states
+from ...anatomy import anatomy_of, hidden_states, input_device, weight_present
 from ...batching import pad_id, padded
 from ...errors import EditRequestError
 from ...kinds.weight_delta import deltas_applied
@@ -124,8 +124,8 @@ def _batch(tokenizer, texts: list[str], device):
 def key_at_subject(model, tokenizer, module, edit: Edit, templates: list[str]) -> torch.Tensor:
     """k̄: the module's input at the subject's last token, averaged over templates."""
     texts = [t.format(edit.prompt).replace("{}", edit.subject) for t in templates]
-    ids, mask, _ = _batch(tokenizer, texts, model.device)
-    index = torch.tensor([subject_last_index(tokenizer, t, edit.subject) for t in texts], device=model.device)
+    ids, mask, _ = _batch(tokenizer, texts, input_device(model))
+    index = torch.tensor([subject_last_index(tokenizer, t, edit.subject) for t in texts], device=ids.device)
     with _capture(module, inputs=True) as seen:
         run_until(model, [module], input_ids=ids, attention_mask=mask)
     return seen[0][torch.arange(len(texts)), index].float().mean(0)
@@ -134,7 +134,7 @@ def key_at_subject(model, tokenizer, module, edit: Edit, templates: list[str]) -
 @torch.no_grad()
 def io_at_subject(model, tokenizer, module, edit: Edit) -> tuple[torch.Tensor, torch.Tensor]:
     """(input, output) of the module at the subject's last token of the bare prompt."""
-    ids, mask, _ = _batch(tokenizer, [edit.text], model.device)
+    ids, mask, _ = _batch(tokenizer, [edit.text], input_device(model))
     index = subject_last_index(tokenizer, edit.text, edit.subject)
     with _capture(module, inputs=True) as k, _capture(module, inputs=False) as v:
         run_until(model, [module], input_ids=ids, attention_mask=mask)
@@ -186,10 +186,10 @@ def optimise_values(model, tokenizer, module, edits: list[Edit], templates: list
     change them. `on_step()` once per request and step (`progress.StepBar.step`)."""
     alignments = alignments or [None] * len(edits)
     prompts = [_ValuePrompts.make(tokenizer, edit, templates) for edit in edits]
-    n_templates, device = len(templates), model.device
+    n_templates, device = len(templates), input_device(model)
     deltas, optimizers, first = [], [], {}  # first: what the first (unedited) pass reads
     active, step, fused = list(range(len(edits))), 0, False
-    with frozen(model):
+    with frozen(model), _head_parameters(model) as (head_weight, head_bias):
         while active:
             members = active
             rows = [row for i in members for row in prompts[i].rows]
@@ -199,16 +199,18 @@ def optimise_values(model, tokenizer, module, edits: list[Edit], templates: list
             # δ sits at each row's first suffix column, the subject's last token.
             all_rows, starts = torch.arange(len(rows), device=device), batch.suffix_ids.shape[1] - batch.suffix_lengths
             owner = torch.tensor(members, device=device).repeat_interleave(n_templates + 1)
-            head = _HeadTargets.make(model, plan, first["kl"][members]) if fused else None
+            head = _HeadTargets.make(plan, first["kl"][members], head_weight, head_bias) if fused else None
 
             def add_delta(m, args, out):
                 h = hidden_states(out)
+                # On a model spread over devices the edited layer may compute on another than the inputs.
+                rows, columns = all_rows.to(h.device), starts.to(h.device)
                 if not deltas:  # the first pass reads k and v unedited and starts each δ at zero
-                    first["keys"] = args[0][all_rows, starts].detach().float().unflatten(0, (len(edits), -1))
-                    bare = plan.kl_rows - n_templates  # template 0 is "{}": the bare prompt
-                    first["value"] = h[bare, starts[bare]].detach().float()
+                    first["keys"] = args[0][rows, columns].detach().float().unflatten(0, (len(edits), -1))
+                    bare = (plan.kl_rows - n_templates).to(h.device)  # template 0 is "{}": the bare prompt
+                    first["value"] = h[bare, columns[bare]].detach().float()
                     deltas.extend(torch.zeros_like(v, requires_grad=True) for v in first["value"])
-                h = h.index_put((all_rows, starts), h[all_rows, starts] + torch.stack(deltas)[owner].to(h.dtype))
+                h = h.index_put((rows, columns), h[rows, columns] + torch.stack(deltas)[owner.to(h.device)].to(h.dtype))
                 return (h, *out[1:]) if isinstance(out, tuple) else h
 
             aligned = [j for j, i in enumerate(members) if alignments[i] is not None]
@@ -235,13 +237,14 @@ def optimise_values(model, tokenizer, module, edits: list[Edit], templates: list
                         if step == 0:
                             first["kl"] = F.log_softmax(logits[plan.kl_rows, -1].detach().float(), -1)
                             optimizers = [torch.optim.Adam([d], lr=config.lr) for d in deltas]
-                            fused = config.head_loss and _HeadTargets.applies(model, heads, logits, plan)
-                            head = _HeadTargets.make(model, plan, first["kl"]) if fused else None
+                            fused = config.head_loss and _HeadTargets.applies(model, heads, logits, plan,
+                                                                              head_weight, head_bias)
+                            head = _HeadTargets.make(plan, first["kl"], head_weight, head_bias) if fused else None
                         nll, kl = (head.losses(heads) if head is not None and step > 0
                                    else plan.losses(logits, first["kl"][members]))
                         own = torch.stack([deltas[i] for i in members])
-                        loss = (nll + config.kl_factor * kl
-                                + config.weight_decay * own.norm(dim=1) / first["value"][members].norm(dim=1) ** 2)
+                        decay = own.norm(dim=1) / first["value"][members].norm(dim=1) ** 2
+                        loss = nll + config.kl_factor * kl + config.weight_decay * decay.to(nll.device)
                         if aligned:
                             loss = loss + torch.stack([alignment_term(j) if j in aligned else loss.new_zeros(())
                                                        for j in range(len(members))])
@@ -271,6 +274,20 @@ def optimise_values(model, tokenizer, module, edits: list[Edit], templates: list
                     handle.remove()
     keys, values = first["keys"][:, :n_templates], first["value"]
     return [Solved(values[i] + deltas[i].detach(), keys[i].mean(0), keys[i, 0], values[i]) for i in range(len(edits))]
+
+
+@contextmanager
+def _head_parameters(model):
+    """(weight, bias) of the LM head, where the value optimisation reads them
+    outside the head's forward: an offloaded head's are brought to the device
+    the head computes on for the block."""
+    head = model.get_output_embeddings()
+    if not isinstance(getattr(head, "weight", None), torch.Tensor):
+        yield None, None
+        return
+    with weight_present(head, device=None) as weight:
+        bias = getattr(head, "bias", None)
+        yield weight, (bias.detach() if bias is not None else None)
 
 
 @dataclass
@@ -475,22 +492,22 @@ class _HeadTargets:
 
     @staticmethod
     @torch.no_grad()
-    def applies(model, heads, logits, plan: _LossPlan) -> bool:
-        """Whether the model's logits are its head's plain affine map of the head's
-        input: a model that scales or caps its logits keeps the plain loss."""
-        head = model.get_output_embeddings()
-        if not isinstance(head, torch.nn.Linear):
+    def applies(model, heads, logits, plan: _LossPlan, weight, bias) -> bool:
+        """Whether the model's logits are its head's plain affine map (`weight`,
+        `bias`) of the head's input: a model that scales or caps its logits, or
+        whose head weight cannot be read (still on `meta`), keeps the plain loss."""
+        if not isinstance(model.get_output_embeddings(), torch.nn.Linear) or weight.device.type == "meta":
             return False
         probe = plan.kl_rows[:1]
-        expected = F.linear(heads[probe, -1], head.weight, head.bias).float()
+        expected = F.linear(heads[probe, -1], weight, bias).float()
         return torch.allclose(logits[probe, -1].float(), expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
 
     @classmethod
     @torch.no_grad()
-    def make(cls, model, plan: _LossPlan, kl_initial: torch.Tensor) -> "_HeadTargets":
-        """The terms of the requests `plan` reads, whose p₀ are `kl_initial` (log-probabilities)."""
-        head = model.get_output_embeddings()
-        p0, weight, bias = kl_initial.exp(), head.weight, head.bias
+    def make(cls, plan: _LossPlan, kl_initial: torch.Tensor, weight, bias) -> "_HeadTargets":
+        """The terms of the requests `plan` reads, whose p₀ are `kl_initial`
+        (log-probabilities), for the head `weight` and `bias`."""
+        p0 = kl_initial.exp()
         rows = torch.cat([weight[plan.target_ids].float(), p0 @ weight.float()])
         row_bias = (torch.cat([bias[plan.target_ids].float(), p0 @ bias.float()]) if bias is not None
                     else torch.zeros(len(rows), device=rows.device))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ...anatomy import anatomy_of
+from ...anatomy import anatomy_of, execution_device
 from ...errors import EditRequestError
 from ...pack import Edit, EditPack
 from ...progress import StepBar
@@ -61,7 +61,7 @@ def rank_one_edits(model, tokenizer, requests: list[Edit], config: ROMEConfig, m
     name = anatomy.mlp_out(layer)
     module = model.get_submodule(name)
     C = (key_second_moments(model, tokenizer, [layer], config.stats_corpus, config.stats_tokens,
-                            progress=progress, source=config.stats_source)[layer].to(model.device)
+                            progress=progress, source=config.stats_source)[layer].to(execution_device(model, name))
          if config.covariance else None)
     templates = context_templates(model, tokenizer, config.context_templates)
     factors = {}

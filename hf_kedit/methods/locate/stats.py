@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ...cache import cache_root
 from ...version import __version__
-from ...anatomy import anatomy_of, linear_shape
+from ...anatomy import anatomy_of, input_device, linear_shape
 from ...batching import pad_id, padded
 from ...errors import StatsError
 from ...pack.fingerprint import base_model_record
@@ -256,7 +256,7 @@ def _accumulate(model, tokenizer, modules: dict, texts, n_tokens, max_length, ba
         for start in range(0, len(texts), batch_size):
             rows = [tokenizer(t, truncation=True, max_length=max_length).input_ids
                     for t in texts[start:start + batch_size]]
-            ids, mask = padded(rows, pad_id(tokenizer), model.device)
+            ids, mask = padded(rows, pad_id(tokenizer), input_device(model))
             run_until(model, modules.values(), input_ids=ids, attention_mask=mask)
             take = min(int(mask.sum()), n_tokens - count)
             for layer, k in captured.items():

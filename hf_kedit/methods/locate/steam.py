@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ...anatomy import anatomy_of, hidden_states
+from ...anatomy import anatomy_of, hidden_states, input_device
 from ...batching import pad_id, padded
 from ...errors import EditRequestError
 from ...pack import Edit, EditPack
@@ -172,9 +172,9 @@ def _recall(model, tokenizer, blocks, facts: list[dict], top_k: int) -> tuple[li
     predictions after the prompt, and the blocks' hidden states there [n, L, d]."""
     rows = [tokenizer(f["prompt"]).input_ids for f in facts]
     firsts = [tokenizer(" " + f["object"].strip(), add_special_tokens=False).input_ids[0] for f in facts]
-    ids, mask = padded(rows, pad_id(tokenizer), model.device)
-    last = torch.tensor([len(r) - 1 for r in rows], device=model.device)
-    at_last = torch.arange(len(rows), device=model.device), last
+    ids, mask = padded(rows, pad_id(tokenizer), input_device(model))
+    last = torch.tensor([len(r) - 1 for r in rows], device=ids.device)
+    at_last = torch.arange(len(rows), device=ids.device), last
     seen = []
     handles = [b.register_forward_hook(lambda m, a, out: seen.append(hidden_states(out)[at_last])) for b in blocks]
     try:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from ...anatomy import anatomy_of, hidden_states
+from ...anatomy import anatomy_of, hidden_states, input_device
 from ...errors import EditRequestError
 from ...kinds.basis_intervention import BasisInterventionConfig, gate_weights, intervention_delta, parse_positions
 from ...batching import pad_id, padded
@@ -124,7 +124,7 @@ def train_interventions(model, tokenizer, requests: list[Edit], config: Interven
     layer = resolve_layer(config.layer, anatomy.num_layers, model, tokenizer, requests)
     gate_loss = gate.loss_for(layer) if gate else None
     layer_module = model.get_submodule(anatomy.layer(layer))
-    device = next(model.parameters()).device
+    device = input_device(model)
     parts = {}
     with frozen(model):
         bar = StepBar(requests, config.steps, f"{method}: training", disable=not progress)
@@ -180,7 +180,7 @@ def layer_states(model, tokenizer, layer: str, texts: list[str],
     token of `texts` (or at the (first n, last m) `positions`), before any
     attached intervention."""
     rows = [ids for ids in (tokenizer(t).input_ids for t in texts) if ids]
-    ids, mask = padded(rows, pad_id(tokenizer), next(model.parameters()).device)
+    ids, mask = padded(rows, pad_id(tokenizer), input_device(model))
     captured = []
     handle = model.get_submodule(layer).register_forward_hook(
         lambda m, args, out: captured.append(hidden_states(out)), prepend=True)

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ...anatomy import anatomy_of, hidden_states
+from ...anatomy import anatomy_of, hidden_states, input_device
 from ...batching import pad_id, padded
 from ...errors import EditRequestError
 from ...kinds.prompt_calls import hidden_size
@@ -206,7 +206,7 @@ def last_token_states(model, tokenizer, texts: list[str], modules: list[str], ba
                       progress: bool = False) -> dict[str, torch.Tensor]:
     """Per module name, [N, d] float32: its output at the last token of each text, read
     before any attached pack's hook on that module acts (the state a router sees)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     rows = [tokenizer(t).input_ids for t in texts]
     out = {m: [] for m in modules}
     captured = {}
