@@ -20,13 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import reduce
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ...cache import cache_root
 from ...version import __version__
-from ...anatomy import anatomy_of, input_device, linear_shape
+from ...anatomy import anatomy_of, execution_device, input_device, linear_shape
 from ...batching import pad_id, padded
 from ...errors import StatsError
 from ...pack.fingerprint import base_model_record
@@ -150,8 +152,10 @@ def _cached(model, tokenizer, layers, corpus, n_tokens, max_length, batch_size, 
 
 def _compute(model, tokenizer, names: dict[int, str], corpus, n_tokens, max_length, batch_size,
              progress) -> dict[int, tuple[torch.Tensor, int]]:
-    texts = (self_sampled_texts(model, tokenizer, n_tokens, max_length, stats_dir(), progress) if corpus is None
-             else _corpus_texts(corpus))
+    # Several processes: the first samples the texts and caches them, the others then read them.
+    with PartialState().main_process_first():
+        texts = (self_sampled_texts(model, tokenizer, n_tokens, max_length, stats_dir(), progress) if corpus is None
+                 else _corpus_texts(corpus))
     return _accumulate(model, tokenizer, {layer: model.get_submodule(name) for layer, name in names.items()}, texts,
                        n_tokens, max_length, batch_size, progress)
 
@@ -237,7 +241,7 @@ def _cache_key(fingerprint: dict, module: str, corpus: str, n_tokens: int, max_l
 
 def _save(path: Path, C: torch.Tensor, metadata: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes that computed the same C each write their own
     save_file({"second_moment": C}, str(tmp), metadata={"format": "pt", **metadata})
     os.replace(tmp, path)  # atomic: a reader never sees half a file
 
@@ -245,32 +249,56 @@ def _save(path: Path, C: torch.Tensor, metadata: dict) -> None:
 @torch.no_grad()
 def _accumulate(model, tokenizer, modules: dict, texts, n_tokens, max_length, batch_size,
                 progress) -> dict[int, tuple[torch.Tensor, int]]:
-    """Per layer, C over the first `n_tokens` non-pad tokens (fewer if the texts run out) and that count."""
-    totals, count, captured = {}, 0, {}
+    """Per layer, C over the first `n_tokens` non-pad tokens (fewer if the texts run
+    out) and that count. Launched in several processes (`accelerate launch`,
+    torchrun), each reads every N-th batch and the sums are added across them: the
+    same C as one process up to the order of the additions."""
+    state = PartialState()
+    batches = _token_batches(tokenizer, texts, n_tokens, max_length, batch_size)
+    mine = batches[state.process_index::state.num_processes]
+    totals, captured = {}, {}
     handles = [m.register_forward_pre_hook(lambda mod, args, layer=layer: captured.__setitem__(layer, args[0]))
                for layer, m in modules.items()]
     layers = ("layer " if len(modules) == 1 else "layers ") + ", ".join(map(str, modules))
-    bar = tqdm(total=n_tokens, unit="tok", desc=f"key statistics: reading keys ({layers})",
-               disable=not progress)
+    bar = tqdm(total=sum(take for _, take in mine), unit="tok", desc=f"key statistics: reading keys ({layers})",
+               disable=not progress or not state.is_main_process)
     try:
-        for start in range(0, len(texts), batch_size):
-            rows = [tokenizer(t, truncation=True, max_length=max_length).input_ids
-                    for t in texts[start:start + batch_size]]
+        for rows, take in mine:
             ids, mask = padded(rows, pad_id(tokenizer), input_device(model))
             run_until(model, modules.values(), input_ids=ids, attention_mask=mask)
-            take = min(int(mask.sum()), n_tokens - count)
             for layer, k in captured.items():
                 keys = k[mask.bool()].float()[:take]
                 totals[layer] = keys.T @ keys + totals.get(layer, 0)
-            count += take
             bar.update(take)
-            if count >= n_tokens:
-                break
     finally:
         for h in handles:
             h.remove()
         bar.close()
+    count = sum(take for _, take in batches)
+    if state.num_processes > 1:
+        for layer, m in modules.items():
+            d = linear_shape(m)[1]
+            own = totals.get(layer, torch.zeros(d, d, device=execution_device(model, _name_of(model, m))))
+            totals[layer] = reduce(own, "sum")
     return {layer: ((total / count).cpu(), count) for layer, total in totals.items()}
+
+
+def _token_batches(tokenizer, texts, n_tokens, max_length, batch_size) -> list[tuple[list[list[int]], int]]:
+    """The batches of token rows the statistics read, each with how many of its
+    non-pad tokens count (all but in the last, which reaches `n_tokens`)."""
+    batches, count = [], 0
+    for start in range(0, len(texts), batch_size):
+        if count >= n_tokens:
+            break
+        rows = [tokenizer(t, truncation=True, max_length=max_length).input_ids for t in texts[start:start + batch_size]]
+        take = min(sum(map(len, rows)), n_tokens - count)
+        batches.append((rows, take))
+        count += take
+    return batches
+
+
+def _name_of(model, module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
 
 
 def corpus_name(corpus) -> str:
