@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -88,6 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--metrics", default=None, help="comma-separated subset of the metrics")
     _sequence(p)
     p.add_argument("--out", required=True, help="the folder to write results.json, results.md and plots into")
+    p.add_argument("--processes", type=int, default=1, help="split the cases across this many processes "
+                   "(accelerate launch; single mode), one results.json as from one process")
 
     p = sub.add_parser("trace", help="causal tracing of a fact: where the model reads it (heatmap PNG)")
     _model_options(p)
@@ -103,6 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=7860)
 
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     from .errors import KeditError
 
     try:
@@ -348,10 +353,33 @@ def _bench(args) -> int:
         if not sep:
             raise ValueError(f"--set {key}=...: write METHOD.KEY=VALUE, e.g. lora.rank=2")
         settings.setdefault(method, {})[name] = value
+    if args.processes > 1:
+        return subprocess.run(launch_command(args.argv, args.processes)).returncode
     cases, config = _cases(args), _config(args)
     model, tokenizer = _loaded(args)
     run_bench(model, tokenizer, cases, methods, args.modes.split(","), settings, config, args.out, args.model)
     return 0
+
+
+def launch_command(argv: list[str], processes: int) -> list[str]:
+    """`accelerate launch` of this command line in `processes` processes, without
+    its --processes (each launched process runs its share)."""
+    import torch
+
+    own, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            own.append(arg)
+    # --multi_gpu is accelerate's launcher of several local processes, on GPUs or, without them, on the CPU.
+    threads = [] if torch.cuda.is_available() else ["--num_cpu_threads_per_process",
+                                                    str(max(1, (os.cpu_count() or 1) // processes))]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *threads,
+            "-m", "hf_kedit.cli", *own]
 
 
 def _playground(args) -> int:

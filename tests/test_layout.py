@@ -10,7 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hf_kedit"
 
 # Layers from the bottom up; a module may import its own layer and those below it.
 LAYERS = [
-    {"errors", "version", "cache", "anatomy", "batching", "progress", "sampling", "partial_forward", "trace"},
+    {"errors", "version", "cache", "anatomy", "batching", "progress", "processes", "sampling", "partial_forward",
+     "trace"},
     {"kinds"},
     {"pack"},
     {"attach", "methods"},

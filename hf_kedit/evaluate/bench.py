@@ -4,10 +4,14 @@ against the number of edits made)."""
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
-from .harness import BASELINES, EvalConfig, evaluate, locality_references
+from accelerate.utils import gather_object
+
+from ..processes import process_state
+from .harness import BASELINES, EvalConfig, aggregate, evaluate, locality_references
 from .report import lifelong_table, markdown_table, plot_cost, plot_lifelong, plot_quality
 
 
@@ -17,26 +21,73 @@ def run_bench(model, tokenizer, cases, methods: list[str], modes=("single",), se
     """Evaluate each method (baselines once, pack methods once per mode) on `cases`,
     with the unedited model's locality answers computed once for all. A method
     written "name@variant" runs `name` with the settings given for "name@variant",
-    so settings compare side by side in one run.
+    so settings compare side by side in one run. Launched in several processes
+    (`accelerate launch`, `kedit bench --processes N`), each scores its share of
+    the cases and the first gathers one result, the one a single process gives;
+    only the single mode splits so (batch and sequential edit the cases together).
 
     Example:
         >>> run_bench(model, tokenizer, cases, ["unedited", "icl", "lora"], out_dir="bench")
         >>> run_bench(model, tokenizer, cases, ["sake", "sake@reg1"], settings={"sake@reg1": {"reg": 1.0}})
     """
+    state = process_state()
+    together = [m for m in modes if m != "single"]
+    if state.num_processes > 1 and together and any(s.partition("@")[0] not in BASELINES for s in methods):
+        raise ValueError(f"modes {together} edit all cases together, so they do not split across "
+                         f"{state.num_processes} processes: run them in one process, or only --modes single")
+    if state.num_processes > max(len(cases), 1):
+        # a process without a case would miss the collective steps (gathering, key statistics) of the others
+        raise ValueError(f"{len(cases)} cases for {state.num_processes} processes: give at most one process a case")
+    progress = progress and state.is_main_process
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    references = locality_references(model, tokenizer, cases, config, progress)
-    pre_edit_seconds = time.perf_counter() - start
-    results = []
-    for spec in methods:
-        method, _, variant = spec.partition("@")
-        for mode in (("single",) if method in BASELINES else modes):
-            results.append(evaluate(model, tokenizer, cases, method, mode, (settings or {}).get(spec), config,
-                                    references, model_name, progress))
-            results[-1]["timing"]["pre_edit_seconds"] = pre_edit_seconds  # shared by all methods
-            if variant:
-                results[-1]["variant"] = variant
+    with state.split_between_processes(list(cases)) as mine:
+        references = locality_references(model, tokenizer, mine, config, progress)
+        pre_edit_seconds = max(gather_object([time.perf_counter() - start]))
+        results = []
+        for spec in methods:
+            method, _, variant = spec.partition("@")
+            for mode in (("single",) if method in BASELINES else modes):
+                result = evaluate(model, tokenizer, mine, method, mode, (settings or {}).get(spec), config,
+                                  references, model_name, progress)
+                results.append(gathered(gather_object([result]), cases) if state.num_processes > 1 else result)
+                results[-1]["timing"]["pre_edit_seconds"] = pre_edit_seconds  # shared by all methods
+                if variant:
+                    results[-1]["variant"] = variant
+    if state.is_main_process:
+        _write(results, out)
+    state.wait_for_everyone()
+    return results
+
+
+def gathered(parts: list[dict], cases) -> dict:
+    """One method's results from the processes that scored a share of `cases` each,
+    as one process would report them: per-case scores in case order, their means,
+    the editing figures over all packs; the scoring time is the slowest process's."""
+    per_case = {}
+    for part in parts:
+        per_case.update(part["per_case"])
+    order = [c.id for c in cases]
+    per_case = {i: per_case[i] for i in order}
+    edits = {c.id: len(c.edits) for c in cases}
+    n_edits = [sum(edits[i] for i in part["case_ids"]) for part in parts]
+    timings = [part["timing"] for part in parts]
+    packs = [s for t in timings for s in t["edit_seconds_per_pack"]]
+
+    def per_edit(key):  # a process that got no case made no pack
+        made = [(t[key], n) for t, n in zip(timings, n_edits) if t[key] is not None]
+        return sum(v * n for v, n in made) / sum(n for _, n in made) if made else None
+
+    timing = {"edit_seconds_median": statistics.median(packs) if packs else None,
+              "edit_seconds_per_pack": packs, "eval_seconds": max(t["eval_seconds"] for t in timings),
+              "pack_bytes_per_edit": per_edit("pack_bytes_per_edit"),
+              "pack_params_per_edit": per_edit("pack_params_per_edit"), "processes": len(parts)}
+    return {**parts[0], "n_cases": len(order), "case_ids": order, "metrics": aggregate(per_case),
+            "per_case": per_case, "timing": timing}
+
+
+def _write(results: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(table + "\n")
@@ -48,4 +99,3 @@ def run_bench(model, tokenizer, cases, methods: list[str], modes=("single",), se
         (out / "lifelong.md").write_text(lifelong + "\n")
         plot_lifelong(results, out / "lifelong.png")
         print(lifelong)
-    return results

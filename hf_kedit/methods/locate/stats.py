@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import reduce
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -35,6 +34,7 @@ from ...pack.fingerprint import base_model_record
 from ...pack.format import read_manifest
 from ...pack.hub import file_sha256, push_folder, read_listed_safetensors, resolve_source
 from ...partial_forward import run_until
+from ...processes import process_state
 from ..setting import setting
 from .self_sampled import self_sampled_texts
 
@@ -153,7 +153,7 @@ def _cached(model, tokenizer, layers, corpus, n_tokens, max_length, batch_size, 
 def _compute(model, tokenizer, names: dict[int, str], corpus, n_tokens, max_length, batch_size,
              progress) -> dict[int, tuple[torch.Tensor, int]]:
     # Several processes: the first samples the texts and caches them, the others then read them.
-    with PartialState().main_process_first():
+    with process_state().main_process_first():
         texts = (self_sampled_texts(model, tokenizer, n_tokens, max_length, stats_dir(), progress) if corpus is None
                  else _corpus_texts(corpus))
     return _accumulate(model, tokenizer, {layer: model.get_submodule(name) for layer, name in names.items()}, texts,
@@ -253,7 +253,7 @@ def _accumulate(model, tokenizer, modules: dict, texts, n_tokens, max_length, ba
     out) and that count. Launched in several processes (`accelerate launch`,
     torchrun), each reads every N-th batch and the sums are added across them: the
     same C as one process up to the order of the additions."""
-    state = PartialState()
+    state = process_state()
     batches = _token_batches(tokenizer, texts, n_tokens, max_length, batch_size)
     mine = batches[state.process_index::state.num_processes]
     totals, captured = {}, {}
