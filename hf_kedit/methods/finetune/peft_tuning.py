@@ -9,10 +9,9 @@ from __future__ import annotations
 from contextlib import ExitStack, contextmanager
 
 import torch
-from accelerate.utils import align_module_device
 from torch import nn
 
-from ...anatomy import weight_layout
+from ...anatomy import weight_layout, weight_present
 
 ADAPTER = "kedit"
 
@@ -31,9 +30,7 @@ def peft_adapter(model: nn.Module, tuner_class, config):
         # PEFT puts each adapter where its base weight is: for a weight accelerate keeps on `meta`
         # between forwards, bring it in while the adapter is made, so the adapter is real.
         for name in config.target_modules:
-            module = model.get_submodule(name)
-            if module.weight.device.type == "meta":
-                present.enter_context(align_module_device(module))
+            present.enter_context(weight_present(model.get_submodule(name), device=None))
         tuner = tuner_class(model, config, ADAPTER)
     try:
         yield tuner
