@@ -74,7 +74,7 @@ def gathered(parts: list[dict], cases) -> dict:
     timings = [part["timing"] for part in parts]
     packs = [s for t in timings for s in t["edit_seconds_per_pack"]]
 
-    def per_edit(key):  # a process that got no case made no pack
+    def per_edit(key):  # None for the baselines, which make no pack
         made = [(t[key], n) for t, n in zip(timings, n_edits) if t[key] is not None]
         return sum(v * n for v, n in made) / sum(n for _, n in made) if made else None
 
