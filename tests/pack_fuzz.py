@@ -26,7 +26,7 @@ from hf_kedit import load_edits, remove_edits, stack_of
 from hf_kedit.errors import KeditError
 from hf_kedit.kinds import KINDS as KIND_REGISTRY
 from hf_kedit.pack import CONFIG_NAME, WEIGHTS_NAME
-from packs import random_basis_pack, random_pack, random_steering_pack, random_svf_pack
+from packs import random_basis_pack, random_codebook_pack, random_pack, random_steering_pack, random_svf_pack
 
 KINDS = tuple(KIND_REGISTRY)  # every kind the library knows, in its order
 TYPED = (KeditError, FileNotFoundError)  # what a bad pack may raise: hf_kedit's errors, or "no such pack"
@@ -59,7 +59,8 @@ def good_folders(model, root: Path) -> dict[str, Path]:
              "basis_intervention": random_basis_pack(model, layers=(0, 1), n_edits=2, positions="f1+l1", gated=True,
                                                      gate_floor=0.25),
              "steering_map": random_steering_pack(model, last[:2], threshold=0.5),
-             "singular_scale": random_svf_pack(model, layers=(0, 2), n_edits=2)}
+             "singular_scale": random_svf_pack(model, layers=(0, 2), n_edits=2),
+             "codebook": random_codebook_pack(model, ids[:2], layer=1, radius=0.5)}
     return {kind: pack.save_pretrained(root / kind) for kind, pack in packs.items()}
 
 

@@ -133,3 +133,20 @@ def random_svf_pack(model, layers=(1,), n_edits=1, seed=0, prefix="e", scale=0.3
         edits.append(Edit(eid, subject.format(i), "The capital of {} is", f"T{seed}-{i}", "Old"))
         zs[eid] = {m: 1 + scale * torch.randn(len(S), generator=g) for m, S in spectra.items()}
     return singular_scale_pack(model, "random", {"seed": seed}, edits, zs, spectra)
+
+
+def random_codebook_pack(model, ids, layer=1, radius=1.0, seed=0, prefix="e", scale=1.0, subject="S{}"):
+    """A codebook pack at `layer` with one entry per row of `ids` [E, T]: its key the MLP
+    output projection's input at the row's last token, a random value, and `radius`."""
+    from hf_kedit.methods.builders import codebook_pack
+    from hf_kedit.methods.memory.grace import projection_at
+
+    g = torch.Generator().manual_seed(seed)
+    module = model.get_submodule(anatomy_of(model).mlp_out(layer))
+    edits, entries = [], {}
+    for i, row in enumerate(ids):
+        eid = f"{prefix}{i}"
+        edits.append(Edit(eid, subject.format(i), "The capital of {} is", f"T{seed}-{i}", "Old"))
+        key, own = projection_at(model, module, row[None], row.numel() - 1)
+        entries[eid] = (key, torch.randn(own.shape, generator=g) * scale, radius)
+    return codebook_pack(model, "random", {"seed": seed}, edits, layer, entries)

@@ -29,7 +29,7 @@ QUICK = {"rome": dict(LOCATE, layer=1), "memit": dict(LOCATE, layers=(1, 2)),
          "svf": dict(steps=3, layers=[0, 2]),
          "adalora": dict(steps=8, tinit=2, tfinal=3, delta_t=1, init_r=4, target_r=2, layers=[0, 1, 2]),
          "reft": dict(layer=1, steps=5), "baft": dict(layer=1, steps=5, positions="l1"),
-         "sake": {}, "actadd": {}, "mend": dict(layers=MEND_QUICK.layers)}
+         "sake": {}, "actadd": {}, "mend": dict(layers=MEND_QUICK.layers), "grace": dict(layer=1, steps=5)}
 WAYS = ["cpu_offload", "disk_offload", "device_map"]
 # Two layers on "disk": read from the checkpoint (or --offload-folder) by accelerate's hooks at each forward.
 DEVICE_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
@@ -115,8 +115,8 @@ def logits(model, ids):
         return model(ids).logits
 
 
-# One method per kind: weight_delta, basis_intervention, steering_map, singular_scale.
-@pytest.mark.parametrize("method", ["rome", "baft", "sake", "svf"])
+# One method per kind: weight_delta, basis_intervention, steering_map, singular_scale, codebook.
+@pytest.mark.parametrize("method", ["rome", "baft", "sake", "svf", "grace"])
 @pytest.mark.parametrize("way", WAYS)
 def test_every_kind_attaches_generates_and_comes_off_exactly_on_a_dispatched_model(tokenizer, method, way,
                                                                                   tmp_path, one_thread):

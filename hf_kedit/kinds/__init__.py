@@ -20,11 +20,12 @@ The edit stack (`attach.py`) only talks to kinds through this.
 """
 from ..errors import PackFormatError
 from .basis_intervention import BasisIntervention
+from .codebook import Codebook
 from .singular_scale import SingularScale
 from .steering_map import SteeringMap
 from .weight_delta import WeightDelta
 
-KINDS = {kind.name: kind for kind in (WeightDelta, BasisIntervention, SteeringMap, SingularScale)}
+KINDS = {kind.name: kind for kind in (WeightDelta, BasisIntervention, SteeringMap, SingularScale, Codebook)}
 
 
 def kind_named(name: str):

@@ -1,5 +1,5 @@
 """The runtime base of the kinds that act on hidden states through hooks
-(basis_intervention, steering_map): one pair of hooks on the base model (the
+(basis_intervention, steering_map, codebook): one pair of hooks on the base model (the
 decoder stack) that reads each forward call, kept per thread so that
 concurrent forwards never see each other's calls, and the merge such kinds
 cannot do."""

@@ -1,5 +1,5 @@
 """What a hook needs to know of the forward call running now, for the kinds that
-act at prompt positions (basis_intervention, steering_map): which tokens are
+act at prompt positions (basis_intervention, steering_map, codebook): which tokens are
 real, where each row's prompt ends, and whether the call continues a KV cache
 (a generated step). One reader, shared by those kinds and the scorer."""
 from __future__ import annotations

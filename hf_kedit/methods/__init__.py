@@ -6,7 +6,8 @@ with its key statistics and head loss), `representation/` (ReFT, BaFT: basis
 interventions), `steering/` (SAKE, ActAdd: steering maps), `finetune/`
 (LoRA, AdaLoRA, FT-L, SVF), `lifelong/` (UltraEdit: closed-form batches that
 continue a running state) and `learned/` (MEND: an editor network trained
-once per base model). `requests.py` checks requests and layer settings for all of them,
+once per base model) and `memory/` (GRACE: edits kept as entries beside the
+model). `requests.py` checks requests and layer settings for all of them,
 `history.py` is what sequential methods carry between batches, `builders.py`
 builds their packs; this module is the registry alone.
 """
@@ -28,13 +29,15 @@ from .locate.alphaedit import AlphaEditConfig, EditedKeys, alphaedit_edit
 from .locate.memit import MEMITConfig, memit_edit
 from .locate.rome import ROMEConfig, rome_edit
 from .locate.steam import STEAMConfig, steam_edit
+from .memory.grace import GRACEConfig, grace_edit
 from .representation.baft import BaFTConfig, baft_edit
 from .representation.reft import ReFTConfig, reft_edit
 from .steering.actadd import ActAddConfig, actadd_edit
 from .steering.sake import SAKEConfig, sake_edit
 
 METHODS = {"actadd": (actadd_edit, ActAddConfig), "adalora": (adalora_edit, AdaLoRAConfig), "alphaedit": (alphaedit_edit, AlphaEditConfig),
-           "baft": (baft_edit, BaFTConfig), "ft": (ft_edit, FTConfig), "lora": (lora_edit, LoRAConfig), "memit": (memit_edit, MEMITConfig),
+           "baft": (baft_edit, BaFTConfig), "ft": (ft_edit, FTConfig), "grace": (grace_edit, GRACEConfig),
+           "lora": (lora_edit, LoRAConfig), "memit": (memit_edit, MEMITConfig),
            "mend": (mend_edit, MENDConfig),
            "reft": (reft_edit, ReFTConfig), "rome": (rome_edit, ROMEConfig), "sake": (sake_edit, SAKEConfig),
            "steam": (steam_edit, STEAMConfig), "svf": (svf_edit, SVFConfig), "ultraedit": (ultraedit_edit, UltraEditConfig)}

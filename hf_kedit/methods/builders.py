@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kinds import singular_scale, steering_map
+from ..kinds import codebook, singular_scale, steering_map
 from ..kinds.basis_intervention import BasisIntervention, BasisInterventionConfig, part_name
 from ..kinds.weight_delta import WeightDelta, factor_names, module_entry
 from ..pack import Edit, EditPack
@@ -67,5 +67,18 @@ def singular_scale_pack(model: nn.Module, method: str, hyperparameters: dict, ed
     kind_config = {"modules": {m: singular_scale.module_entry(model, m, spectra[m]) for m in modules},
                    "mix": singular_scale.MIX_RULE}
     kind = singular_scale.SingularScale
+    return owning_pack(kind.name, method, hyperparameters, edits, tensors,
+                       base_model_record(model, kind.modules(kind_config, model)), kind_config)
+
+
+def codebook_pack(model: nn.Module, method: str, hyperparameters: dict, edits: list[Edit], layer: int,
+                  entries: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> EditPack:
+    """A `codebook` pack at `layer` from per-edit entries `(key, value, radius)`."""
+    tensors = {e.id: {codebook.part_name(e.id, part): t for part, t in
+                      zip(codebook.PARTS, (*entries[e.id][:2], torch.tensor([float(entries[e.id][2])])))}
+               for e in edits}
+    key, value, _ = entries[edits[0].id]
+    kind_config = codebook.CodebookConfig(layer=layer, key_size=key.numel(), value_size=value.numel()).to_dict()
+    kind = codebook.Codebook
     return owning_pack(kind.name, method, hyperparameters, edits, tensors,
                        base_model_record(model, kind.modules(kind_config, model)), kind_config)
