@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from attach_overhead import PROMPT, folder_bytes, plot_tokens_per_s, quartiles, tokens_per_second
+from attach_overhead import (PROMPT, folder_bytes, generation_rows, generation_table, plot_tokens_per_s,
+                             tokens_per_second)
 from hf_kedit import Edit, EditPack, load_edits, remove_edits
 from hf_kedit.kinds.prompt_calls import hidden_size
 from hf_kedit.kinds.sentence_embedding import EMBEDDING_MODELS
@@ -79,9 +80,7 @@ def main():
             load_edits(model, pack, name="bench", tokenizer=tokenizer)
             speeds[name].append(tokens_per_second(model, tokenizer, args.new_tokens))
             remove_edits(model, "bench")
-    base = statistics.median(speeds["base model"])
-    rows = [{"condition": name, "tokens_per_s_median": statistics.median(v), "tokens_per_s_iqr": quartiles(v),
-             "runs": v, "relative_to_base": statistics.median(v) / base} for name, v in speeds.items()]
+    rows = generation_rows(speeds)
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = next(iter(packs.values())).save_pretrained(Path(tmp) / "pack")
@@ -105,9 +104,7 @@ def main():
                  "load_edits_s_median": statistics.median(load_times), "read_runs": read_times,
                  "load_edits_runs": load_times},
     }
-    table = ["| condition | tokens/s, median (p25-p75) | vs base |", "|---|---|---|"]
-    table += [f"| {r['condition']} | {r['tokens_per_s_median']:.1f} ({r['tokens_per_s_iqr'][0]:.1f}-"
-              f"{r['tokens_per_s_iqr'][1]:.1f}) | {100 * r['relative_to_base']:.1f} % |" for r in rows]
+    table = generation_table(rows)
     table += ["", "| pack | value |", "|---|---|",
               f"| {args.edits}-edit pack folder | {pack_bytes / 1e6:.1f} MB ({pack_bytes / args.edits:.0f} B/edit) |",
               f"| read + validate (median) | {statistics.median(read_times):.3f} s |",
