@@ -128,6 +128,10 @@ CASES = [  # (id, method, requests, settings, error type, regex the message must
     ("steam-strict-no-fact", "steam", [edit(target_new="Klingon")],
      {"fact_base": FACTS, "strict": True, "layer": 0, "mid_layers": (2,)}, EditRequestError,
      r"no fact .* has the object 'Klingon' \(strict=True\): add facts .* or set strict=False"),
+    ("grace-layer-99", "grace", [GOOD], {"layer": 99}, EditRequestError, r"layer=99 gives layers \[99\]"),
+    ("grace-radius-negative", "grace", [GOOD], {"radius": -1.0}, EditRequestError,
+     r"radius=-1.0: give a positive distance"),
+    ("grace-blank-target", "grace", [edit(target_new=" ")], {}, EditRequestError, r"target_new must be a non-empty"),
     ("unknown-method", "romeo", [GOOD], {}, EditRequestError, r"unknown method 'romeo'"),
     ("unknown-setting", "rome", [GOOD], {"layers": 3}, EditRequestError, r"rome has no setting \['layers'\]"),
 ]

@@ -203,3 +203,23 @@ def test_grace_settings_are_checked():
     for settings, match in [({"radius": 0}, "radius=0"), ({"init": "hot"}, "init='hot'"), ({"steps": 0}, "steps=0")]:
         with untouched(model), raises_exactly(EditRequestError, match):
             make_pack("grace", model, tokenizer, edits(["English"]), settings, progress=False)
+
+
+def test_grace_on_the_default_model_end_to_end(default_model, tmp_path):
+    from hf_kedit.demo import NEIGHBOUR, greedy_answer
+
+    model, tokenizer = default_model
+    edit = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
+    assert greedy_answer(model, tokenizer, edit.text).startswith("French")
+    neighbour = greedy_answer(model, tokenizer, NEIGHBOUR)
+    ids = tokenizer(edit.text, return_tensors="pt").input_ids
+    base = logits(model, ids)
+    folder = make_pack("grace", model, tokenizer, [edit], progress=False).save_pretrained(tmp_path / "grace")
+    assert torch.equal(logits(model, ids), base)  # the method left the model as it was
+    load_edits(model, str(folder), name="g")
+    try:
+        assert greedy_answer(model, tokenizer, edit.text).startswith("English")
+        assert greedy_answer(model, tokenizer, NEIGHBOUR) == neighbour
+    finally:
+        remove_edits(model, "g")
+    assert torch.equal(logits(model, ids), base) and no_hooks(model)
