@@ -40,7 +40,7 @@ from torch import nn
 from ..anatomy import anatomy_of, hidden_states
 from ..errors import AnatomyError, IncompatiblePackError, KeditError, PackFormatError
 from .hooked_runtime import HookedRuntime
-from .kind_config import KindConfig
+from .kind_config import KindConfig, check_owned
 from .prompt_calls import hidden_size
 
 PEFT_TYPES = {"LOREFT": "none", "BAFT": "sigmoid_rms"}  # peft_type -> the gate it uses
@@ -182,12 +182,8 @@ class BasisIntervention:
         shapes = {"rotation": [r, d], "source.weight": [r, d], "source.bias": [r], "gate.weight": [r, d],
                   "gate.bias": [r]}
         for edit in pack.edits:
-            expected = {part_name(edit.id, layer, part) for layer in config.layers for part in parts}
-            owned = set(edit.tensors)
-            if owned != expected:
-                missing, extra = sorted(expected - owned), sorted(owned - expected)
-                raise PackFormatError(f"edit {edit.id!r} must own exactly its {', '.join(parts)} at layers "
-                                      f"{config.layers}; missing {missing[:5]}, unexpected {extra[:5]}")
+            check_owned(edit, {part_name(edit.id, layer, part) for layer in config.layers for part in parts},
+                        f"{', '.join(parts)} at layers {config.layers}")
             for layer in config.layers:
                 for part in parts:
                     t = pack.tensors[part_name(edit.id, layer, part)]

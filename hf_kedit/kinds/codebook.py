@@ -33,7 +33,7 @@ from torch import nn
 from ..anatomy import anatomy_of, linear_shape
 from ..errors import AnatomyError, IncompatiblePackError, KeditError, PackFormatError
 from .hooked_runtime import HookedRuntime
-from .kind_config import KindConfig
+from .kind_config import KindConfig, check_owned
 
 PARTS = ("codebook.key", "codebook.value", "codebook.radius")
 
@@ -91,11 +91,7 @@ class Codebook:
         config = CodebookConfig.of(pack)
         shapes = {"codebook.key": [config.key_size], "codebook.value": [config.value_size], "codebook.radius": [1]}
         for edit in pack.edits:
-            expected = {part_name(edit.id, part) for part in PARTS}
-            owned = set(edit.tensors)
-            if owned != expected:
-                raise PackFormatError(f"edit {edit.id!r} must own exactly its {', '.join(PARTS)}; missing "
-                                      f"{sorted(expected - owned)[:5]}, unexpected {sorted(owned - expected)[:5]}")
+            check_owned(edit, {part_name(edit.id, part) for part in PARTS}, ", ".join(PARTS))
             for part, shape in shapes.items():
                 t = pack.tensors[part_name(edit.id, part)]
                 if list(t.shape) != shape:

@@ -1,5 +1,6 @@
 """The base of the kinds' `kind_config` dataclasses: read from a manifest's dict
-with unknown fields refused, checked by the subclass, and parsed once per pack."""
+with unknown fields refused, checked by the subclass, and parsed once per pack;
+and the check that an edit owns exactly the tensors its kind gives it."""
 from __future__ import annotations
 
 import copy
@@ -46,3 +47,12 @@ class KindConfig:
         if cached is None or cached[0] != pack.kind_config:
             cached = pack.__dict__["_kind_config"] = (copy.deepcopy(pack.kind_config), cls.from_dict(pack.kind_config))
         return cached[1]
+
+
+def check_owned(edit, expected: set[str], parts: str) -> None:
+    """`PackFormatError` unless `edit` owns exactly the tensors `expected` (`parts`
+    says which they are, for the message: "map.basis, map.core at layers [1]")."""
+    owned = set(edit.tensors)
+    if owned != expected:
+        raise PackFormatError(f"edit {edit.id!r} must own exactly its {parts}; missing "
+                              f"{sorted(expected - owned)[:5]}, unexpected {sorted(owned - expected)[:5]}")

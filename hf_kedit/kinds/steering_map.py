@@ -49,7 +49,7 @@ from torch import nn
 from ..anatomy import anatomy_of, hidden_states
 from ..errors import AnatomyError, IncompatiblePackError, KeditError, PackFormatError
 from .hooked_runtime import HookedRuntime
-from .kind_config import KindConfig
+from .kind_config import KindConfig, check_owned
 from .prompt_calls import hidden_size, tokenizer_of
 from .sentence_embedding import EMBEDDING_MODELS, check_installed, embed
 
@@ -168,11 +168,7 @@ class SteeringMap:
         config = SteeringMapConfig.of(pack)
         d = config.hidden_size
         for edit in pack.edits:
-            expected = {part_name(edit.id, part) for part in PARTS}
-            owned = set(edit.tensors)
-            if owned != expected:
-                raise PackFormatError(f"edit {edit.id!r} must own exactly its {', '.join(PARTS)}; missing "
-                                      f"{sorted(expected - owned)[:5]}, unexpected {sorted(owned - expected)[:5]}")
+            check_owned(edit, {part_name(edit.id, part) for part in PARTS}, ", ".join(PARTS))
             t = {part: pack.tensors[part_name(edit.id, part)] for part in PARTS}
             k = t["map.basis"].shape[-1] if t["map.basis"].ndim == 2 else -1  # -1: no shape matches
             shapes = {"map.basis": [d, k if k >= 0 else "k"], "map.core": [k, k], "map.bias": [d],
