@@ -174,7 +174,8 @@ class Codebook:
                 last = call.selection((0, 1), output.device)
                 where = last | (real & (last.long().cumsum(1) > 0))  # the last prompt token and any answer after it
             memory = self.memories[layer].on(output.device)
-            entry = nearest_entries(queries[where].float(), memory.keys, memory.radii)
+            # the input may sit where the caller left it when accelerate moves it inside forward
+            entry = nearest_entries(queries.to(output.device)[where].float(), memory.keys, memory.radii)
             fires = entry >= 0
             if not fires.any():
                 return None
