@@ -18,8 +18,10 @@ positions cached generation reads.
 
 One hook per edited layer serves every attached codebook pack: the entries of
 all packs at that layer are one key matrix, so a forward call costs one
-distance computation per layer whatever the number of entries. Entries of
-packs made apart are not reconciled when stacked: the nearest key decides.
+distance search per layer whatever the number of entries (one product of the
+queries with every key finds the nearest; its distance is then taken
+directly). Entries of packs made apart are not reconciled when stacked: the
+nearest key decides.
 """
 from __future__ import annotations
 
@@ -43,17 +45,23 @@ def part_name(edit_id: str, part: str) -> str:
     return f"{edit_id}.{part}"
 
 
-def nearest_entries(queries: torch.Tensor, keys: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+def nearest_entries(queries: torch.Tensor, keys: torch.Tensor, radii: torch.Tensor,
+                    key_norms: torch.Tensor | None = None) -> torch.Tensor:
     """[M] the entry each query [M, d] falls to (its nearest key of `keys` [N, d]),
     or −1 where the query is outside that entry's radius (`radii` [N]).
+    `key_norms`: the keys' squared norms, if already known.
 
     Example:
         >>> nearest_entries(torch.tensor([[0.0, 0.1], [5.0, 5.0]]), torch.zeros(1, 2), torch.tensor([1.0]))
         tensor([ 0, -1])
     """
-    distances = torch.cdist(queries, keys, compute_mode="donot_use_mm_for_euclid_dist")
-    best, index = distances.min(1)
-    return torch.where(best <= radii[index], index, torch.full_like(index, -1))
+    # The search reads every key once, as one product (|q|² is the same for every key, so it is left
+    # out); the winner's distance is then taken directly, so whether it fires does not rest on the
+    # rounding of the expanded form.
+    norms = keys.pow(2).sum(1) if key_norms is None else key_norms
+    index = (norms - 2 * queries @ keys.T).argmin(1)
+    distance = (queries - keys[index]).norm(dim=1)
+    return torch.where(distance <= radii[index], index, torch.full_like(index, -1))
 
 
 @dataclass
@@ -175,7 +183,8 @@ class Codebook:
                 where = last | (real & (last.long().cumsum(1) > 0))  # the last prompt token and any answer after it
             memory = self.memories[layer].on(output.device)
             # the input may sit where the caller left it when accelerate moves it inside forward
-            entry = nearest_entries(queries.to(output.device)[where].float(), memory.keys, memory.radii)
+            entry = nearest_entries(queries.to(output.device)[where].float(), memory.keys, memory.radii,
+                                    memory.key_norms)
             fires = entry >= 0
             if not fires.any():
                 return None
@@ -196,11 +205,13 @@ def by_token(x, shape) -> torch.Tensor | None:
 
 
 class Memory:
-    """The entries of one layer, fused: keys [N, key_size], values [N, value_size]
-    and radii [N], float32, with a copy per device the hook runs on."""
+    """The entries of one layer, fused: keys [N, key_size] (and their squared
+    norms), values [N, value_size] and radii [N], float32, with a copy per device
+    the hook runs on."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, radii: torch.Tensor):
         self.keys, self.values, self.radii = keys, values, radii
+        self.key_norms = keys.pow(2).sum(1)
         self.cast = {}
 
     @classmethod
