@@ -22,7 +22,8 @@ def runs(paths: list[Path]) -> dict[str, dict]:
     found = {}
     for path in paths:
         for run in json.loads(path.read_text()):
-            label = run["method"] if run["mode"] == "single" else f"{run['method']} ({run['mode']})"
+            method = run["method"] + (f"@{run['variant']}" if run.get("variant") else "")
+            label = method if run["mode"] == "single" else f"{method} ({run['mode']})"
             found.setdefault(label, run["per_case"])
     return found
 

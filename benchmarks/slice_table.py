@@ -1,7 +1,8 @@
-"""Each method's scores on disjoint slices of a benchmark, one `kedit bench` run
-per slice, with the 95 % paired bootstrap interval of its difference from a
-reference method (the unedited model unless told), the same over all slices
-pooled, and the spread of each score between slices. Checks the goals of
+"""Each method's scores on disjoint slices of a benchmark (a slice's runs are the
+results.json files in folders of its name), with the 95 % paired bootstrap
+interval of its difference from a reference method (the unedited model unless
+told), the same over all slices pooled, and the spread of each score between
+slices. Checks the goals of
 held-out defaults (issue 25) on every slice. Prints a Markdown table; writes
 results.json, results.md and slices.png into --out.
 
@@ -123,14 +124,17 @@ def plot(slices: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="+", type=Path, help="results.json of one kedit bench run per slice; "
-                                                              "a slice is named after its folder")
+    parser.add_argument("results", nargs="+", type=Path, help="results.json of kedit bench runs, one or more per "
+                                                              "slice; a slice is named after its folder")
     parser.add_argument("--reference", default="unedited")
     parser.add_argument("--resamples", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    per_slice = {path.parent.name: runs([path]) for path in args.results}
+    folders = {}
+    for path in args.results:  # runs of one slice may come from several folders of the same name
+        folders.setdefault(path.parent.name, []).append(path)
+    per_slice = {name: runs(paths) for name, paths in folders.items()}
     pooled = {}
     for name, found in per_slice.items():
         for label, per_case in found.items():
