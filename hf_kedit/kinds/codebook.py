@@ -182,9 +182,10 @@ class Codebook:
                 last = call.selection((0, 1), output.device)
                 where = last | (real & (last.long().cumsum(1) > 0))  # the last prompt token and any answer after it
             memory = self.memories[layer].on(output.device)
-            # the input may sit where the caller left it when accelerate moves it inside forward
-            entry = nearest_entries(queries.to(output.device)[where].float(), memory.keys, memory.radii,
-                                    memory.key_norms)
+            # the input may sit where the caller left it when accelerate moves it inside forward: the
+            # queries are picked there and only they are moved
+            entry = nearest_entries(queries[where.to(queries.device)].to(output.device).float(), memory.keys,
+                                    memory.radii, memory.key_norms)
             fires = entry >= 0
             if not fires.any():
                 return None
