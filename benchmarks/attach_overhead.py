@@ -149,8 +149,13 @@ def generation_rows(speeds: dict[str, list[float]], hook_us: dict[str, float] | 
     """Per condition: its tokens/s runs summarised against the "base model" condition's,
     and, given `hook_us`, its time in hooks per token."""
     base = statistics.median(speeds["base model"])
+    # run i of every condition comes from the same repeat, so its ratio to base run i cancels the drift
+    # of a shared machine that the ratio of medians keeps
+    paired = {name: [a / b for a, b in zip(v, speeds["base model"])] for name, v in speeds.items()}
     rows = [{"condition": name, "tokens_per_s_median": statistics.median(v), "tokens_per_s_iqr": quartiles(v),
-             "runs": v, "relative_to_base": statistics.median(v) / base} for name, v in speeds.items()]
+             "runs": v, "relative_to_base": statistics.median(v) / base,
+             "paired_relative_median": statistics.median(paired[name]), "paired_relative_iqr": quartiles(paired[name])}
+            for name, v in speeds.items()]
     for row in rows if hook_us is not None else ():
         row["hook_us_per_token"] = hook_us[row["condition"]]
         row["hook_share_of_base_token_time"] = row["hook_us_per_token"] * 1e-6 * base
@@ -160,11 +165,13 @@ def generation_rows(speeds: dict[str, list[float]], hook_us: dict[str, float] | 
 def generation_table(rows: list[dict]) -> list[str]:
     """The Markdown lines of `generation_rows` (with the hook columns where the rows have them)."""
     hooks = "hook_us_per_token" in rows[0]
-    table = ["| condition | tokens/s, median (p25-p75) | vs base |"
+    table = ["| condition | tokens/s, median (p25-p75) | vs base | vs base, paired by repeat (p25-p75) |"
              + (" time in hooks per token | share of a base token |" if hooks else ""),
-             "|---|---|---|" + ("---|---|" if hooks else "")]
+             "|---|---|---|---|" + ("---|---|" if hooks else "")]
     return table + [f"| {r['condition']} | {r['tokens_per_s_median']:.1f} ({r['tokens_per_s_iqr'][0]:.1f}-"
-                    f"{r['tokens_per_s_iqr'][1]:.1f}) | {100 * r['relative_to_base']:.1f} % |"
+                    f"{r['tokens_per_s_iqr'][1]:.1f}) | {100 * r['relative_to_base']:.1f} % | "
+                    f"{100 * r['paired_relative_median']:.1f} % ({100 * r['paired_relative_iqr'][0]:.1f}-"
+                    f"{100 * r['paired_relative_iqr'][1]:.1f}) |"
                     + (f" {r['hook_us_per_token']:.0f} µs | {100 * r['hook_share_of_base_token_time']:.2f} % |"
                        if hooks else "")
                     for r in rows]

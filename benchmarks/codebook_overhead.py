@@ -23,6 +23,7 @@ from attach_overhead import (PROMPT, folder_bytes, generation_rows, generation_t
                              tokens_per_second)
 from hf_kedit import Edit, EditPack, load_edits, remove_edits
 from hf_kedit.anatomy import anatomy_of
+from hf_kedit.kinds.codebook import Memory
 from hf_kedit.methods.builders import codebook_pack
 from hf_kedit.methods.memory.grace import GRACEConfig, projection_at
 from hf_kedit.methods.requests import resolve_layer
@@ -41,10 +42,33 @@ def random_codebook(model, layer, prompt_key, value, n, with_prompt, seed=0):
     return codebook_pack(model, "random", {}, edits, layer, entries)
 
 
+def search_seconds(search, query, calls=500):
+    """Seconds `search` takes for one generated token's query (the prompt's key)."""
+    query = query.reshape(1, -1).float()
+    with torch.inference_mode():
+        search(query)
+        start = time.perf_counter()
+        for _ in range(calls):
+            search(query)
+    return (time.perf_counter() - start) / calls
+
+
+def full_search(memory):
+    """The search without the index, for comparison: one product of the query with
+    every key finds the nearest, whose distance is then taken directly."""
+    keys, norms = memory.keys, memory.keys.pow(2).sum(1)
+
+    def search(query):
+        best = (norms - 2 * query @ keys.T).argmin(1)
+        distance = (query - keys[best]).norm(dim=1)
+        return torch.where(distance <= memory.radii[best], best, -1)
+    return search
+
+
 def main():
     parser = arguments(__doc__, out="docs/bench/codebook-overhead")
     parser.add_argument("--sizes", default="1000,10000")
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     model, tokenizer, out = prepared(args)
@@ -66,6 +90,14 @@ def main():
             speeds[name].append(tokens_per_second(model, tokenizer, args.new_tokens))
             remove_edits(model, "bench")
     rows = generation_rows(speeds)
+    base_token_s = 1 / statistics.median(speeds["base model"])
+    for row in rows:
+        if row["condition"] in packs:
+            memory = Memory.of(packs[row["condition"]])
+            assert torch.equal(memory.index.nearest(key.reshape(1, -1)), full_search(memory)(key.reshape(1, -1)))
+            for name, search in (("search", memory.index.nearest), ("full_search", full_search(memory))):
+                row[f"{name}_us_per_token"] = search_seconds(search, key) * 1e6
+                row[f"{name}_share_of_base_token"] = row[f"{name}_us_per_token"] * 1e-6 / base_token_s
 
     largest = packs[f"{max(sizes)} entries, prompt in no entry"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,6 +115,11 @@ def main():
                                             "bytes_per_entry": pack_bytes / max(sizes),
                                             "load_s_median": statistics.median(load_times), "load_runs": load_times}}
     table = generation_table(rows)
+    table += ["", "| condition | search per generated token (share of a base token) | without the index |",
+              "|---|---|---|"]
+    table += [f"| {r['condition']} | {r['search_us_per_token']:.0f} µs ({100 * r['search_share_of_base_token']:.2f} %) "
+              f"| {r['full_search_us_per_token']:.0f} µs ({100 * r['full_search_share_of_base_token']:.2f} %) |"
+              for r in rows if r["condition"] in packs]
     table += ["", "| pack | value |", "|---|---|",
               f"| {max(sizes)}-entry pack folder | {pack_bytes / 1e6:.1f} MB ({pack_bytes / max(sizes):.0f} B/entry) |",
               f"| read, validate and attach (median of 3) | {statistics.median(load_times):.2f} s |"]

@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from hf_kedit import Edit, load_edits, remove_edits, stack_of
 from hf_kedit.anatomy import anatomy_of
 from hf_kedit.errors import EditRequestError, IncompatiblePackError, KeditError, PackFormatError
-from hf_kedit.kinds.codebook import nearest_entries
+from hf_kedit.kinds.codebook import KeyIndex
 from hf_kedit.kinds.prompt_calls import prompt_lengths
 from hf_kedit.methods import make_pack
 from hf_kedit.methods.memory.grace import projection_at, split_collisions
@@ -45,13 +45,43 @@ class WordTokenizer:
         return type("Encoded", (), {"input_ids": ([1] if add_special_tokens else []) + self._ids(text)})()
 
 
-def test_nearest_entries_fire_within_their_radius_only():
+def test_an_entry_fires_within_its_radius_only():
     keys = torch.tensor([[0.0, 0.0], [4.0, 0.0]])
     radii = torch.tensor([1.0, 0.5])
     queries = torch.tensor([[0.9, 0.0], [1.1, 0.0], [3.6, 0.0], [3.4, 0.0], [2.1, 0.0]])
     # 0.9 from key 0 (inside 1.0); 1.1 (outside); 0.4 from key 1 (inside 0.5); 0.6 (outside); nearest is key 1, 1.9 away
-    assert nearest_entries(queries, keys, radii).tolist() == [0, -1, 1, -1, -1]
-    assert nearest_entries(queries, keys, torch.tensor([-1.0, -1.0])).tolist() == [-1] * 5
+    assert KeyIndex(keys, radii).nearest(queries).tolist() == [0, -1, 1, -1, -1]
+    assert KeyIndex(keys, torch.tensor([-1.0, -1.0])).nearest(queries).tolist() == [-1] * 5
+    assert KeyIndex(keys[:0], radii[:0]).nearest(queries).tolist() == [-1] * 5
+
+
+def brute_force_nearest(queries, keys, radii):
+    distance = torch.cdist(queries.double(), keys.double())
+    best = distance.argmin(1)
+    return torch.where(distance.gather(1, best[:, None])[:, 0] <= radii[best].double(), best, -1)
+
+
+@pytest.mark.parametrize("spread", ["isotropic", "low rank", "clustered"])
+def test_the_bounded_search_finds_what_a_full_search_finds(spread):
+    g = torch.Generator().manual_seed(1)
+    n, d = 3000, 96
+    if spread == "isotropic":
+        keys = torch.randn(n, d, generator=g) * 3
+    elif spread == "low rank":  # keys inside the basis: the bound is exact
+        keys = torch.randn(n, 8, generator=g) @ torch.randn(8, d, generator=g)
+    else:  # a few tight clusters far from the origin, as real keys of similar prompts are
+        keys = 20 * torch.randn(5, d, generator=g)[torch.randint(5, (n,), generator=g)] + torch.randn(n, d, generator=g)
+    radii = torch.rand(n, generator=g) * 2 + 0.5
+    radii[::7] = -1.0  # entries that never fire
+    # queries at every distance from the keys: on a key, within and just past radii, and far away
+    near = torch.randint(n, (400,), generator=g)
+    direction = torch.nn.functional.normalize(torch.randn(400, d, generator=g), dim=1)
+    steps = torch.rand(400, generator=g) * 4
+    queries = torch.cat([keys[near] + direction * steps[:, None], torch.randn(100, d, generator=g) * 30])
+    found = KeyIndex(keys, radii).nearest(queries)
+    expected = brute_force_nearest(queries, keys, radii)
+    assert (found >= 0).sum() > 50 and (found == -1).sum() > 50, "the queries did not test both sides of the radii"
+    assert torch.equal(found, expected)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -17,11 +17,12 @@ generation queries each new token. Teacher-forced scoring thus reads the
 positions cached generation reads.
 
 One hook per edited layer serves every attached codebook pack: the entries of
-all packs at that layer are one key matrix, so a forward call costs one
-distance search per layer whatever the number of entries (one product of the
-queries with every key finds the nearest; its distance is then taken
-directly). Entries of packs made apart are not reconciled when stacked: the
-nearest key decides.
+all packs at that layer are one `KeyIndex`, so a forward call costs one batched
+search per layer whatever the number of entries. The search is exact but reads
+the full keys only where it must: distances measured in a few principal
+directions of the keys bound the true ones from below, so keys whose bound is
+beyond every radius cannot fire and are never compared in full. Entries of
+packs made apart are not reconciled when stacked: the nearest key decides.
 """
 from __future__ import annotations
 
@@ -45,23 +46,81 @@ def part_name(edit_id: str, part: str) -> str:
     return f"{edit_id}.{part}"
 
 
-def nearest_entries(queries: torch.Tensor, keys: torch.Tensor, radii: torch.Tensor,
-                    key_norms: torch.Tensor | None = None) -> torch.Tensor:
-    """[M] the entry each query [M, d] falls to (its nearest key of `keys` [N, d]),
-    or −1 where the query is outside that entry's radius (`radii` [N]).
-    `key_norms`: the keys' squared norms, if already known.
+BOUND_WIDTH = 64  # principal directions the lower bounds are measured in: [N, 64] products instead of [N, key_size]
+
+
+def principal_basis(keys: torch.Tensor, width: int) -> torch.Tensor:
+    """[d, w] orthonormal columns near the top right singular directions of `keys`
+    [N, d], w = min(width, N, d): a randomized range finder with a fixed seed, so
+    the same keys give the same basis and the caller's random state is untouched."""
+    n, d = keys.shape
+    width = min(width, n, d)
+    if width == 0:
+        return keys.new_zeros(d, 0)
+    generator = torch.Generator(device=keys.device).manual_seed(0)
+    sketch = keys.T @ torch.randn(n, width, generator=generator, device=keys.device, dtype=keys.dtype)
+    for _ in range(2):  # power iterations pull the sketch toward the keys' dominant directions
+        sketch = keys.T @ (keys @ torch.linalg.qr(sketch).Q)
+    return torch.linalg.qr(sketch).Q
+
+
+class KeyIndex:
+    """Exact nearest-key search over keys [N, d] with radii [N], cheap where
+    queries fall within no radius (almost every token a model generates).
+
+    For an orthonormal basis P, |q − k|² = |Pᵀ(q − k)|² + |r(q) − r(k)|² with r
+    the parts outside P, and |r(q) − r(k)| ≥ | |r(q)| − |r(k)| |: a lower bound
+    that costs a product in P's few dimensions. A key whose bound exceeds the
+    largest radius is farther than any radius, so the nearest key can fire only
+    if it is among the keys within that reach, and only those are compared in
+    full. Whether the basis is good changes the speed, never the answer.
 
     Example:
-        >>> nearest_entries(torch.tensor([[0.0, 0.1], [5.0, 5.0]]), torch.zeros(1, 2), torch.tensor([1.0]))
-        tensor([ 0, -1])
+        >>> index = KeyIndex(torch.eye(3), torch.full((3,), 0.5))
+        >>> index.nearest(torch.tensor([[0.9, 0.0, 0.0], [0.5, 0.5, 0.0]])).tolist()
+        [0, -1]
     """
-    # The search reads every key once, as one product (|q|² is the same for every key, so it is left
-    # out); the winner's distance is then taken directly, so whether it fires does not rest on the
-    # rounding of the expanded form.
-    norms = keys.pow(2).sum(1) if key_norms is None else key_norms
-    index = (norms - 2 * queries @ keys.T).argmin(1)
-    distance = (queries - keys[index]).norm(dim=1)
-    return torch.where(distance <= radii[index], index, torch.full_like(index, -1))
+
+    def __init__(self, keys: torch.Tensor, radii: torch.Tensor, basis: torch.Tensor | None = None):
+        self.keys, self.radii = keys, radii
+        self.basis = principal_basis(keys, BOUND_WIDTH) if basis is None else basis
+        self.norms = keys.pow(2).sum(1)
+        # the bounds are taken in float64: |q|² − |Pᵀq|² cancels, and rounding must not push a key out
+        projected = (keys @ self.basis).double()
+        self.projected = projected
+        self.projected_norms = projected.pow(2).sum(1)
+        self.residual_norms = (self.norms.double() - self.projected_norms).clamp_min(0).sqrt()
+        self.reach = float(radii.max()) if len(radii) else -1.0
+
+    def to(self, device) -> "KeyIndex":
+        return KeyIndex(self.keys.to(device), self.radii.to(device), self.basis.to(device))
+
+    def nearest(self, queries: torch.Tensor) -> torch.Tensor:
+        """[M] the index of each query's [M, d] nearest key, or −1 where that key's radius does not reach it."""
+        entry = torch.full((len(queries),), -1, dtype=torch.long, device=queries.device)
+        if self.reach < 0 or len(queries) == 0:
+            return entry
+        projected = (queries @ self.basis).double()
+        query_norms = queries.pow(2).sum(1).double()
+        projected_norms = projected.pow(2).sum(1)
+        residual_norms = (query_norms - projected_norms).clamp_min(0).sqrt()
+        bound = (projected_norms[:, None] + self.projected_norms - 2 * projected @ self.projected.T
+                 + (residual_norms[:, None] - self.residual_norms) ** 2)
+        # slack for the float32 inputs' own rounding: a key at the edge stays a candidate
+        slack = 1e-6 * (query_norms[:, None] + self.norms.double())
+        candidate = bound - slack <= self.reach ** 2
+        rows = candidate.any(1).nonzero().squeeze(1)
+        if len(rows) == 0:
+            return entry
+        columns = candidate[rows].any(0).nonzero().squeeze(1)
+        near = queries[rows]
+        score = (self.norms[columns] - 2 * near @ self.keys[columns].T).masked_fill(
+            ~candidate[rows][:, columns], float("inf"))
+        best = columns[score.argmin(1)]
+        # the winner's distance is taken directly, so whether it fires does not rest on the expanded form's rounding
+        distance = (near - self.keys[best]).norm(dim=1)
+        entry[rows] = torch.where(distance <= self.radii[best], best, torch.full_like(best, -1))
+        return entry
 
 
 @dataclass
@@ -184,8 +243,7 @@ class Codebook:
             memory = self.memories[layer].on(output.device)
             # the input may sit where the caller left it when accelerate moves it inside forward: the
             # queries are picked there and only they are moved
-            entry = nearest_entries(queries[where.to(queries.device)].to(output.device).float(), memory.keys,
-                                    memory.radii, memory.key_norms)
+            entry = memory.index.nearest(queries[where.to(queries.device)].to(output.device).float())
             fires = entry >= 0
             if not fires.any():
                 return None
@@ -206,13 +264,13 @@ def by_token(x, shape) -> torch.Tensor | None:
 
 
 class Memory:
-    """The entries of one layer, fused: keys [N, key_size] (and their squared
-    norms), values [N, value_size] and radii [N], float32, with a copy per device
-    the hook runs on."""
+    """The entries of one layer, fused: keys [N, key_size] searched through a
+    `KeyIndex`, values [N, value_size] and radii [N], float32, with a copy per
+    device the hook runs on."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, radii: torch.Tensor):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, radii: torch.Tensor, index: KeyIndex | None = None):
         self.keys, self.values, self.radii = keys, values, radii
-        self.key_norms = keys.pow(2).sum(1)
+        self.index = KeyIndex(keys, radii) if index is None else index
         self.cast = {}
 
     @classmethod
@@ -231,5 +289,6 @@ class Memory:
         if self.keys.device == device:
             return self
         if device not in self.cast:
-            self.cast[device] = Memory(self.keys.to(device), self.values.to(device), self.radii.to(device))
+            index = self.index.to(device)
+            self.cast[device] = Memory(index.keys, self.values.to(device), index.radii, index)
         return self.cast[device]
