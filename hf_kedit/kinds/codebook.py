@@ -270,8 +270,16 @@ class Memory:
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, radii: torch.Tensor, index: KeyIndex | None = None):
         self.keys, self.values, self.radii = keys, values, radii
-        self.index = KeyIndex(keys, radii) if index is None else index
+        self._index = index
         self.cast = {}
+
+    @property
+    def index(self) -> KeyIndex:
+        """The search over the keys, built on first use (a pack's own memory is only
+        joined with the others at its layer, and only the joined one is searched)."""
+        if self._index is None:
+            self._index = KeyIndex(self.keys, self.radii)
+        return self._index
 
     @classmethod
     def of(cls, pack) -> "Memory":
@@ -282,7 +290,9 @@ class Memory:
 
     @classmethod
     def joined(cls, memories: list["Memory"]) -> "Memory":
-        return cls(*(torch.cat([getattr(m, part) for m in memories]) for part in ("keys", "values", "radii")))
+        """One memory of all `memories`' entries, its index built now (before any hook changes)."""
+        keys, values, radii = (torch.cat([getattr(m, part) for m in memories]) for part in ("keys", "values", "radii"))
+        return cls(keys, values, radii, KeyIndex(keys, radii))
 
     def on(self, device) -> "Memory":
         """This memory with its tensors on `device` (moved once per device)."""
