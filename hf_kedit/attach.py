@@ -14,6 +14,7 @@ from torch import nn
 
 from .errors import EditConflictError, KeditError
 from .pack.fingerprint import check_base_model
+from .pack.format import collection_paused
 from .kinds import kind_named
 from .kinds.prompt_calls import set_tokenizer, tokenizer_of
 from .pack import EditPack
@@ -61,15 +62,16 @@ class EditStack:
             on_conflict: str = "error", tokenizer=None) -> None:
         """Attach `pack` as `name` (checks everything first; see `load_edits`)."""
         self._check_enabled("attach a pack")
-        if tokenizer is None:
-            return self._add(pack, name, merge, verify, on_conflict)
-        previous = tokenizer_of(self.model)
-        set_tokenizer(self.model, tokenizer)
-        try:
-            self._add(pack, name, merge, verify, on_conflict)
-        except Exception:
-            set_tokenizer(self.model, previous)
-            raise
+        with collection_paused():  # attaching makes many objects that stay alive, as reading does
+            if tokenizer is None:
+                return self._add(pack, name, merge, verify, on_conflict)
+            previous = tokenizer_of(self.model)
+            set_tokenizer(self.model, tokenizer)
+            try:
+                self._add(pack, name, merge, verify, on_conflict)
+            except Exception:
+                set_tokenizer(self.model, previous)
+                raise
 
     def _add(self, pack: EditPack, name: str, merge: bool, verify: str, on_conflict: str) -> None:
         if not isinstance(pack, EditPack):
@@ -187,8 +189,11 @@ class EditStack:
 
     def _check_not_attached(self, pack: EditPack) -> None:
         """The same edit (same id, fields and tensors) attached twice would act twice."""
-        held = {digest: (p.name, edit_id) for p in self.packs.values() for edit_id, digest in p.pack.edit_digests.items()}
-        twice = [held[d] for d in pack.edit_digests.values() if d in held]
+        if not self.packs:  # nothing to compare with: the new pack's tensors need not be hashed yet
+            return
+        new = set(pack.edit_digests.values())
+        twice = [(p.name, edit_id) for p in self.packs.values() for edit_id, digest in p.pack.edit_digests.items()
+                 if digest in new]
         if twice:
             where = ", ".join(f"{eid!r} in pack {name!r}" for name, eid in twice[:5])
             raise KeditError(f"this pack's edits are attached already ({where}): the same edit attached twice "
@@ -198,9 +203,14 @@ class EditStack:
         """Edits sharing subject and prompt must agree on the target. With "last",
         the newest edit wins: every earlier one that disagrees is dropped (returned
         by pack name; None for an edit of `pack` itself)."""
+        # only attached edits that share a (subject, prompt) with the new pack are held: attaching the
+        # hundredth pack of a sequence must not rebuild an index of every edit before it
+        keys = {(e.subject, e.prompt) for e in pack.edits}
         held: dict[tuple, list] = {}
-        for name, e in self.edits():
-            held.setdefault((e.subject, e.prompt), []).append((name, e))
+        for p in self.packs.values():
+            for e in p.pack.edits:
+                if (e.subject, e.prompt) in keys:
+                    held.setdefault((e.subject, e.prompt), []).append((p.name, e))
         conflicts, superseded, dropped_here = [], {}, set()
         for e in pack.edits:
             key = (e.subject, e.prompt)

@@ -308,6 +308,28 @@ def test_broken_pack_fails_from_pretrained(good_folder, breaker, exc, match):
         EditPack.from_pretrained(good_folder)
 
 
+@pytest.mark.parametrize("collecting", [True, False])
+@pytest.mark.parametrize("breaker, exc, match", BROKEN_PARAMS[:3] + BROKEN_PARAMS[-3:])
+def test_reading_and_attaching_leave_the_garbage_collector_as_they_found_it(llama, good_folder, breaker, exc,
+                                                                            match, collecting):
+    """Reading and attaching pause Python's cyclic collector; a read that fails must not leave it off,
+    nor turn on a collector the caller had turned off."""
+    import gc
+
+    was = gc.isenabled()
+    try:
+        (gc.enable if collecting else gc.disable)()
+        load_edits(llama, good_folder, name="good")
+        assert gc.isenabled() == collecting
+        remove_edits(llama, "good")
+        breaker(good_folder)
+        with raises_exactly(exc, match):
+            load_edits(llama, good_folder)
+        assert gc.isenabled() == collecting
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
 def test_good_pack_loads_and_removes(llama, good_folder):
     """The control: the unbroken folder attaches, changes the logits, and removes bit-exactly."""
     base = _logits(llama)

@@ -83,7 +83,7 @@ def test_packs_on_one_weight_add_their_offsets_in_one_hook_of_rank_k():
     load_edits(model, first, name="first")
     load_edits(model, second, name="second")
     runtime = stack_of(model).runtimes["singular_scale"]
-    assert runtime.hooks[module].A.shape[0] == len(z1)  # one rank-k hook, not two
+    assert runtime.hooks[module].factors[0].shape[0] == len(z1)  # one rank-k hook, not two
     both = _logits(model)
     fresh = tiny_model("llama")
     with torch.no_grad():

@@ -297,8 +297,8 @@ def fuse(interventions: list[Interventions]) -> list[Interventions]:
     groups = {}
     for i in interventions:
         groups.setdefault(i.positions, []).append(i)
-    return [Interventions(parts[0].layer, positions, *(torch.cat([getattr(i, f) for i in parts])
-                                                       for f in FIELDS))
+    return [parts[0] if len(parts) == 1 else  # one pack's rows are concatenated already: no copy
+            Interventions(parts[0].layer, positions, *(torch.cat([getattr(i, f) for i in parts]) for f in FIELDS))
             for positions, parts in groups.items()]
 
 

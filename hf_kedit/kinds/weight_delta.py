@@ -97,9 +97,11 @@ class WeightDelta:
         check_linear_targets(pack, model)
         for module, (A, B) in factors_by_module(pack).items():
             m = model.get_submodule(module)
-            size = _delta(m, A, B, torch.device("cpu")).abs().max().item()
             with weight_present(m) as w:
                 room = torch.finfo(w.dtype).max - w.abs().max().item()
+            # |(B A)_ij| ≤ |B_i| |A_:j| (Cauchy-Schwarz): when that bound fits, ΔW itself need not be computed
+            bound = (B.float().norm(dim=1).max() * A.float().norm(dim=0).max()).item()
+            size = bound if bound <= room else _delta(m, A, B, torch.device("cpu")).abs().max().item()
             if not size <= room:  # NaN-safe
                 raise IncompatiblePackError(f"the pack's change of {module} reaches {size:.3g}: merged into its "
                                             f"{w.dtype} weights it would not stay finite (room: {room:.3g})")
@@ -215,21 +217,20 @@ class WeightDelta:
             self._refresh(set(self.packs[name]))
 
         def _refresh(self, modules: set[str]) -> None:
-            """Re-fuse the live factors of `modules`; all computed before a hook changes."""
-            fused = {}
-            for module in modules:
-                live = [self.packs[n][module] for n in self.packs if n not in self.merged and module in self.packs[n]]
-                fused[module] = self.fused(live) if live else None
-            targets = {m: self.model.get_submodule(m) for m, f in fused.items() if f and m not in self.hooks}
-            for module, factors in fused.items():
-                if factors is None:
+            """Give the hooks of `modules` their live factors; every module is looked up
+            before a hook changes."""
+            live = {module: [self.packs[n][module] for n in self.packs if n not in self.merged and module in self.packs[n]]
+                    for module in modules}
+            targets = {m: self.model.get_submodule(m) for m, pairs in live.items() if pairs and m not in self.hooks}
+            for module, pairs in live.items():
+                if not pairs:
                     hook = self.hooks.pop(module, None)
                     if hook is not None:
                         hook.handle.remove()
                     continue
                 if module not in self.hooks:
                     self.hooks[module] = FusedDelta(self, targets[module])
-                self.hooks[module].set_factors(*factors)
+                self.hooks[module].set_live(pairs)
 
 
 def low_rank_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -251,23 +252,32 @@ def deltas_applied(model: nn.Module, factors: dict[str, tuple[torch.Tensor, torc
 
 
 class FusedDelta:
-    """The forward hook adding (x Aᵀ) Bᵀ for all live factors of one module.
-    Factors are cast once per (device, dtype) the module runs on, so the hook
-    follows accelerate's dispatch and the model's dtype."""
+    """The forward hook adding (x Aᵀ) Bᵀ for all live factors of one module, fused
+    into one pair on the first call after they change: attaching a hundred packs
+    in a row concatenates their factors once, not once per pack. The pair is cast
+    once per (device, dtype) the module runs on, so the hook follows accelerate's
+    dispatch and the model's dtype."""
 
     def __init__(self, runtime, module: nn.Module):
         self.runtime = runtime
         self.handle = module.register_forward_hook(self)
 
-    def set_factors(self, A: torch.Tensor, B: torch.Tensor) -> None:
-        self.A, self.B, self.cast = A, B, {}
+    def set_live(self, live: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.live, self.pair, self.cast = live, None, {}
+
+    @property
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, in], B [out, r]): the live factors as one pair (`Runtime.fused`)."""
+        if self.pair is None:
+            self.pair = self.runtime.fused(self.live)
+        return self.pair
 
     def __call__(self, module, args, output):
         if not self.runtime.enabled:
             return None
         key = (output.device, output.dtype)
         if key not in self.cast:
-            self.cast[key] = (self.A.to(*key), self.B.to(*key))
+            self.cast[key] = tuple(t.to(*key) for t in self.factors)
         A, B = self.cast[key]
         return output + low_rank_delta(args[0].to(*key), A, B)
 
