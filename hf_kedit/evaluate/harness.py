@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..attach import load_edits, remove_edits, stack_of
 from ..methods import METHODS, make_pack, new_history
+from ..methods.in_context import fact_context
 from ..pack import EditPack
 from .cases import Case
 from .general_ability import perplexity_ratio, speed_ratio
@@ -28,7 +29,6 @@ from .scoring import Scorer
 
 BASELINES = ("unedited", "icl")
 MODES = ("single", "batch", "sequential")
-ICL_TEMPLATE = "New Fact: {fact}\nPrompt: "
 
 
 METRICS = ("efficacy", "generality", "locality", "portability", "fluency", "robustness")
@@ -76,7 +76,7 @@ def known_methods() -> list[str]:
 
 
 def icl_context(case: Case) -> str:
-    return "".join(ICL_TEMPLATE.format(fact=f"{e.text} {e.target_new}.") for e in case.edits)
+    return fact_context(case.edits)
 
 
 def pack_bytes(pack: EditPack) -> int:

@@ -5,11 +5,13 @@ file per method: `locate/` (ROME, MEMIT, AlphaEdit, STEAM: locate-and-edit,
 with its key statistics and head loss), `representation/` (ReFT, BaFT: basis
 interventions), `steering/` (SAKE, ActAdd: steering maps), `finetune/`
 (LoRA, AdaLoRA, FT-L, SVF), `lifelong/` (UltraEdit: closed-form batches that
-continue a running state) and `learned/` (MEND: an editor network trained
-once per base model) and `memory/` (GRACE: edits kept as entries beside the
-model). `requests.py` checks requests and layer settings for all of them,
-`history.py` is what sequential methods carry between batches, `builders.py`
-builds their packs; this module is the registry alone.
+continue a running state), `learned/` (MEND: an editor network trained once
+per base model), `memory/` (GRACE: edits kept as entries beside the model)
+and `distill/` (context distillation: the model taught to answer without a
+fact in context as it does with it). `in_context.py` is how facts are stated
+in a prompt, `requests.py` checks requests and layer settings for all of
+them, `history.py` is what sequential methods carry between batches,
+`builders.py` builds their packs; this module is the registry alone.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from torch import nn
 
 from ..errors import EditRequestError
 from ..pack import Edit, EditPack
+from .distill.distill import DistillConfig, distill_edit
 from .finetune.adalora import AdaLoRAConfig, adalora_edit
 from .finetune.ft import FTConfig, ft_edit
 from .finetune.lora import LoRAConfig, lora_edit
@@ -36,7 +39,7 @@ from .steering.actadd import ActAddConfig, actadd_edit
 from .steering.sake import SAKEConfig, sake_edit
 
 METHODS = {"actadd": (actadd_edit, ActAddConfig), "adalora": (adalora_edit, AdaLoRAConfig), "alphaedit": (alphaedit_edit, AlphaEditConfig),
-           "baft": (baft_edit, BaFTConfig), "ft": (ft_edit, FTConfig), "grace": (grace_edit, GRACEConfig),
+           "baft": (baft_edit, BaFTConfig), "distill": (distill_edit, DistillConfig), "ft": (ft_edit, FTConfig), "grace": (grace_edit, GRACEConfig),
            "lora": (lora_edit, LoRAConfig), "memit": (memit_edit, MEMITConfig),
            "mend": (mend_edit, MENDConfig),
            "reft": (reft_edit, ReFTConfig), "rome": (rome_edit, ROMEConfig), "sake": (sake_edit, SAKEConfig),
