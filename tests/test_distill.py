@@ -122,7 +122,7 @@ def test_distill_on_the_default_model_end_to_end(default_model, tmp_path):
 
     model, tokenizer = default_model
     assert greedy_answer(model, tokenizer, EDIT.text).startswith("French")
-    neighbour = greedy_answer(model, tokenizer, NEIGHBOUR)
+    assert greedy_answer(model, tokenizer, NEIGHBOUR).startswith("French")
     ids = tokenizer(EDIT.text, return_tensors="pt").input_ids
     base = log_probs(model, ids)
     folder = make_pack("distill", model, tokenizer, [EDIT], progress=False).save_pretrained(tmp_path / "distill")
@@ -130,7 +130,7 @@ def test_distill_on_the_default_model_end_to_end(default_model, tmp_path):
     load_edits(model, str(folder), name="d")
     try:
         assert greedy_answer(model, tokenizer, EDIT.text).startswith("English")
-        assert greedy_answer(model, tokenizer, NEIGHBOUR) == neighbour
+        assert greedy_answer(model, tokenizer, NEIGHBOUR).startswith("French")  # the neighbour keeps its answer
     finally:
         remove_edits(model, "d")
     assert torch.equal(log_probs(model, ids), base)
