@@ -132,6 +132,10 @@ CASES = [  # (id, method, requests, settings, error type, regex the message must
     ("grace-radius-negative", "grace", [GOOD], {"radius": -1.0}, EditRequestError,
      r"radius=-1.0: give a positive distance"),
     ("grace-blank-target", "grace", [edit(target_new=" ")], {}, EditRequestError, r"target_new must be a non-empty"),
+    ("distill-layers-99", "distill", [GOOD], {"layers": [1, 99]}, EditRequestError, r"layer=99 gives layers \[99\]"),
+    ("distill-layers-number", "distill", [GOOD], {"layers": 1}, EditRequestError, r"layers=1: give a list"),
+    ("distill-blank-target", "distill", [edit(target_new=" ")], {}, EditRequestError,
+     r"target_new must be a non-empty"),
     ("unknown-method", "romeo", [GOOD], {}, EditRequestError, r"unknown method 'romeo'"),
     ("unknown-setting", "rome", [GOOD], {"layers": 3}, EditRequestError, r"rome has no setting \['layers'\]"),
 ]

@@ -29,7 +29,8 @@ QUICK = {"rome": dict(LOCATE, layer=1), "memit": dict(LOCATE, layers=(1, 2)),
          "svf": dict(steps=3, layers=[0, 2]),
          "adalora": dict(steps=8, tinit=2, tfinal=3, delta_t=1, init_r=4, target_r=2, layers=[0, 1, 2]),
          "reft": dict(layer=1, steps=5), "baft": dict(layer=1, steps=5, positions="l1"),
-         "sake": {}, "actadd": {}, "mend": dict(layers=MEND_QUICK.layers), "grace": dict(layer=1, steps=5)}
+         "sake": {}, "actadd": {}, "mend": dict(layers=MEND_QUICK.layers), "grace": dict(layer=1, steps=5),
+         "distill": dict(layers=[1], steps=3, samples=1, sample_tokens=4, locality_samples=1, locality_tokens=6)}
 WAYS = ["cpu_offload", "disk_offload", "device_map"]
 # Two layers on "disk": read from the checkpoint (or --offload-folder) by accelerate's hooks at each forward.
 DEVICE_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",

@@ -44,7 +44,7 @@ class DistillConfig:
     teacher writes, and how the two divergences are weighed."""
 
     layers: tuple = setting((0.3,), "the MLP output projections trained, one per entry: an index or a relative "
-                            "depth in [0, 1) (rounded)", "NOT TUNED: LoRA's layer")
+                            "depth in [0, 1) (rounded)", "chosen here, not tuned: the LoRA baseline's layer")
     rank: int = setting(4, "r of each edit's delta B A on each layer", NOT_TUNED)
     steps: int = setting(40, "Adam steps per edit (all run: the divergences have no stopping point)", NOT_TUNED)
     lr: float = setting(1e-2, "Adam's step size", NOT_TUNED)
