@@ -36,6 +36,21 @@ def default_model():
     return load_default()
 
 
+@pytest.fixture(scope="session")
+def tokenizer(request):
+    """The default model's tokenizer, for tiny models built on its vocabulary: read from the
+    cache when the model was converted before, else from the model (converted once). Modules
+    that load the default model anyway define their own `tokenizer` from it."""
+    from transformers import AutoTokenizer
+
+    from hf_kedit.models import default_cache_dir
+
+    cache = default_cache_dir()
+    if (cache / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(cache)
+    return request.getfixturevalue("default_model")[1]
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

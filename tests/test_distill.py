@@ -5,14 +5,12 @@ every weight_delta pack; bad settings are refused before the model runs."""
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer
 
 from hf_kedit import Edit, load_edits, remove_edits
 from hf_kedit.errors import EditRequestError
 from hf_kedit.methods import make_pack
 from hf_kedit.methods.distill.distill import DistillConfig, aligned_positions, teacher_texts
 from hf_kedit.methods.in_context import fact_context
-from hf_kedit.models import default_cache_dir
 from test_bad_input import raises_exactly, untouched
 from test_rome import tiny
 
@@ -24,12 +22,6 @@ SETTINGS = {"layers": [1], "steps": 100, "lr": 2e-2, "samples": 2, "sample_token
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tokenizer(request):
-    cache = default_cache_dir()
-    if (cache / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(cache)
-    return request.getfixturevalue("default_model")[1]
 
 
 def log_probs(model, ids):

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from hf_kedit import Edit, load_edits, remove_edits, stack_of
 from hf_kedit.errors import EditRequestError, IncompatiblePackError
@@ -16,7 +15,6 @@ from hf_kedit.methods import make_pack
 from hf_kedit.methods.representation import baft
 from hf_kedit.methods.representation import core as basis
 from hf_kedit.methods.representation.core import layer_states
-from hf_kedit.models import default_cache_dir
 from hf_kedit.sampling import sibling_names
 from test_bad_input import raises_exactly, untouched
 from test_rome import tiny
@@ -29,12 +27,6 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counter
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tokenizer(request):
-    cache = default_cache_dir()
-    if (cache / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(cache)
-    return request.getfixturevalue("default_model")[1]  # converts the default model once
 
 
 def target_nll(model, tokenizer, edit=EDIT) -> float:

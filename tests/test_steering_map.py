@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from hf_kedit import Edit, EditPack, load_edits, remove_edits, stack_of
 from hf_kedit.anatomy import anatomy_of, hidden_states
@@ -17,7 +16,6 @@ from hf_kedit.kinds.steering_map import mapped, scope_distances
 from hf_kedit.methods import make_pack
 from hf_kedit.methods.steering.core import SteeringConfig, last_token_states, paraphrase_set, steering_sets
 from hf_kedit.methods.steering.transport import linear_transport
-from hf_kedit.models import default_cache_dir
 from hf_kedit.pack import CONFIG_NAME
 from packs import kind_config_update, random_steering_pack, rewrite_pack, set_tensor
 from test_bad_input import raises_exactly, untouched
@@ -314,12 +312,6 @@ def test_a_router_model_that_is_not_installed_names_the_package_to_install(monke
 
 # ----- the methods, with the default model's tokenizer on a tiny model ---------------------------
 
-@pytest.fixture(scope="module")
-def tokenizer(request):
-    cache = default_cache_dir()
-    if (cache / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(cache)
-    return request.getfixturevalue("default_model")[1]
 
 
 UNRELATED = ("The weather in Paris is mild in spring.", "Cats sleep for most of the day.")
