@@ -69,6 +69,11 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a method setting")
     p.add_argument("--out", required=True, help="the pack folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a pack already in --out")
+    p.add_argument("--on", action="append", default=[], metavar="PACK",
+                   help="a pack to make the new one on, attached first: an earlier batch of a sequence (repeatable)")
+    p.add_argument("--history", default=None, metavar="FILE",
+                   help="the sequence's history (alphaedit, ultraedit): read if the file exists, started if not, "
+                        "and written back with this batch's edits once the pack is written")
 
     p = sub.add_parser("eval", help="score a model, with packs or a method, on a data file")
     _model_and_data(p)
@@ -307,13 +312,33 @@ def _config(args):
 
 
 def _edit(args) -> int:
-    from .methods import make_pack
+    from .attach import load_edits
+    from .errors import EditRequestError
+    from .methods import HISTORIES, make_pack, new_history
+    from .pack.format import PACK_FILES, refuse_overwrite
 
+    refuse_overwrite(Path(args.out), PACK_FILES, args.overwrite)  # before the edit, not after it
+    history = None
+    if args.history is not None:
+        if args.method not in HISTORIES:
+            raise EditRequestError(f"{args.method} keeps no history between batches (those that do: "
+                                   f"{sorted(HISTORIES)}); leave out --history")
+        path = Path(args.history)
+        history = HISTORIES[args.method].load(path) if path.exists() else new_history(args.method)
     cases = _cases(args)
     model, tokenizer = _loaded(args)
-    pack = make_pack(args.method, model, tokenizer, [e for c in cases for e in c.edits], parse_settings(args.set))
+    for earlier in args.on:
+        load_edits(model, earlier, name=earlier, tokenizer=tokenizer)
+    pack = make_pack(args.method, model, tokenizer, [e for c in cases for e in c.edits], parse_settings(args.set),
+                     history=history)
     pack.save_pretrained(args.out, overwrite=args.overwrite)
     print(f"wrote {len(pack.edits)} {args.method} edits to {args.out}")
+    if history is not None:
+        # written whole or not at all: a history cut short would continue the sequence wrongly
+        partial = path.with_name(path.name + ".partial")
+        history.save(partial)
+        os.replace(partial, path)
+        print(f"history of {history.n_edits} edits in {path}")
     return 0
 
 
