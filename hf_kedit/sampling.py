@@ -1,6 +1,7 @@
 """Text the model writes itself: from its start token, the corpus for key
 statistics and the context templates of locate-and-edit; after a subject, the
-names it mentions with that subject. No download."""
+names it mentions with that subject; about an object, the words that lead up
+to it. No download."""
 from __future__ import annotations
 
 import re
@@ -80,3 +81,28 @@ def sibling_names(model, tokenizer, subject: str, n: int, new_tokens: int = 8) -
                 and name not in names:
             names.append(name)
     return names
+
+
+OBJECT_FRAMES = ("Facts about {}:\n1.", "Here are some sentences that mention {}:\n1.")
+_SENTENCE_BREAK = re.compile(r"\n+|(?<=[.!?;])\s+|\s\d+\.\s")
+
+
+@torch.no_grad()
+def lead_ups(model, tokenizer, target: str, n: int, new_tokens: int = 48) -> list[str]:
+    """Distinct sentence starts that the model writes right before `target`, in `n`
+    texts per frame of `OBJECT_FRAMES` about it (for "London": "The capital of
+    England is", "The Tower of"); a start counts when it has two words or more
+    and does not itself name the target. Sampled with top-k 20; seed the
+    caller's RNG (`seeded`)."""
+    found = []
+    for frame in OBJECT_FRAMES:
+        ids = torch.tensor([tokenizer(frame.format(target)).input_ids] * n, device=input_device(model))
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=20,
+                             max_new_tokens=new_tokens, pad_token_id=tokenizer.eos_token_id)
+        for text in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True):
+            for sentence in _SENTENCE_BREAK.split(text):
+                at = sentence.find(target)
+                lead = sentence[:at].strip() if at > 0 else ""
+                if len(lead.split()) >= 2 and target.lower() not in lead.lower() and lead not in found:
+                    found.append(lead)
+    return found

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from hf_kedit import Edit
 from hf_kedit.anatomy import anatomy_of, hidden_states
-from hf_kedit.methods.locate.steam import STEAMConfig, read_fact_base, semantic_anchors, steam_edit
+from hf_kedit.methods.locate.steam import STEAMConfig, model_facts, read_fact_base, semantic_anchors, steam_edit
 from test_rome import tiny
 
 PROMPTS = ["The capital of Italy is", "My favourite colour is", "The river flows into the", "He was born in",
@@ -91,10 +91,67 @@ def test_no_usable_fact_falls_back_or_fails_when_strict(model, tokenizer):
         steam_edit(model, tokenizer, [edit], STEAMConfig(**base, strict=True), progress=False)
 
 
+def writing(model, tokenizer, text: str, monkeypatch) -> None:
+    """Makes the model write `text` after any prompt, in every sampled row."""
+    more = tokenizer(text, add_special_tokens=False).input_ids
+
+    def generate(ids, **kwargs):
+        return torch.cat([ids, torch.tensor([more] * ids.shape[0], device=ids.device)], 1)
+    monkeypatch.setattr(model, "generate", generate)
+
+
+def test_with_no_fact_base_the_anchors_are_the_models_own_facts_that_it_recalls(model, tokenizer, monkeypatch):
+    facts = known_facts(model, tokenizer)
+    target = facts[0]["object"]
+    # What the model "writes" about the target: each prompt followed by the target, known or not.
+    writing(model, tokenizer, " " + " ".join(f"{prompt} {target}." for prompt in PROMPTS) + " Jean Gabin and",
+            monkeypatch)
+    edit = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", target)
+    about, other = model_facts(model, tokenizer, [edit], texts=3)
+    assert [f["prompt"] for f in about] == [p for p in PROMPTS if target.lower() not in p.lower()]
+    assert all(f["object"] == target for f in about)
+    # sibling_names reads a name up to its first "is", "and", comma or stop, at most three words
+    assert [f["prompt"] for f in other] == ["The mother tongue of The capital of is"]
+    block = model.get_submodule(anatomy_of(model).layer(2))
+    first = tokenizer(" " + target, add_special_tokens=False).input_ids[0]
+    recalled = []
+    for fact in about:
+        seen = []
+        h = block.register_forward_hook(lambda m, a, o: seen.append(hidden_states(o)))
+        with torch.no_grad():
+            logits = model(torch.tensor([tokenizer(fact["prompt"]).input_ids])).logits[0, -1]
+        h.remove()
+        if first in logits.topk(5).indices.tolist():
+            recalled.append(seen[0][0, -1])
+    assert 0 < len(recalled) < len(about), "the model recalls its target after some of its own text, not all"
+    anchors = semantic_anchors(model, tokenizer, [block], about, target, count=len(about))
+    torch.testing.assert_close(anchors, torch.stack(recalled).mean(0)[None], atol=1e-5, rtol=1e-5)
+
+    base = dict(layer=0, covariance=False, steps=3, context_templates=((1, 2),), mid_layers=(2,), model_fact_texts=3)
+    unset = steam_edit(model, tokenizer, [edit], STEAMConfig(**base), progress=False)
+    given = steam_edit(model, tokenizer, [edit], STEAMConfig(**base, fact_base=about), progress=False)
+    plain = steam_edit(model, tokenizer, [edit], STEAMConfig(**base, alignment_weight=0.0), progress=False)
+    assert unset.hyperparameters["fact_base"] == "model"
+    assert any(not torch.equal(t, plain.tensors[n]) for n, t in unset.tensors.items()), "the anchors are used"
+    assert any(not torch.equal(t, given.tensors[n]) for n, t in unset.tensors.items()), \
+        "centred on the facts of other objects, not on the target's"
+    with pytest.warns(UserWarning, match="uses ROME's loss only"):  # a target the model never writes
+        steam_edit(model, tokenizer, [Edit("e1", "Worf", "{} speaks", "Klingon")], STEAMConfig(**base),
+                   progress=False)
+
+
+def test_lead_ups_are_sentence_starts_before_the_target_that_do_not_name_it(tokenizer, monkeypatch):
+    from hf_kedit.sampling import lead_ups
+
+    model = tiny(tokenizer)
+    writing(model, tokenizer, " London is big. The capital of England is London; The Tower of London.\n"
+            "2. In London. Big Ben, London, and The City of London", monkeypatch)
+    # a sentence counts up to the target's first mention in it; the same start twice is one
+    assert lead_ups(model, tokenizer, "London", 2) == ["The capital of England is", "The Tower of", "Big Ben,"]
+
+
 def test_bad_configuration_is_a_clear_error(model, tokenizer):
     edit = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
-    with pytest.raises(ValueError, match="needs a fact base"):
-        steam_edit(model, tokenizer, [edit], STEAMConfig(), progress=False)
     with pytest.raises(ValueError, match="no layer after the edit layer 2"):
         steam_edit(model, tokenizer, [edit], STEAMConfig(layer=2, fact_base=[], mid_layers=(0, 1)), progress=False)
     with pytest.raises(ValueError, match="entry 0 needs non-empty strings"):

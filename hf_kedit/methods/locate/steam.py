@@ -1,6 +1,7 @@
 """STEAM: ROME whose value optimisation also pulls the edited fact's hidden states
 at mid layers towards "semantic anchors": the mean hidden states of facts the
-model already knows about the new object (from a fact base the user passes).
+model already knows about the new object, from a fact base the user passes or,
+without one, from text the model itself writes about the new object.
 The pack is ROME's (`weight_delta`, rank one per edit)."""
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ...batching import pad_id, padded
 from ...errors import EditRequestError
 from ...pack import Edit, EditPack
 from ...partial_forward import lm_head_at
+from ...sampling import lead_ups, seeded, sibling_names
 from ..requests import check_requests, edit_layers, resolve_layer
 from ..setting import setting
 from .core import LOCATE, Alignment, template_counts
@@ -34,8 +36,12 @@ class STEAMConfig(ROMEConfig):
     with a warning, or fails if `strict`."""
 
     fact_base: object = setting(None, "a JSON file or a list of {\"subject\", \"prompt\", \"object\"} facts "
-                                "(the prompt holds the subject and ends before the object)",
-                                "none: needed, the user's facts")
+                                "(the prompt holds the subject and ends before the object); None: facts from the "
+                                "model itself (`model_facts`)", "none: the model's own facts, so STEAM runs "
+                                "without a fact base")
+    model_fact_texts: int = setting(12, "with no fact base: texts the model writes about the new target per frame "
+                                    "(two frames), and names it writes with the subject", "chosen here on "
+                                    "counterfact.json cases 0-11, not tuned")
     alignment_weight: float = setting(2.0, "λ, the weight of the alignment term", "measured here on 20 cases: λ 0.5, "
                                       f"2 and 8 within 0.05 of each other, 2 the best generality ({LOCATE})")
     mid_layers: tuple = setting((0.33, 0.67), "the layers whose states are aligned, after the edited one: indices "
@@ -62,11 +68,8 @@ def steam_edit(model, tokenizer, requests: list[Edit], config: STEAMConfig | Non
     """
     check_requests(requests)
     config = config or STEAMConfig()
-    if config.fact_base is None:
-        raise EditRequestError("STEAM needs a fact base: set fact_base to a JSON file or a list of "
-                               "{subject, prompt, object} facts")
     template_counts(config.context_templates)
-    facts = read_fact_base(config.fact_base)
+    given = None if config.fact_base is None else read_fact_base(config.fact_base)
     anatomy = anatomy_of(model)
     mid_layers = edit_layers(config.mid_layers, anatomy.num_layers, "mid_layers")
     # The edit layer is settled before the anchors, which are read after it ("auto" traces).
@@ -76,6 +79,8 @@ def steam_edit(model, tokenizer, requests: list[Edit], config: STEAMConfig | Non
         raise EditRequestError(f"mid_layers {config.mid_layers} has no layer after the edit layer {layer}: "
                                "give mid layers deeper than the edit layer")
     blocks = [model.get_submodule(anatomy.layer(l)) for l in mid]
+    facts, reference = (model_facts(model, tokenizer, requests, config.model_fact_texts) if given is None
+                        else (given, given))
     # Anchors come before the statistics and the optimisation, so that strict=True fails fast.
     anchors = {target: semantic_anchors(model, tokenizer, blocks, facts, target, config.anchor_facts,
                                        config.recall_top_k)
@@ -84,23 +89,58 @@ def steam_edit(model, tokenizer, requests: list[Edit], config: STEAMConfig | Non
         if anchors[edit.target_new] is None:
             _no_anchor(edit, config.strict)
 
-    centre = mean_fact_state(model, tokenizer, blocks, facts) if config.centre_anchors else 0.0
+    anchored = any(found is not None for found in anchors.values())
+    centre = mean_fact_state(model, tokenizer, blocks, reference or facts) if config.centre_anchors and anchored \
+        else 0.0
 
     def alignment_for(edit: Edit, _layer: int) -> Alignment | None:
         found = anchors[edit.target_new]
         return None if found is None else Alignment(blocks, found, config.alignment_weight, centre)
 
     fixed = replace(config, layer=layer)
-    recorded = {"mid_layers": mid, "fact_base": config.fact_base if isinstance(config.fact_base, str) else "list"}
+    source = "model" if config.fact_base is None else config.fact_base if isinstance(config.fact_base, str) else "list"
+    recorded = {"mid_layers": mid, "fact_base": source}
     return rank_one_edits(model, tokenizer, requests, fixed, "steam", alignment_for, recorded, progress)
 
 
 def _no_anchor(edit: Edit, strict: bool) -> None:
     message = f"no fact in the fact base that the model knows has the object {edit.target_new!r}"
     if strict:
-        raise EditRequestError(f"{message} (strict=True): add facts with that object which the model completes "
-                               "correctly, or set strict=False to fall back to ROME's loss for this edit")
+        raise EditRequestError(f"{message} (strict=True): pass a fact base with facts of that object which the "
+                               "model completes correctly, or set strict=False to fall back to ROME's loss for "
+                               "this edit")
     warnings.warn(f"{message}: edit {edit.id!r} uses ROME's loss only", stacklevel=3)
+
+
+@torch.no_grad()
+def model_facts(model, tokenizer, requests: list[Edit], texts: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """A fact base from the model itself, for STEAM without one: (facts about the
+    new targets, facts of other objects).
+    - About each new target: the sentence starts that lead up to it in `texts`
+      texts per frame the model writes about it (`sampling.lead_ups`), each as a
+      fact whose prompt is that start ("The capital of England is" → London).
+      `semantic_anchors` keeps those the model completes with the target
+      without the text around them.
+    - Of other objects: the request's own prompt with names the model writes
+      beside its subject ("The mother tongue of Jean Gabin is"), for the mean
+      state μ that the anchors are centred on.
+    Each target and subject is sampled with the same fixed seed, so its facts do
+    not depend on the rest of the batch.
+
+    Example:
+        >>> about, other = model_facts(model, tokenizer, [edit], texts=12)
+    """
+    about, other = [], []
+    for target in dict.fromkeys(edit.target_new for edit in requests):
+        with seeded(seed):
+            about += [{"subject": lead, "prompt": lead, "object": target}
+                      for lead in lead_ups(model, tokenizer, target, texts)]
+    for edit in requests:
+        with seeded(seed):
+            names = sibling_names(model, tokenizer, edit.subject, texts)
+        other += [{"subject": name, "prompt": edit.prompt.replace("{}", name), "object": edit.target_new}
+                  for name in names]
+    return about, other
 
 
 def read_fact_base(source) -> list[dict]:
