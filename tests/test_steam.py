@@ -150,6 +150,32 @@ def test_lead_ups_are_sentence_starts_before_the_target_that_do_not_name_it(toke
     assert lead_ups(model, tokenizer, "London", 2) == ["The capital of England is", "The Tower of", "Big Ben,"]
 
 
+def test_a_fact_base_comes_from_a_benchmark_file_a_hub_dataset_repo_or_a_json_file(hub_server, tmp_path):
+    import json
+    from pathlib import Path
+
+    from huggingface_hub import HfApi
+
+    from hf_kedit.evaluate import benchmark_facts, read_cases
+
+    data = Path(__file__).parents[1].parent / "shared" / "data"
+    cases = read_cases("mquake", data / "mquake_hard.json", limit=3)
+    facts = benchmark_facts("mquake", data / "mquake_hard.json", limit=3)
+    truths = list(dict.fromkeys((e.subject, e.text, e.target_true) for c in cases for e in c.edits if e.target_true))
+    assert [(f["subject"], f["prompt"], f["object"]) for f in facts] == truths and len(truths) > 3
+    assert read_fact_base(facts) == facts
+
+    (tmp_path / "facts.json").write_text(json.dumps(facts))
+    assert read_fact_base(str(tmp_path / "facts.json")) == facts
+    api = HfApi()
+    api.create_repo("me/facts", repo_type="dataset", exist_ok=True)
+    api.upload_file(path_or_fileobj=str(tmp_path / "facts.json"), path_in_repo="facts.json", repo_id="me/facts",
+                    repo_type="dataset")
+    assert read_fact_base("me/facts") == facts
+    with pytest.raises(FileNotFoundError, match="no such fact base file: facts.json"):
+        read_fact_base("facts.json")  # a file's name is never taken for a repo id
+
+
 def test_bad_configuration_is_a_clear_error(model, tokenizer):
     edit = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
     with pytest.raises(ValueError, match="no layer after the edit layer 2"):

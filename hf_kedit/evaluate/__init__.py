@@ -8,8 +8,8 @@ Example:
 """
 from .bench import run_bench
 from .cases import Case, Probe
-from .datasets import FORMATS, DatasetError, read_cases
+from .datasets import FORMATS, DatasetError, benchmark_facts, read_cases
 from .harness import METRICS, MODES, EvalConfig, evaluate, known_methods
 
-__all__ = ["Case", "DatasetError", "EvalConfig", "FORMATS", "METRICS", "MODES", "Probe", "evaluate",
-           "known_methods", "read_cases", "run_bench"]
+__all__ = ["Case", "DatasetError", "EvalConfig", "FORMATS", "METRICS", "MODES", "Probe", "benchmark_facts",
+           "evaluate", "known_methods", "read_cases", "run_bench"]

@@ -86,6 +86,27 @@ def read_cases(fmt: str, path, limit: int | None = None, report: ReadReport | No
         raise DatasetError(f"{e}{_format_hint(fmt, data[0])}") from None
 
 
+def benchmark_facts(fmt: str, path, limit: int | None = None) -> list[dict]:
+    """The true facts behind a benchmark file's edits, as a fact base for STEAM:
+    each edit with a known true answer as `{"subject", "prompt", "object"}` (the
+    prompt with the subject in it, the true answer as the object), once each.
+
+    Example:
+        >>> facts = benchmark_facts("counterfact", "data/counterfact.json")
+        >>> facts[0]
+        {'subject': 'Spike Hughes', 'prompt': 'Spike Hughes originates from', 'object': 'London'}
+        >>> config = STEAMConfig(fact_base=facts)
+    """
+    facts, seen = [], set()
+    for case in read_cases(fmt, path, limit):
+        for edit in case.edits:
+            fact = {"subject": edit.subject, "prompt": edit.text, "object": edit.target_true}
+            if edit.target_true and (fact["prompt"], fact["object"]) not in seen:
+                seen.add((fact["prompt"], fact["object"]))
+                facts.append(fact)
+    return facts
+
+
 # ----- the file -------------------------------------------------------------------------
 
 def _load_list(path: Path) -> list:

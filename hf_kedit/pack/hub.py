@@ -32,10 +32,11 @@ def is_repo_id(text: str) -> bool:
 
 
 def resolve_source(source: str | os.PathLike, revision: str | None = None, token: str | None = None,
-                   allow_patterns=None) -> tuple[Path, str | None]:
+                   allow_patterns=None, repo_type: str | None = None) -> tuple[Path, str | None]:
     """A local folder for `source`, and the Hub commit sha it came from (None for
     a local folder). An existing path wins; a path-like string that does not exist
-    is a `FileNotFoundError`, never a confusing repo-id error."""
+    is a `FileNotFoundError`, never a confusing repo-id error. `repo_type`:
+    "dataset" for a dataset repo (a model repo unless told)."""
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"expected a folder or a Hub repo id 'user/name', got {type(source).__name__}: {source!r}")
     path = Path(source).expanduser()
@@ -47,7 +48,8 @@ def resolve_source(source: str | os.PathLike, revision: str | None = None, token
     text = str(source)
     if isinstance(source, os.PathLike) or text.startswith((".", "/", "~")) or not is_repo_id(text):
         raise FileNotFoundError(f"no such folder: {text} (nor is it a Hub repo id 'user/name')")
-    folder = Path(snapshot_download(text, revision=revision, allow_patterns=allow_patterns, token=token))
+    folder = Path(snapshot_download(text, revision=revision, allow_patterns=allow_patterns, token=token,
+                                    repo_type=repo_type))
     return folder, folder.name
 
 

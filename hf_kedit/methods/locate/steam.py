@@ -18,6 +18,7 @@ from ...anatomy import anatomy_of, hidden_states, input_device
 from ...batching import pad_id, padded
 from ...errors import EditRequestError
 from ...pack import Edit, EditPack
+from ...pack.hub import is_repo_id, resolve_source
 from ...partial_forward import lm_head_at
 from ...sampling import lead_ups, seeded, sibling_names
 from ..requests import check_requests, edit_layers, resolve_layer
@@ -36,8 +37,8 @@ class STEAMConfig(ROMEConfig):
     with a warning, or fails if `strict`."""
 
     fact_base: object = setting(None, "a JSON file or a list of {\"subject\", \"prompt\", \"object\"} facts "
-                                "(the prompt holds the subject and ends before the object); None: facts from the "
-                                "model itself (`model_facts`)", "none: the model's own facts, so STEAM runs "
+                                "(the prompt holds the subject and ends before the object), or a Hub dataset repo "
+                                "id whose facts.json holds them; None: facts from the model itself (`model_facts`)", "none: the model's own facts, so STEAM runs "
                                 "without a fact base")
     model_fact_texts: int = setting(12, "with no fact base: texts the model writes about the new target per frame "
                                     "(two frames), and names it writes with the subject", "chosen here on "
@@ -143,13 +144,21 @@ def model_facts(model, tokenizer, requests: list[Edit], texts: int, seed: int = 
     return about, other
 
 
+FACT_BASE_FILE = "facts.json"  # in a Hub dataset repo that holds a fact base
+
+
 def read_fact_base(source) -> list[dict]:
     """Facts as dicts with non-empty string subject, prompt and object, from a JSON
-    file holding a list of them or from such a list.
+    file holding a list of them, from a Hub dataset repo ("user/facts") whose
+    facts.json does, or from such a list (`hf_kedit.evaluate.benchmark_facts`
+    makes one from a benchmark file).
 
     Example:
         >>> read_fact_base([{"subject": "Worf", "prompt": "Worf speaks", "object": "Klingon"}])
     """
+    if isinstance(source, str) and _is_dataset_id(source):
+        folder, _ = resolve_source(str(source), allow_patterns=[FACT_BASE_FILE], repo_type="dataset")
+        source = folder / FACT_BASE_FILE
     facts = _read_json_facts(Path(source)) if isinstance(source, (str, Path)) else source
     if not isinstance(facts, (list, tuple)):
         raise EditRequestError(f"the fact base must be a list of {{subject, prompt, object}} facts, got "
@@ -162,10 +171,16 @@ def read_fact_base(source) -> list[dict]:
     return list(facts)
 
 
+def _is_dataset_id(text: str) -> bool:
+    """"user/name" and not a path here: a JSON file's name ("facts.json") is never taken for a repo."""
+    return text.count("/") == 1 and is_repo_id(text) and not text.endswith(".json") and not Path(text).exists()
+
+
 def _read_json_facts(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"no such fact base file: {path} (fact_base is a JSON file holding a list of "
-                                "{subject, prompt, object} facts, or such a list)")
+                                "{subject, prompt, object} facts, a Hub dataset repo id whose facts.json holds "
+                                "them, or such a list)")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
