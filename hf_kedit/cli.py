@@ -95,6 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--metrics", default=None, help="comma-separated subset of the metrics")
     _sequence(p)
     p.add_argument("--out", required=True, help="the folder to write results.json, results.md and plots into")
+    p.add_argument("--resume", action="store_true", help="keep the results --out already holds for the same "
+                   "cases and settings (a run cut short) and run only the methods it lacks")
     p.add_argument("--processes", type=int, default=1, help="split the cases across this many processes "
                    "(accelerate launch; single mode), one results.json as from one process")
 
@@ -382,7 +384,8 @@ def _bench(args) -> int:
         return subprocess.run(launch_command(args.argv, args.processes)).returncode
     cases, config = _cases(args), _config(args)
     model, tokenizer = _loaded(args)
-    run_bench(model, tokenizer, cases, methods, args.modes.split(","), settings, config, args.out, args.model)
+    run_bench(model, tokenizer, cases, methods, args.modes.split(","), settings, config, args.out, args.model,
+              resume=args.resume)
     return 0
 
 

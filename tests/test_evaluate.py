@@ -273,3 +273,37 @@ def test_the_sequential_mode_lets_a_later_edit_of_the_same_fact_win(model, token
         result = evaluate(model, tokenizer, [first, later], "lora", "sequential", {"steps": 1}, config,
                           progress=False)
     assert [c["n_edits"] for c in result["checkpoints"]] == [1, 2] and len(stack_of(model)) == 0
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")
+def test_a_bench_cut_short_keeps_what_it_finished_and_resumes_from_it(model, tokenizer, tmp_path):
+    from hf_kedit.evaluate import read_cases, run_bench
+
+    cases = read_cases("counterfact", DATA, limit=2)
+    config = EvalConfig(metrics=("efficacy", "locality"))
+    out = tmp_path / "bench"
+    with pytest.raises(ValueError, match="lora has no setting"):  # the second method fails: the first stays
+        run_bench(model, tokenizer, cases, ["unedited", "lora"], settings={"lora": {"ranks": 2}}, config=config,
+                  out_dir=out, progress=False)
+    first = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in first] == ["unedited"]
+    first[0]["timing"]["eval_seconds"] = -1.0  # a mark: kept if taken from the file, lost if run again
+    (out / "results.json").write_text(json.dumps(first))
+
+    settings = {"lora": {"steps": 1}, "lora@two": {"steps": 2}}
+    results = run_bench(model, tokenizer, cases, ["unedited", "lora", "lora@two"], settings=settings,
+                        config=config, out_dir=out, progress=False, resume=True)
+    assert [(r["method"], r.get("variant")) for r in results] == [("unedited", None), ("lora", None), ("lora", "two")]
+    assert results[0]["timing"]["eval_seconds"] == -1.0 and results[1]["timing"]["eval_seconds"] > 0
+    assert json.loads((out / "results.json").read_text()) == results
+    # other settings, other cases or other evaluation settings are another run: nothing is taken
+    again = run_bench(model, tokenizer, cases, ["lora"], settings={"lora": {"steps": 2}}, config=config,
+                      out_dir=out, progress=False, resume=True)
+    assert again[0]["settings"] == {"steps": 2} and again[0]["per_case"] == results[2]["per_case"]
+    assert again[0]["timing"]["eval_seconds"] != results[2]["timing"]["eval_seconds"]
+    fewer = run_bench(model, tokenizer, cases[:1], ["unedited"], config=config, out_dir=out, progress=False,
+                      resume=True)
+    assert fewer[0]["timing"]["eval_seconds"] > 0 and fewer[0]["case_ids"] == [cases[0].id]
+    (out / "results.json").write_text("[{")
+    with pytest.raises(ValueError, match="cannot resume from .*results.json: it is not valid JSON"):
+        run_bench(model, tokenizer, cases, ["unedited"], config=config, out_dir=out, progress=False, resume=True)

@@ -4,6 +4,7 @@ against the number of edits made)."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -11,13 +12,13 @@ from pathlib import Path
 from accelerate.utils import gather_object
 
 from ..processes import process_state
-from .harness import BASELINES, EvalConfig, aggregate, evaluate, locality_references
+from .harness import BASELINES, EvalConfig, aggregate, config_record, evaluate, locality_references
 from .report import lifelong_table, markdown_table, plot_cost, plot_lifelong, plot_quality
 
 
 def run_bench(model, tokenizer, cases, methods: list[str], modes=("single",), settings: dict | None = None,
               config: EvalConfig | None = None, out_dir: str | Path = "bench", model_name: str = "",
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, resume: bool = False) -> list[dict]:
     """Evaluate each method (baselines once, pack methods once per mode) on `cases`,
     with the unedited model's locality answers computed once for all. A method
     written "name@variant" runs `name` with the settings given for "name@variant",
@@ -25,6 +26,11 @@ def run_bench(model, tokenizer, cases, methods: list[str], modes=("single",), se
     (`accelerate launch`, `kedit bench --processes N`), each scores its share of
     the cases and the first gathers one result, the one a single process gives;
     only the single mode splits so (batch and sequential edit the cases together).
+
+    The results are written after each method, so a run that is cut short keeps
+    the methods it finished; with `resume`, a method whose result `out_dir`
+    already holds for the same model, cases, mode, settings and evaluation
+    settings is taken from there instead of run again.
 
     Example:
         >>> run_bench(model, tokenizer, cases, ["unedited", "icl", "lora"], out_dir="bench")
@@ -40,24 +46,60 @@ def run_bench(model, tokenizer, cases, methods: list[str], modes=("single",), se
         raise ValueError(f"{len(cases)} cases for {state.num_processes} processes: give at most one process a case")
     progress = progress and state.is_main_process
     out = Path(out_dir)
-    start = time.perf_counter()
+    config = config or EvalConfig()
+    done = _written(out) if resume else []
+    references, pre_edit_seconds = None, None
     with state.split_between_processes(list(cases)) as mine:
-        references = locality_references(model, tokenizer, mine, config, progress)
-        pre_edit_seconds = max(gather_object([time.perf_counter() - start]))
         results = []
         for spec in methods:
             method, _, variant = spec.partition("@")
             for mode in (("single",) if method in BASELINES else modes):
+                identity = _identity({"model": model_name, "method": method, "variant": variant or None,
+                                      "mode": mode, "settings": (settings or {}).get(spec) or {},
+                                      "config": config_record(config), "case_ids": [c.id for c in cases]})
+                earlier = next((r for r in done if _identity(r) == identity), None)
+                if earlier is not None:
+                    results.append(earlier)
+                    continue
+                if references is None:  # once, and only when a method is run
+                    start = time.perf_counter()
+                    references = locality_references(model, tokenizer, mine, config, progress)
+                    pre_edit_seconds = max(gather_object([time.perf_counter() - start]))
                 result = evaluate(model, tokenizer, mine, method, mode, (settings or {}).get(spec), config,
                                   references, model_name, progress)
                 results.append(gathered(gather_object([result]), cases) if state.num_processes > 1 else result)
-                results[-1]["timing"]["pre_edit_seconds"] = pre_edit_seconds  # shared by all methods
+                results[-1]["timing"]["pre_edit_seconds"] = pre_edit_seconds  # shared by the methods run
                 if variant:
                     results[-1]["variant"] = variant
+                if state.is_main_process:
+                    _write(results, out, plots=False)  # a run cut short keeps what it finished
     if state.is_main_process:
         _write(results, out)
     state.wait_for_everyone()
     return results
+
+
+def _identity(result: dict) -> str:
+    """What makes two results the same run's: model, method, variant, mode, settings,
+    evaluation settings and cases, as JSON (so tuples and lists compare equal)."""
+    keys = ("model", "method", "variant", "mode", "settings", "config", "case_ids")
+    return json.dumps({k: result.get(k) for k in keys}, sort_keys=True, default=str)
+
+
+def _written(out: Path) -> list[dict]:
+    """The results an earlier run wrote into `out` (none if it wrote nothing)."""
+    path = out / "results.json"
+    if not path.is_file():
+        return []
+    try:
+        found = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot resume from {path}: it is not valid JSON ({e}); remove it, or run without "
+                         "resuming") from None
+    if not isinstance(found, list) or not all(isinstance(r, dict) for r in found):
+        raise ValueError(f"cannot resume from {path}: it is not a list of results; remove it, or run without "
+                         "resuming")
+    return found
 
 
 def gathered(parts: list[dict], cases) -> dict:
@@ -86,11 +128,15 @@ def gathered(parts: list[dict], cases) -> dict:
             "per_case": per_case, "timing": timing}
 
 
-def _write(results: list[dict], out: Path) -> None:
+def _write(results: list[dict], out: Path, plots: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    partial = out / "results.json.partial"  # replaced whole: a run killed while writing leaves the last one
+    partial.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(partial, out / "results.json")
     (out / "results.md").write_text(table + "\n")
+    if not plots:
+        return
     plot_quality(results, out / "quality.png")
     plot_cost(results, out / "cost.png")
     print(table)

@@ -156,7 +156,7 @@ def evaluate(model, tokenizer, cases: list[Case], method: str = "unedited", mode
             edit_seconds = [edit_seconds[0] / n_edits]
     result = {
         "model": model_name, "method": method, "mode": mode, "settings": settings or {},
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
+        "config": config_record(config),
         "n_cases": len(cases), "case_ids": [c.id for c in cases],
         "metrics": aggregate(per_case), "per_case": per_case,
         "timing": {
@@ -170,6 +170,11 @@ def evaluate(model, tokenizer, cases: list[Case], method: str = "unedited", mode
     if mode == "sequential" and method not in BASELINES:
         result["checkpoints"] = checkpoints
     return result
+
+
+def config_record(config: EvalConfig) -> dict:
+    """The evaluation settings as results.json records them."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
 
 def _sequential(model, tokenizer, cases, method, settings, config: EvalConfig, scorer: Scorer, score, edit_seconds,
