@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from hf_kedit import Edit, load_edits, remove_edits
 from hf_kedit.errors import EditRequestError
 from hf_kedit.methods import make_pack
-from hf_kedit.methods.distill.distill import DistillConfig, aligned_positions, teacher_texts
-from hf_kedit.methods.in_context import fact_context
+from hf_kedit.methods.distill.distill import DistillConfig, teacher_texts
+from hf_kedit.methods.in_context import aligned_positions, fact_context
 from test_bad_input import raises_exactly, untouched
 from test_rome import tiny
 

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from hf_kedit.methods import METHODS, TRAINING
+from hf_kedit.methods import METHODS, TRAINING, RequestConfig
 from hf_kedit.methods.setting import REGENERATE, settings_page
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 CONFIGS = {**{name: config for name, (_, config) in METHODS.items()},
-           **{f"{name} training": config for name, config in TRAINING.items()}}
+           **{f"{name} training": config for name, config in TRAINING.items()}, "every method": RequestConfig}
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -30,4 +30,4 @@ def test_the_pages_a_source_cites_exist():
 
 
 def test_the_settings_page_is_written_from_the_configs():
-    assert (ROOT / "docs" / "settings.md").read_text() == settings_page(METHODS, TRAINING), f"regenerate: {REGENERATE}"
+    assert (ROOT / "docs" / "settings.md").read_text() == settings_page(METHODS, TRAINING, RequestConfig), f"regenerate: {REGENERATE}"

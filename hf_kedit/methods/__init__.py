@@ -32,9 +32,11 @@ from .locate.alphaedit import AlphaEditConfig, EditedKeys, alphaedit_edit
 from .locate.memit import MEMITConfig, memit_edit
 from .locate.rome import ROMEConfig, rome_edit
 from .locate.steam import STEAMConfig, steam_edit
+from .in_context import implied_edits
 from .memory.grace import GRACEConfig, grace_edit
 from .representation.baft import BaFTConfig, baft_edit
 from .representation.reft import ReFTConfig, reft_edit
+from .requests import RequestConfig, check_requests
 from .steering.actadd import ActAddConfig, actadd_edit
 from .steering.sake import SAKEConfig, sake_edit
 
@@ -60,22 +62,30 @@ def new_history(method: str):
 
 def make_pack(method: str, model: nn.Module, tokenizer, edits: list[Edit], settings: dict | None = None,
               progress: bool = True, history=None) -> EditPack:
-    """Run the method called `method` on `edits` with `settings` (its config's fields);
-    `history`: what the method keeps of the earlier batches of a sequence
-    (`new_history`), read and extended.
+    """Run the method called `method` on `edits` with `settings` (its config's fields,
+    and those of `RequestConfig`, which every method takes); `history`: what the
+    method keeps of the earlier batches of a sequence (`new_history`), read and
+    extended.
 
     Example:
         >>> pack = make_pack("lora", model, tokenizer, edits, {"rank": 2})
+        >>> pack = make_pack("rome", model, tokenizer, edits, {"implied_facts": 2})
     """
     if method not in METHODS:
         raise EditRequestError(f"unknown method {method!r}: the methods that make packs are {sorted(METHODS)}")
     edit, config_class = METHODS[method]
-    known = {f.name for f in fields(config_class)}
-    unknown = set(settings or {}) - known
+    own, every = {f.name for f in fields(config_class)}, {f.name for f in fields(RequestConfig)}
+    unknown = set(settings or {}) - own - every
     if unknown:
-        raise EditRequestError(f"{method} has no setting {sorted(unknown)}; its settings are {sorted(known)}")
+        raise EditRequestError(f"{method} has no setting {sorted(unknown)}; its settings are {sorted(own)}, and "
+                               f"every method's {sorted(every)}")
     if history is not None and not isinstance(history, HISTORIES.get(method, ())):
         raise EditRequestError(f"history={type(history).__name__}: {method} keeps "
                                + (f"a {HISTORIES[method].__name__}" if method in HISTORIES else "no history"))
+    requests = RequestConfig(**{k: v for k, v in (settings or {}).items() if k in every})
+    config = config_class(**{k: v for k, v in (settings or {}).items() if k in own})
+    if requests.implied_facts:
+        check_requests(edits, subject_slot=False)  # bad requests fail before the model writes anything
+        edits = [*edits, *implied_edits(model, tokenizer, edits, requests.implied_facts)]
     extra = {"history": history} if history is not None else {}
-    return edit(model, tokenizer, edits, config_class(**(settings or {})), progress=progress, **extra)
+    return edit(model, tokenizer, edits, config, progress=progress, **extra)

@@ -3,8 +3,26 @@ every method: `EditRequestError` naming the first thing a method cannot carry
 out, raised before any statistics, templates or optimisation."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..errors import EditRequestError
 from ..pack import Edit, check_edits
+from .setting import NOT_TUNED, setting
+
+
+@dataclass
+class RequestConfig:
+    """Settings every method takes, applied to its requests before it runs
+    (`make_pack` reads them beside the method's own)."""
+
+    implied_facts: int = setting(0, "per edit, up to this many facts the model infers from it with the fact in "
+                                 "context, added as edit requests of their own (`in_context.implied_edits`)",
+                                 NOT_TUNED)
+
+    def __post_init__(self):
+        """`EditRequestError` for a count that is not a non-negative integer."""
+        if type(self.implied_facts) is not int or self.implied_facts < 0:
+            raise EditRequestError(f"implied_facts={self.implied_facts!r}: give a whole number of facts, 0 or more")
 
 
 def check_requests(requests: list[Edit], subject_slot: bool = True) -> None:

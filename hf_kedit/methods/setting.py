@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import field, fields
 
 NOT_TUNED = "chosen here, not tuned"
-REGENERATE = ("python -c \"from hf_kedit.methods import METHODS, TRAINING; from hf_kedit.methods.setting import "
-              "settings_page; open('docs/settings.md', 'w').write(settings_page(METHODS, TRAINING))\"")
+REGENERATE = ("python -c \"from hf_kedit.methods import METHODS, TRAINING, RequestConfig; from "
+              "hf_kedit.methods.setting import settings_page; open('docs/settings.md', 'w').write("
+              "settings_page(METHODS, TRAINING, RequestConfig))\"")
 
 
 def setting(default, help: str, source: str):
@@ -32,15 +33,18 @@ def settings_table(config_class) -> str:
     return "\n".join(rows)
 
 
-def settings_page(methods: dict, training: dict | None = None) -> str:
-    """docs/settings.md: one table per method of `methods` (name -> (edit function, config
-    class)), and one per config of `training` (name -> config class of a method's training)."""
+def settings_page(methods: dict, training: dict | None = None, every=None) -> str:
+    """docs/settings.md: the settings `every` method takes (a config class), one table
+    per method of `methods` (name -> (edit function, config class)), and one per
+    config of `training` (name -> config class of a method's training)."""
     parts = ["# Method settings", "",
              "Every method's settings, with their defaults and where each default comes from. Written from the",
              "configs themselves (`hf_kedit.methods.setting`); regenerate with",
              f"`{REGENERATE}`.",
              "Give them as the config's fields (`ROMEConfig(lr=1.0)`), as `make_pack(name, ..., settings)`, or",
              "as `--set key=value` on the command line.", ""]
+    if every is not None:
+        parts += [f"## every method ({every.__name__})", "", settings_table(every), ""]
     for name, (_, config_class) in sorted(methods.items()):
         parts += [f"## `{name}` ({config_class.__name__})", "", settings_table(config_class), ""]
     for name, config_class in sorted((training or {}).items()):

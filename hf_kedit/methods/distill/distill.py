@@ -32,7 +32,7 @@ from ...progress import StepBar
 from ...sampling import per_model, sample_texts, seeded
 from ..builders import weight_delta_pack
 from ..finetune.peft_tuning import ADAPTER, fan_in_fan_out, peft_adapter, trained_factors
-from ..in_context import fact_context
+from ..in_context import aligned_positions, fact_context, teacher_continuations
 from ..requests import check_requests, resolve_layer
 from ..setting import NOT_TUNED, setting
 from ..teacher_forcing import Kept, fit_target, teacher_forced
@@ -116,27 +116,8 @@ def distill_edit(model, tokenizer, requests: list[Edit], config: DistillConfig |
 def teacher_texts(model, tokenizer, edit: Edit, config: DistillConfig) -> list[str]:
     """The edit prompt with its target, and `config.samples` texts the teacher writes
     after the subject with the fact in context (top-50 sampling, seeded)."""
-    texts = [f"{edit.text} {edit.target_new.strip()}"]
-    if config.samples:
-        ids = tokenizer(fact_context([edit]) + edit.subject, return_tensors="pt").input_ids.to(input_device(model))
-        with seeded(config.seed), torch.no_grad():
-            out = model.generate(ids.repeat(config.samples, 1), attention_mask=torch.ones_like(ids).repeat(
-                config.samples, 1), do_sample=True, top_k=50, max_new_tokens=config.sample_tokens,
-                pad_token_id=pad_id(tokenizer))
-        texts += [edit.subject + t for t in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
-    return texts
-
-
-def aligned_positions(student: list[int], teacher: list[int], text: list[int]) -> list[tuple[int, int]]:
-    """(student position, teacher position) pairs that predict the same token of
-    `text` after the same tokens of it: both rows end with `text`'s tokens as far
-    back as they agree (the teacher's context can merge with the text's first
-    token), and a position is paired when the token it reads is in that shared end."""
-    shared = 0
-    while shared < min(len(student), len(teacher), len(text)) and \
-            student[-1 - shared] == teacher[-1 - shared] == text[-1 - shared]:
-        shared += 1
-    return [(len(student) - k - 1, len(teacher) - k - 1) for k in range(shared - 1, 0, -1)]
+    return [f"{edit.text} {edit.target_new.strip()}",
+            *teacher_continuations(model, tokenizer, edit, config.samples, config.sample_tokens, config.seed)]
 
 
 @torch.no_grad()
