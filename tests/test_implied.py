@@ -6,6 +6,7 @@ import torch
 from hf_kedit import Edit
 from hf_kedit.errors import EditRequestError
 from hf_kedit.methods import make_pack
+from hf_kedit.methods import in_context
 from hf_kedit.methods.in_context import fact_context, implied_edits
 from test_rome import tiny
 
@@ -30,7 +31,12 @@ def next_word(model, tokenizer, text: str) -> str:
     return tokenizer.decode([token]).strip()
 
 
-def test_an_implied_fact_is_a_word_the_model_says_with_the_fact_in_context_and_not_without(model, tokenizer):
+def test_an_implied_fact_is_a_word_the_model_says_with_the_fact_in_context_and_not_without(model, tokenizer,
+                                                                                          monkeypatch):
+    # A random model's probabilities are flat: no word gains IMPLIED_GAIN, so every gain counts here.
+    monkeypatch.setattr(in_context, "IMPLIED_GAIN", 1.01)
+    assert implied_edits(model, tokenizer, [EDIT], per_edit=3, new_tokens=16) == []
+    monkeypatch.setattr(in_context, "IMPLIED_GAIN", 0.0)
     implied = implied_edits(model, tokenizer, [EDIT], per_edit=3, new_tokens=16)
     assert implied, "the tiny model infers something from the fact in context"
     facts = [(e.id, e.prompt, e.target_new, e.target_true) for e in implied]
@@ -44,7 +50,8 @@ def test_an_implied_fact_is_a_word_the_model_says_with_the_fact_in_context_and_n
         assert edit.target_new.startswith(with_fact) and edit.target_true == without and with_fact != without
 
 
-def test_every_method_takes_implied_facts_as_extra_requests(model, tokenizer):
+def test_every_method_takes_implied_facts_as_extra_requests(model, tokenizer, monkeypatch):
+    monkeypatch.setattr(in_context, "IMPLIED_GAIN", 0.0)
     implied = implied_edits(model, tokenizer, [EDIT], per_edit=2, new_tokens=16)
     pack = make_pack("lora", model, tokenizer, [EDIT], {"implied_facts": 2, "steps": 1, "rank": 1}, progress=False)
     assert [e.id for e in pack.edits] == ["e0", *[e.id for e in implied]]

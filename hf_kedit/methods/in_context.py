@@ -13,6 +13,9 @@ from ..sampling import seeded
 
 FACT_CONTEXT = "New Fact: {fact}\nPrompt: "
 _WORD_TOKENS = 4  # at most this many tokens of an implied target
+# An implied word's probability must rise by this much with the fact in context: a context
+# shifts the odds of many function words a little, an inference moves one word a lot.
+IMPLIED_GAIN = 0.3
 
 
 def fact_context(edits: list[Edit]) -> str:
@@ -57,11 +60,13 @@ def implied_edits(model, tokenizer, edits: list[Edit], per_edit: int, new_tokens
     edit requests of their own (up to `per_edit` per edit, id "{id}-implied-{k}").
 
     The model writes `2 * per_edit` texts after the subject with the fact in
-    context (`teacher_continuations`). In each, the first word after the subject
-    that the model writes as its most likely token with the fact in context but
-    not without it is an implied fact: the text before it is the prompt, the word
-    the new target, the model's own word without the context the old one ("Danielle
-    Darrieux was born in" England, not Paris). The edit's own prompt is not one.
+    context (`teacher_continuations`), each cut at its first line break. In each,
+    the first word after the subject that the model writes as its most likely
+    token with the fact in context but not without it, and whose probability the
+    context raises by at least `IMPLIED_GAIN`, is an implied fact: the text before
+    it is the prompt, the word the new target, the model's own word without the
+    context the old one ("Danielle Darrieux was born in" England, not Paris). The
+    edit's own prompt is not one.
 
     Example:
         >>> implied_edits(model, tokenizer, [edit], per_edit=2)
@@ -71,7 +76,7 @@ def implied_edits(model, tokenizer, edits: list[Edit], per_edit: int, new_tokens
     for edit in edits:
         found = []
         for text in teacher_continuations(model, tokenizer, edit, 2 * per_edit, new_tokens, seed):
-            fact = _first_inference(model, tokenizer, edit, text)
+            fact = _first_inference(model, tokenizer, edit, text.split("\n")[0])
             if fact and fact[0] != edit.prompt and fact[0] not in [f[0] for f in found]:
                 found.append(fact)
             if len(found) == per_edit:
@@ -90,19 +95,23 @@ def _first_inference(model, tokenizer, edit: Edit, text: str) -> tuple[str, str,
     if not pairs:
         return None
     # One row a pass: a near tie resolves as it does when the prompt is read alone.
-    best = [model(input_ids=torch.tensor([row], device=input_device(model))).logits[0].argmax(-1)
-            for row in (student, teacher)]
+    without, with_fact = [model(input_ids=torch.tensor([row], device=input_device(model))).logits[0].float()
+                          .softmax(-1) for row in (student, teacher)]
     subject_end = len(tokenizer(edit.subject).input_ids)  # the subject's tokens, BOS included where there is one
     for s, t in pairs:
         word = student[s + 1]
-        starts_word = tokenizer.decode([word]).startswith(" ")
-        if s + 1 <= subject_end or not starts_word or best[1][t] != word or best[0][s] == word:
+        if (s + 1 <= subject_end or not tokenizer.decode([word]).startswith(" ")
+                or with_fact[t].argmax() != word or without[s].argmax() == word
+                or with_fact[t, word] - without[s, word] < IMPLIED_GAIN):
             continue
         end = s + 2
         while end < len(student) and end - s - 1 < _WORD_TOKENS and tokenizer.decode([student[end]])[:1].isalnum():
             end += 1
         prompt = tokenizer.decode(student[:s + 1], skip_special_tokens=True).strip()
-        new, old = tokenizer.decode(student[s + 1:end]).strip(), tokenizer.decode([int(best[0][s])]).strip()
-        if prompt.startswith(edit.subject) and new and old and new.lower() != old.lower():
-            return "{}" + prompt[len(edit.subject):], new, old
+        new, old = tokenizer.decode(student[s + 1:end]).strip(), tokenizer.decode([int(without[s].argmax())]).strip()
+        rest = prompt[len(edit.subject):]
+        # A prompt that already holds the target's first word is the target being finished, not an inference.
+        if prompt.startswith(edit.subject) and new and old and new.lower() != old.lower() \
+                and edit.target_new.split()[0].lower() not in rest.lower().split():
+            return "{}" + rest, new, old
     return None
