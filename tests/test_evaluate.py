@@ -307,3 +307,23 @@ def test_a_bench_cut_short_keeps_what_it_finished_and_resumes_from_it(model, tok
     (out / "results.json").write_text("[{")
     with pytest.raises(ValueError, match="cannot resume from .*results.json: it is not valid JSON"):
         run_bench(model, tokenizer, cases, ["unedited"], config=config, out_dir=out, progress=False, resume=True)
+
+
+MQUAKE = DATA.parent / "mquake_hard.json"
+
+
+@pytest.mark.skipif(not MQUAKE.exists(), reason="needs ../shared/data")
+@pytest.mark.parametrize("says, portable", [("Arabic", 1.0), ("Arabian language", 1.0), ("ar", 1.0),
+                                            ("English", 0.0), ("Arabia", 0.0)])
+def test_a_mquake_case_is_portable_exactly_when_its_question_gets_the_new_answer_or_an_alias(model, tokenizer,
+                                                                                           says, portable):
+    from hf_kedit.evaluate import read_cases
+
+    first = read_cases("mquake", MQUAKE, limit=1)[0]
+    question = first.probes["portability"][0]
+    assert question.answers == ["Arabic", "ar", "Arabian language", "Arabic language"]
+    c = Case(first.id, first.edits, {"portability": [question]})
+    handle = force_say(model, tokenizer, says)
+    scores = score_probes(Scorer(model, tokenizer), c, {})
+    handle.remove()
+    assert scores["portability"]["gen"] == portable

@@ -178,8 +178,14 @@ def _generation_success(scorer: Scorer, probes: list[Probe], main: list[Forced],
         lengths = [max(len(scorer.answer_ids(a)) for a in probes[i].answers) + 2 for i in undecided]
         for i, g in zip(undecided, scorer.generate([probes[i].prompt for i in undecided], lengths, desc)):
             text = normalise(scorer.decode(g))
-            success[i] = any(text.startswith(normalise(a)) for a in probes[i].answers)
+            success[i] = any(says(text, normalise(a)) for a in probes[i].answers)
     return success
+
+
+def says(text: str, answer: str) -> bool:
+    """Whether normalised `text` starts with `answer` as a whole: "arabia" does not
+    say the alias "ar", "ar." and "ar is" do."""
+    return text.startswith(answer) and not text[len(answer):len(answer) + 1].isalnum()
 
 
 def _locality(read, rival: list, ref: dict) -> dict:
