@@ -51,7 +51,7 @@ def main() -> None:
         for edit in tqdm(edits, desc=f"anchors ({fmt})", unit="edit"):
             for name, facts in bases.items():
                 counts[name] += anchored(model, tokenizer, blocks, facts, edit.target_new, config)
-            own = model_facts(model, tokenizer, [edit], config.model_fact_names)
+            own, _ = model_facts(model, tokenizer, [edit], config.model_fact_texts)
             facts_drawn += len(own)
             counts["model"] += bool(own) and anchored(model, tokenizer, blocks, own, edit.target_new, config)
         rows.append({"data": spec, "edits": len(edits), "anchored": counts,
