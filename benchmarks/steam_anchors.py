@@ -53,7 +53,7 @@ def main() -> None:
                 counts[name] += anchored(model, tokenizer, blocks, facts, edit.target_new, config)
             own, _ = model_facts(model, tokenizer, [edit], config.model_fact_texts)
             facts_drawn += len(own)
-            counts["model"] += bool(own) and anchored(model, tokenizer, blocks, own, edit.target_new, config)
+            counts["model"] += anchored(model, tokenizer, blocks, own, edit.target_new, config)
         rows.append({"data": spec, "edits": len(edits), "anchored": counts,
                      "model_facts_per_edit": facts_drawn / max(len(edits), 1)})
 

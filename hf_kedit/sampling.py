@@ -13,6 +13,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .anatomy import input_device
+from .batching import pad_id
 
 _PER_MODEL: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -62,6 +63,16 @@ def sample_texts(model, tokenizer, n: int, new_tokens: int, top_k: int,
     return tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
 
 
+@torch.no_grad()
+def continuations(model, tokenizer, prompt: str, n: int, new_tokens: int, top_k: int) -> list[str]:
+    """`n` texts the model writes after `prompt` (top-k sampling), without the
+    prompt; seed the caller's RNG (`seeded`)."""
+    ids = torch.tensor([tokenizer(prompt).input_ids] * n, device=input_device(model))
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=top_k,
+                         max_new_tokens=new_tokens, pad_token_id=pad_id(tokenizer))
+    return tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+
+
 SIBLING_FRAME = "Names that are often mentioned together: {} and"
 _NAME_END = re.compile(r",|\band\b|\bis\b|\bare\b|\bhave\b|\.|;|:|\(|\n|–|—")
 
@@ -71,11 +82,8 @@ def sibling_names(model, tokenizer, subject: str, n: int, new_tokens: int = 8) -
     """Up to `n` distinct names the model writes after "... {subject} and": things
     of the subject's kind (for "Brazil": Argentina, Chile, Portugal, ...), never
     the subject itself. Sampled with top-k 20; seed the caller's RNG (`seeded`)."""
-    ids = torch.tensor([tokenizer(SIBLING_FRAME.format(subject)).input_ids] * n, device=input_device(model))
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=20,
-                         max_new_tokens=new_tokens, pad_token_id=tokenizer.eos_token_id)
     names = []
-    for text in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True):
+    for text in continuations(model, tokenizer, SIBLING_FRAME.format(subject), n, new_tokens, top_k=20):
         name = " ".join(_NAME_END.split(text)[0].split()[:3])
         if name and subject.lower() not in name.lower() and name.lower() not in subject.lower() \
                 and name not in names:
@@ -96,10 +104,7 @@ def lead_ups(model, tokenizer, target: str, n: int, new_tokens: int = 48) -> lis
     caller's RNG (`seeded`)."""
     found = []
     for frame in OBJECT_FRAMES:
-        ids = torch.tensor([tokenizer(frame.format(target)).input_ids] * n, device=input_device(model))
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=20,
-                             max_new_tokens=new_tokens, pad_token_id=tokenizer.eos_token_id)
-        for text in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True):
+        for text in continuations(model, tokenizer, frame.format(target), n, new_tokens, top_k=20):
             for sentence in _SENTENCE_BREAK.split(text):
                 at = sentence.find(target)
                 lead = sentence[:at].strip() if at > 0 else ""

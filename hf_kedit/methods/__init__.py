@@ -11,8 +11,9 @@ and `distill/` (context distillation: the model taught to answer without a
 fact in context as it does with it). `in_context.py` is how facts are stated
 in a prompt and what the model infers from them there, `requests.py` checks
 requests and layer settings for all of them and holds the settings every
-method takes (`RequestConfig`), `history.py` is what sequential methods carry between batches,
-`builders.py` builds their packs; this module is the registry alone.
+method takes (`RequestConfig`), `history.py` is what sequential methods carry
+between batches, `builders.py` builds their packs; this module is the
+registry alone.
 """
 from __future__ import annotations
 

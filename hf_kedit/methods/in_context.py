@@ -7,9 +7,8 @@ from __future__ import annotations
 import torch
 
 from ..anatomy import input_device
-from ..batching import pad_id
 from ..pack import Edit
-from ..sampling import seeded
+from ..sampling import continuations, seeded
 
 FACT_CONTEXT = "New Fact: {fact}\nPrompt: "
 _WORD_TOKENS = 4  # at most this many tokens of an implied target
@@ -34,11 +33,9 @@ def teacher_continuations(model, tokenizer, edit: Edit, n: int, new_tokens: int,
     (top-50 sampling, seeded), each starting with the subject."""
     if not n:
         return []
-    ids = tokenizer(fact_context([edit]) + edit.subject, return_tensors="pt").input_ids.to(input_device(model))
     with seeded(seed):
-        out = model.generate(ids.repeat(n, 1), attention_mask=torch.ones_like(ids).repeat(n, 1), do_sample=True,
-                             top_k=50, max_new_tokens=new_tokens, pad_token_id=pad_id(tokenizer))
-    return [edit.subject + t for t in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
+        texts = continuations(model, tokenizer, fact_context([edit]) + edit.subject, n, new_tokens, top_k=50)
+    return [edit.subject + t for t in texts]
 
 
 def aligned_positions(student: list[int], teacher: list[int], text: list[int]) -> list[tuple[int, int]]:
