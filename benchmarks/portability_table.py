@@ -17,15 +17,10 @@ import json
 from pathlib import Path
 
 from paired_difference import paired, runs
+from slice_table import mean_score
 
 SHOWN = [("efficacy", "tf"), ("portability", "tf"), ("portability", "gen"), ("locality", "tf")]
 AGAINST = [("portability", "tf"), ("portability", "gen")]
-
-
-def mean_and_cases(per_case: dict, metric: str, score: str) -> tuple[float | None, int]:
-    """The mean of a score over the cases that have it, and how many those are."""
-    values = [s[metric][score] for s in per_case.values() if metric in s and s[metric][score] is not None]
-    return (sum(values) / len(values) if values else None), len(values)
 
 
 def benchmark_rows(found: dict, reference: str, resamples: int, seed: int) -> dict:
@@ -34,8 +29,8 @@ def benchmark_rows(found: dict, reference: str, resamples: int, seed: int) -> di
     for label, per_case in found.items():
         row = {}
         for metric, score in SHOWN:
-            mean, cases = mean_and_cases(per_case, metric, score)
-            row[f"{metric} {score}"] = {"mean": mean, "cases": cases}
+            cases = sum(1 for s in per_case.values() if metric in s and s[metric][score] is not None)
+            row[f"{metric} {score}"] = {"mean": mean_score(per_case, metric, score), "cases": cases}
         for metric, score in AGAINST:
             c = paired(per_case, found[reference], metric, score, resamples, seed) \
                 if reference in found and label != reference else None
