@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an adapter already in dir")
     _compaction(p)
 
-    p = sub.add_parser("export-gguf", help="write a weight_delta pack as a llama.cpp GGUF LoRA adapter")
+    p = sub.add_parser("export-gguf", help="write a pack as the llama.cpp file that serves it (a LoRA adapter or a control vector)")
     p.add_argument("pack")
     p.add_argument("out", help="the adapter file to write, e.g. edits.gguf")
     p.add_argument("--overwrite", action="store_true", help="replace the file if it exists")
@@ -218,9 +218,12 @@ def _compaction(p) -> None:
 def _export_gguf(args) -> int:
     from .pack import EditPack
 
-    out = EditPack.from_pretrained(args.pack).export_gguf(args.out, overwrite=args.overwrite, rank=args.rank,
-                                                          share=args.share)
-    print(f"wrote a llama.cpp LoRA adapter to {out} (llama-cli -m BASE.gguf --lora {out})")
+    pack = EditPack.from_pretrained(args.pack)
+    out = pack.export_gguf(args.out, overwrite=args.overwrite, rank=args.rank, share=args.share)
+    if pack.kind == "weight_delta":
+        print(f"wrote a llama.cpp LoRA adapter to {out} (llama-cli -m BASE.gguf --lora {out})")
+    else:
+        print(f"wrote a llama.cpp control vector to {out} (llama-cli -m BASE.gguf --control-vector {out})")
     return 0
 
 

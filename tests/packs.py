@@ -70,10 +70,13 @@ def random_basis_pack(model, layers=(1,), n_edits=1, rank=2, seed=0, prefix="e",
 
 
 def random_steering_pack(model, centroids, threshold=1e-3, rank=3, seed=0, prefix="e", metric="cosine",
-                         apply="first", layer=None, scale=0.5, subject="S{}"):
+                         apply="first", layer=None, scale=0.5, subject="S{}", site=None):
     """A steering_map pack with one edit per row of `centroids` [E, d]: a random map
     (orthonormal U [d, rank], M [rank, rank], b [d]) and a scope of `threshold` around
-    that centroid, read at the final norm or decoder layer `layer`."""
+    that centroid, read at the final norm or decoder layer `layer`; with `site`, a
+    uniform pack acting on that decoder layer's output (threshold 2.0, apply "every")."""
+    if site is not None:
+        threshold, apply = 2.0, "every"
     from hf_kedit.kinds.prompt_calls import hidden_size
     from hf_kedit.kinds.steering_map import SteeringMapConfig
     from hf_kedit.methods.builders import steering_map_pack
@@ -89,7 +92,7 @@ def random_steering_pack(model, centroids, threshold=1e-3, rank=3, seed=0, prefi
                       "map.bias": torch.randn(d, generator=g) * scale,
                       "scope.centroid": centroid.float(), "scope.threshold": torch.tensor([float(threshold)])}
     config = SteeringMapConfig(hidden_size=d, representation="final_norm" if layer is None else "layer", layer=layer,
-                               scope_size=d, metric=metric, apply=apply)
+                               scope_size=d, metric=metric, apply=apply, site=site)
     return steering_map_pack(model, "random", {"seed": seed}, edits, config, parts)
 
 

@@ -1,6 +1,7 @@
-"""weight_delta packs as llama.cpp GGUF LoRA adapters, read back with the gguf
-package's own reader: the metadata llama.cpp reads, its tensor names and
-shapes, and changes of exactly B A for every edited weight."""
+"""weight_delta packs as llama.cpp GGUF LoRA adapters and uniform steering packs
+as control vectors, read back with the gguf package's own reader: the metadata
+llama.cpp reads, its tensor names and shapes, changes of exactly B A for every
+edited weight, and the sum of the shifts at the steered layer."""
 import gguf
 import numpy as np
 import pytest
@@ -9,8 +10,8 @@ import torch
 from hf_kedit.cli import main as kedit
 from hf_kedit.errors import IncompatiblePackError, PackFormatError
 from hf_kedit.kinds.weight_delta import factors_by_module
-from hf_kedit.pack.gguf import gguf_tensor_name
-from packs import random_basis_pack, random_pack
+from hf_kedit.pack.gguf import control_vector_buffer, gguf_tensor_name
+from packs import random_basis_pack, random_pack, random_steering_pack
 from tiny_models import tiny_model
 
 SERVED = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "phi"]
@@ -70,9 +71,62 @@ def test_a_module_without_a_gguf_name_is_named_in_the_error():
 
 def test_other_kinds_are_refused_with_what_to_use_instead(tmp_path):
     pack = random_basis_pack(tiny_model("llama"))
-    with pytest.raises(PackFormatError, match="basis_intervention packs have no llama.cpp LoRA equivalent.*load_edits"):
+    with pytest.raises(PackFormatError, match="basis_intervention packs have no llama.cpp equivalent.*load_edits"):
         pack.export_gguf(tmp_path / "edits.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def centroids(model, n=2):
+    return torch.randn(n, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_a_uniform_steering_pack_is_a_control_vector_of_its_summed_shifts(arch, tmp_path):
+    model = tiny_model(arch)
+    pack = random_steering_pack(model, centroids(model), rank=0, site=2)
+    fields, tensors = read(pack.export_gguf(tmp_path / "steer.gguf"))
+    assert fields["general.architecture"] == "controlvector"
+    assert fields["controlvector.model_hint"] == GGUF_NAMES[arch]
+    assert set(tensors) == {"direction.2"} and tensors["direction.2"].dtype == np.float32
+    torch.testing.assert_close(torch.from_numpy(tensors["direction.2"]),
+                               pack.tensors["e0.map.bias"] + pack.tensors["e1.map.bias"])
+
+
+def test_the_control_vector_buffer_is_laid_out_as_llama_cpp_loads_it(tmp_path):
+    model = tiny_model("llama")
+    pack = random_steering_pack(model, centroids(model, 1), rank=0, site=2)
+    buffer = control_vector_buffer(pack.export_gguf(tmp_path / "steer.gguf"))
+    d = model.config.hidden_size
+    assert buffer.dtype == np.float32 and buffer.shape == (2 * d,)
+    assert not buffer[:d].any()  # layer 1: no direction
+    torch.testing.assert_close(torch.from_numpy(buffer[d:]), pack.tensors["e0.map.bias"])  # layer 2 at (2 − 1) · d
+    with pytest.raises(PackFormatError, match="is not a control vector direction"):
+        control_vector_buffer(random_pack(model).export_gguf(tmp_path / "lora.gguf"))
+
+
+STEERING_REFUSED = [  # (pack settings, export settings, message)
+    ({"rank": 0}, {}, r"steering_map packs have no llama.cpp equivalent.*uniform steering packs \(actadd with site"),
+    ({"rank": 0, "site": 0}, {}, r"steers decoder layer 0's output; llama.cpp's control vectors act on layers 1 to 2"),
+    ({"rank": 2, "site": 1}, {}, r"edits \['e0', 'e1'\] are linear maps.*only pure shifts \(actadd\) export"),
+    ({"rank": 0, "site": 1}, {"rank": 1}, r"rank and share compact a LoRA adapter's factors; a control vector"),
+]
+
+
+@pytest.mark.parametrize("settings, export, match", STEERING_REFUSED, ids=["routed", "layer-0", "linear", "rank"])
+def test_steering_packs_without_a_control_vector_are_refused(settings, export, match, tmp_path):
+    model = tiny_model("llama")
+    pack = random_steering_pack(model, centroids(model), **settings)
+    with pytest.raises(PackFormatError, match=match):
+        pack.export_gguf(tmp_path / "steer.gguf", **export)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_gguf_writes_a_control_vector(tmp_path, capsys):
+    model = tiny_model("llama")
+    random_steering_pack(model, centroids(model), rank=0, site=1).save_pretrained(tmp_path / "pack")
+    assert kedit(["export-gguf", str(tmp_path / "pack"), str(tmp_path / "steer.gguf")]) == 0
+    assert "--control-vector" in capsys.readouterr().out
+    assert read(tmp_path / "steer.gguf")[0]["general.architecture"] == "controlvector"
 
 
 def test_an_existing_file_is_kept_unless_overwrite(tmp_path):

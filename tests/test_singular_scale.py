@@ -225,6 +225,6 @@ def test_exports_to_serving_formats_are_refused_with_the_reason(tmp_path):
     pack = random_svf_pack(tiny_model("llama"))
     with raises_exactly(PackFormatError, "singular_scale packs have no PEFT equivalent"):
         pack.export_peft(tmp_path / "peft")
-    with raises_exactly(PackFormatError, "singular_scale packs have no llama.cpp LoRA equivalent"):
+    with raises_exactly(PackFormatError, "singular_scale packs have no llama.cpp equivalent"):
         pack.export_gguf(tmp_path / "edits.gguf")
     assert not (tmp_path / "peft").exists() and not (tmp_path / "edits.gguf").exists()

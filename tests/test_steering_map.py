@@ -226,11 +226,80 @@ def test_disk_round_trip_gives_identical_outputs(tmp_path, rank):
     manifest = json.loads((tmp_path / "pack" / CONFIG_NAME).read_text())
     assert manifest["kind"] == "steering_map" and manifest["kind_config"] == {
         "hidden_size": 32, "representation": "final_norm", "layer": None, "embedding_model": None,
-        "scope_size": 32, "metric": "cosine", "apply": "every", "subject_gate": False}
+        "scope_size": 32, "metric": "cosine", "apply": "every", "subject_gate": False, "site": None}
     assert manifest["tensors"]["e0.map.basis"]["shape"] == [32, rank]
     in_memory = logits(load_edits(tiny_model("gpt2"), pack), ids)
     assert torch.equal(logits(load_edits(tiny_model("gpt2"), str(tmp_path / "pack")), ids), in_memory)
     assert not torch.equal(in_memory, logits(model, ids))
+
+
+# ----- uniform packs: maps at a decoder layer's output, every position (control vectors) ----------
+
+def shifted_logits(model, ids, site, shift):
+    """The model's logits with `shift` [d] added to decoder layer `site`'s output at every position."""
+    layer = model.get_submodule(anatomy_of(model).layer(site))
+
+    def add(module, args, output):
+        h = hidden_states(output) + shift
+        return (h, *output[1:]) if isinstance(output, (tuple, list)) else h
+
+    handle = layer.register_forward_hook(add)
+    try:
+        return logits(model, ids)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_uniform_pack_adds_its_shifts_at_its_layer_on_every_position(arch):
+    model = tiny_model(arch)
+    ids = tiny_inputs(batch=3)
+    base = logits(model, ids)
+    h = last_states(model, ids)
+    pack = random_steering_pack(model, h[:2], rank=0, site=1)
+    shift = pack.tensors["e0.map.bias"] + pack.tensors["e1.map.bias"]
+    load_edits(model, pack, name="u")
+    edited = logits(model, ids)
+    close(edited, shifted_logits(tiny_model(arch), ids, 1, shift))
+    assert not torch.equal(edited[:, 0], base[:, 0])  # the first position too, not only the last
+    remove_edits(model, "u")
+    assert torch.equal(logits(model, ids), base) and no_hooks(model)
+
+
+def test_a_uniform_pack_stacks_with_a_routed_one_and_generates_as_it_recomputes():
+    model = tiny_model("llama")
+    ids = tiny_inputs(batch=1, length=6)
+    h = last_states(model, ids)
+    uniform = random_steering_pack(model, h, rank=0, site=2, scale=2.0, prefix="u", subject="U{}")
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        plain = model.generate(ids, **kwargs)
+    load_edits(model, uniform, name="u")
+    with torch.inference_mode():
+        out = model.generate(ids, **kwargs)
+    for k in range(ids.shape[1], out.shape[1]):  # the KV cache holds shifted states: recomputing agrees
+        assert logits(model, out[:, :k])[0, -1].argmax().item() == out[0, k].item()
+    alone = logits(model, ids)
+    routed = random_steering_pack(model, last_states(model, ids), threshold=1e-2, seed=3, prefix="r")  # as shifted
+    load_edits(model, routed, name="r")
+    both = logits(model, ids)
+    close(both[0, :-1], alone[0, :-1])  # the routed edit steers only the last prompt token
+    assert not torch.equal(both[0, -1], alone[0, -1])
+    remove_edits(model, "u")
+    remove_edits(model, "r")
+    with torch.inference_mode():
+        assert torch.equal(model.generate(ids, **kwargs), plain)
+    assert no_hooks(model)
+
+
+def test_disable_turns_a_uniform_pack_off():
+    model = tiny_model("llama")
+    ids = tiny_inputs(batch=2)
+    base = logits(model, ids)
+    load_edits(model, random_steering_pack(model, last_states(model, ids), rank=0, site=1), name="u")
+    with stack_of(model).disable():
+        assert torch.equal(logits(model, ids), base)
+    assert not torch.equal(logits(model, ids), base)
 
 
 # ----- broken packs: a typed error, and the model as it was --------------------------------------
@@ -276,6 +345,15 @@ BROKEN = [  # (id, tensors change, manifest change, error, message)
     ("unknown-field", None, kind_config_update(alpha=2), PackFormatError, r"unknown: \['alpha'\]"),
     ("router-layer-out-of-range", None, kind_config_update(representation="layer", layer=7), IncompatiblePackError,
      r"router reads layer 7; this model has 3 layers"),
+    ("site-with-routed-scopes", None, kind_config_update(site=1), PackFormatError,
+     r"site=1 makes a uniform pack.*subject_gate false, apply 'every'"),
+    ("site-negative", None, kind_config_update(site=-1, apply="every"), PackFormatError, r"site=-1; give the index"),
+    ("site-text", None, kind_config_update(site="1", apply="every"), PackFormatError, r"site='1'; give the index"),
+    ("site-with-a-narrow-scope", None, kind_config_update(site=1, apply="every"), PackFormatError,
+     r"scope.threshold 0.001 in a pack with site=1: a uniform pack acts on every prompt"),
+    ("site-out-of-range", lambda tensors: [set_tensor(f"e{i}.scope.threshold", lambda t: t * 0 + 2)(tensors)
+                                           for i in (0, 1)],
+     kind_config_update(site=3, apply="every"), IncompatiblePackError, r"maps act on layer 3; this model has 3 layers"),
     ("router-model-not-installed", None,
      kind_config_update(representation="sentence_embedding", embedding_model="sentence-transformers/all-MiniLM-L6-v2",
              scope_size=384), PackFormatError, r"scope.centroid has shape \[32\], expected \[384\]"),
@@ -342,6 +420,25 @@ def test_method_maps_sources_onto_targets_and_routes_only_its_prompts(tokenizer,
     remove_edits(model, "p")
 
 
+def test_actadd_with_a_site_fits_its_shift_where_it_acts_and_steers_every_prompt(tokenizer):
+    model = tiny(tokenizer)
+    prompts = [EDIT.text, "Danielle Darrieux grew up speaking"]
+    settings = {"paraphrases": {"e0": prompts[1:]}, "site": 1, "subject_gate": False, "apply": "every"}
+    pack = make_pack("actadd", model, tokenizer, [EDIT], settings, progress=False)
+    assert pack.kind_config["site"] == 1 and pack.tensors["e0.scope.threshold"].item() == 2.0
+    sources, targets = steering_sets(EDIT, prompts)
+    site, norm = anatomy_of(model).layer(1), anatomy_of(model).final_norm
+    states = last_token_states(model, tokenizer, sources + targets, [site])[site]
+    close(pack.tensors["e0.map.bias"], states[len(sources):].mean(0) - states[:len(sources)].mean(0))
+    close(pack.tensors["e0.scope.centroid"], last_token_states(model, tokenizer, prompts, [norm])[norm].mean(0))
+    unrelated = tokenizer(UNRELATED[0], return_tensors="pt").input_ids
+    base = logits(model, unrelated)
+    load_edits(model, pack, name="p")  # no router: no tokenizer needed
+    close(logits(model, unrelated), shifted_logits(tiny(tokenizer), unrelated, 1, pack.tensors["e0.map.bias"]))
+    assert not torch.equal(logits(model, unrelated), base)
+    remove_edits(model, "p")
+
+
 def test_templates_and_callables_are_paraphrase_sources(tokenizer):
     model = tiny(tokenizer)
     pack = make_pack("sake", model, tokenizer, [EDIT], {"router_layer": 1, "metric": "euclidean", "threshold": None,
@@ -376,6 +473,10 @@ BAD_REQUESTS = [  # (settings, message)
     ({"embedding_model": "bert-base"}, r"embedding_model='bert-base' with router_layer=None: give one of"),
     ({"embedding_model": MINILM, "router_layer": 1}, r"with router_layer=1: give one of"),
     ({"subject_gate": "yes"}, r"subject_gate='yes': give True or False"),
+    ({"site": 1}, r"site=1 makes a uniform pack .* subject_gate=False, apply=\"every\""),
+    ({"site": 1, "subject_gate": False, "apply": "every", "threshold": 0.5}, r"site=1 makes a uniform pack"),
+    ({"site": 9, "subject_gate": False, "apply": "every"}, r"site gives layers \[9\], out of range"),
+    ({"site": "1", "subject_gate": False, "apply": "every"}, r"site='1' makes a uniform pack"),
 ]
 
 

@@ -37,6 +37,14 @@ once, on the prompt). A forward call over an empty KV cache is the prompt
 (its last real token, or the last of `prompt_lengths(...)` tokens for
 teacher-forced scoring); a call continuing a cache continues the latest
 prompt call's routing.
+
+A pack with a `site` (a decoder layer index K) is uniform instead: every
+prompt is in its edits' scope (cosine metric, threshold 2.0, no subject
+gate, apply "every"), and each edit's map acts on decoder layer K's output at
+every position of every forward call, prompt tokens included, without a
+router; the maps of all such edits at one layer act one after the other (for
+pure shifts, their sum). That is where and how llama.cpp adds a control
+vector, so a uniform pack of shifts exports to one (`EditPack.export_gguf`).
 """
 from __future__ import annotations
 
@@ -101,7 +109,9 @@ class SteeringMapConfig(KindConfig):
     "layer" with `layer`, or "sentence_embedding" with `embedding_model`);
     `scope_size`: the width of that representation (the centroids'); `metric`:
     "cosine" or "euclidean"; `apply`: "first" or "every"; `subject_gate`: only
-    prompts naming an edit's subject can be in its scope (see the module doc).
+    prompts naming an edit's subject can be in its scope; `site`: None (the maps
+    act on the final norm's output of routed prompts) or the decoder layer
+    whose output a uniform pack's maps act on at every position (see the module doc).
 
     Example:
         >>> SteeringMapConfig(hidden_size=576, scope_size=576).to_dict()["apply"]
@@ -118,6 +128,7 @@ class SteeringMapConfig(KindConfig):
     metric: str = "cosine"
     apply: str = "first"
     subject_gate: bool = False
+    site: int | None = None
 
     def check(self) -> None:
         """`PackFormatError` naming the first field that is wrong."""
@@ -148,6 +159,14 @@ class SteeringMapConfig(KindConfig):
                                   f"scope_size={self.scope_size}")
         if type(self.subject_gate) is not bool:
             raise PackFormatError(f"steering_map pack: subject_gate must be true or false, got {self.subject_gate!r}")
+        if self.site is not None:
+            if not (type(self.site) is int and self.site >= 0):
+                raise PackFormatError(f"steering_map pack: site={self.site!r}; give the index of the decoder layer "
+                                      "whose output the maps act on (an integer from 0), or null for the final norm")
+            if self.subject_gate or self.apply != "every" or self.metric != "cosine":
+                raise PackFormatError(f"steering_map pack: site={self.site} makes a uniform pack, which acts on every "
+                                      f"prompt at every position; it needs subject_gate false, apply 'every' and "
+                                      f"metric 'cosine' (got {self.subject_gate!r}, {self.apply!r}, {self.metric!r})")
 
     @property
     def reads_text(self) -> bool:
@@ -185,6 +204,10 @@ class SteeringMap:
             if not 0 < threshold <= top:
                 raise PackFormatError(f"edit {edit.id!r}: scope.threshold {threshold:.4g} is out of range for the "
                                       f"{config.metric} metric: give a distance in (0, {top:g}]")
+            if config.site is not None and threshold != 2.0:
+                raise PackFormatError(f"edit {edit.id!r}: scope.threshold {threshold:.4g} in a pack with site="
+                                      f"{config.site}: a uniform pack acts on every prompt, so its scope is the "
+                                      "whole cosine range, 2.0")
 
     @staticmethod
     def modules(kind_config: dict, model: nn.Module) -> list[str]:
@@ -208,9 +231,10 @@ class SteeringMap:
         except AnatomyError as e:
             raise IncompatiblePackError(f"the pack steers the final norm's output, which hf_kedit cannot find "
                                         f"in this model: {e}") from None
-        if config.layer is not None and config.layer >= anatomy.num_layers:
-            raise IncompatiblePackError(f"the pack's router reads layer {config.layer}; this model has "
-                                        f"{anatomy.num_layers} layers (0 to {anatomy.num_layers - 1})")
+        for what, layer in (("router reads", config.layer), ("maps act on", config.site)):
+            if layer is not None and layer >= anatomy.num_layers:
+                raise IncompatiblePackError(f"the pack's {what} layer {layer}; this model has "
+                                            f"{anatomy.num_layers} layers (0 to {anatomy.num_layers - 1})")
         if hidden_size(model) != config.hidden_size:
             raise IncompatiblePackError(f"the pack's maps act on hidden size {config.hidden_size}; this model's "
                                         f"hidden size is {hidden_size(model)}")
@@ -218,7 +242,8 @@ class SteeringMap:
     class Runtime(HookedRuntime):
         """Every attached steering_map pack of one model: the router hook on the final
         norm, a hook per router layer that reads its representation, and the base
-        model's call hooks (`HookedRuntime`)."""
+        model's call hooks (`HookedRuntime`); for uniform packs, a hook per site
+        layer that applies their maps everywhere."""
 
         kind = "steering_map"
         why_unmergeable = "its maps act on the last hidden state of prompts in their scope"
@@ -239,17 +264,24 @@ class SteeringMap:
             self._commit({n: p for n, p in self.packs.items() if n != name})
 
         def _commit(self, packs: dict[str, list[Steering]]) -> None:
-            steerings = [s for pack in packs.values() for s in pack]
-            router = Router(steerings) if steerings else None
+            routed = [s for pack in packs.values() for s in pack if s.site is None]
+            sites: dict[int, list[Steering]] = {}
+            for s in (s for pack in packs.values() for s in pack if s.site is not None):
+                sites.setdefault(s.site, []).append(s)
+            router = Router(routed) if routed else None
             read = {layer: self.layers[layer] for layer in (router.hidden_layers if router else ())}
+            shifts = {site: UniformMaps(steerings) for site, steerings in sites.items()}
             for handle in self.handles:
                 handle.remove()
             self.packs, self.router, self.handles = packs, router, []
             self.local = threading.local()  # routings of earlier prompts refer to the old router's edits
             self.watch_calls(router is not None)
+            for site, maps in shifts.items():
+                self.handles.append(self.layers[site].register_forward_hook(
+                    lambda m, args, out, maps=maps: maps(out) if self.enabled else None))
             if router is None:
                 return
-            self.handles = [self.norm.register_forward_hook(self._steer)]
+            self.handles.append(self.norm.register_forward_hook(self._steer))
             for layer, module in read.items():
                 self.handles.append(module.register_forward_hook(
                     lambda m, args, out, layer=layer: self._capture(layer, out), prepend=True))
@@ -301,7 +333,8 @@ def at_last(h: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
 class Steering:
     """One attached edit: its map (U, M, b), centroid, threshold, and its pack's
     router source (None: final norm, a layer index, or an embedding model id),
-    metric, apply mode and, with the subject gate, the subject."""
+    metric, apply mode, with the subject gate the subject, and the site of a
+    uniform pack."""
 
     basis: torch.Tensor
     core: torch.Tensor
@@ -312,6 +345,7 @@ class Steering:
     metric: str
     every: bool
     subject: str | None = None
+    site: int | None = None
 
 
 def steerings_of(pack) -> list[Steering]:
@@ -322,8 +356,27 @@ def steerings_of(pack) -> list[Steering]:
         t = {part: pack.tensors[part_name(e.id, part)].float() for part in PARTS}
         out.append(Steering(t["map.basis"], t["map.core"], t["map.bias"], t["scope.centroid"],
                             t["scope.threshold"].item(), config.source, config.metric, config.apply == "every",
-                            e.subject if config.subject_gate else None))
+                            e.subject if config.subject_gate else None, config.site))
     return out
+
+
+class UniformMaps:
+    """The forward hook's work at one site: the maps of every uniform edit there,
+    applied in order at every position (in float32, cast once per device)."""
+
+    def __init__(self, steerings: list[Steering]):
+        self.maps = [(s.basis, s.core, s.bias) for s in steerings]
+        self.cast = {}
+
+    def __call__(self, output):
+        h = hidden_states(output)
+        if h.device not in self.cast:
+            self.cast[h.device] = [tuple(t.to(h.device) for t in m) for m in self.maps]
+        edited = h.float()
+        for basis, core, bias in self.cast[h.device]:
+            edited = mapped(edited, basis, core, bias)
+        edited = edited.to(h.dtype)
+        return (edited, *output[1:]) if isinstance(output, (tuple, list)) else edited
 
 
 class Router:

@@ -26,7 +26,7 @@ from ..kinds import kind_named
 from ..version import __version__
 from .card import model_card
 from .fingerprint import check_record
-from .gguf import write_lora_adapter
+from .gguf import write_gguf
 from .hub import file_sha256, push_pack, resolve_source
 
 FORMAT_VERSION = 1
@@ -245,10 +245,12 @@ class EditPack:
 
     def export_gguf(self, path: str | Path, overwrite: bool = False, rank: int | None = None,
                     share: float | None = None) -> Path:
-        """Write a llama.cpp LoRA adapter equivalent to this pack (weight_delta packs),
-        for `llama-cli -m base.gguf --lora path` or llama-cpp-python's `lora_path`.
-        An existing file is refused (`FileExistsError`) unless `overwrite`;
-        `rank`/`share` compact the changes as in `export_peft`.
+        """Write the llama.cpp file equivalent to this pack: a LoRA adapter for a
+        weight_delta pack (`llama-cli -m base.gguf --lora path`, llama-cpp-python's
+        `lora_path`), a control vector for a uniform steering pack of shifts
+        (`actadd` with `site`; `llama-cli --control-vector path`). An existing
+        file is refused (`FileExistsError`) unless `overwrite`; `rank`/`share`
+        compact a LoRA adapter's changes as in `export_peft`.
 
         Example:
             >>> pack.export_gguf("edits.gguf")
@@ -256,7 +258,7 @@ class EditPack:
         path = Path(path)
         if path.exists() and not (overwrite and path.is_file()):
             raise FileExistsError(f"{path} exists already; pass overwrite=True to replace it, or give another path")
-        return write_lora_adapter(self, path, rank, share)
+        return write_gguf(self, path, rank, share)
 
 
 def _settings_list(hyperparameters: dict) -> list[dict]:

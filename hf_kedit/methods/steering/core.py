@@ -13,7 +13,9 @@ representation of P; the threshold is given, or per edit `threshold_margin`
 times the distance of the farthest prompt of P from the centroid. The router
 measures the final norm's output, a decoder layer's output, or the prompt's
 sentence embedding (`embedding_model`), behind the subject gate when
-`subject_gate` is on (`hf_kedit.kinds.steering_map`).
+`subject_gate` is on (`hf_kedit.kinds.steering_map`). With `site` K the pack
+is uniform: its states are read at decoder layer K's output and its maps act
+there on every prompt at every position, as a llama.cpp control vector does.
 
 Paraphrases come from `paraphrases`: None (the templates below, which frame
 the prompt with prefixes so that it still ends right before the object), a
@@ -81,6 +83,9 @@ class SteeringConfig:
     apply: str = setting("first", "when the map acts in generation: \"first\" (the prompt's last token) or "
                          "\"every\" (every generated token too)", f"measured here: \"every\" costs fluency "
                          f"({STEERING})")
+    site: int | None = setting(None, "None, or the decoder layer whose output the maps act on at every position "
+                               "of every prompt (a uniform pack, exportable as a llama.cpp control vector; needs "
+                               "subject_gate=False and apply=\"every\")", "chosen here: today's steering unless asked")
     batch_size: int = setting(16, "prompts per forward pass while fitting", "chosen here: speed only")
 
     def __post_init__(self):
@@ -107,6 +112,13 @@ class SteeringConfig:
         if self.router_layer is not None and type(self.router_layer) is not int:
             raise EditRequestError(f"router_layer={self.router_layer!r}: give a decoder layer index, or None for "
                                    "the final norm's output")
+        if self.site is not None and (type(self.site) is not int or self.subject_gate or self.apply != "every"
+                                      or self.metric != "cosine" or self.threshold != 2.0
+                                      or self.embedding_model is not None or self.router_layer is not None):
+            raise EditRequestError(f"site={self.site!r} makes a uniform pack that steers every prompt at every "
+                                   "position, with no router: give a decoder layer index with subject_gate=False, "
+                                   "apply=\"every\" and the router settings at their defaults (metric \"cosine\", "
+                                   "threshold 2.0, no embedding_model or router_layer)")
 
 
 Fit = Callable[[torch.Tensor, torch.Tensor], FactoredMap]
@@ -127,11 +139,14 @@ def steering_edit(model, tokenizer, requests: list[Edit], config: SteeringConfig
         hidden_size=hidden_size(model), representation="sentence_embedding" if config.embedding_model else
         "final_norm" if config.router_layer is None else "layer", layer=config.router_layer,
         embedding_model=config.embedding_model, metric=config.metric, apply=config.apply,
-        subject_gate=config.subject_gate)
+        subject_gate=config.subject_gate, site=config.site)
     kind_config.scope_size = (EMBEDDING_MODELS[config.embedding_model][2] if config.embedding_model
                               else kind_config.hidden_size)
-    final = last_token_states(model, tokenizer, texts, [anatomy.final_norm], config.batch_size,
-                              progress)[anatomy.final_norm]
+    # A uniform pack's maps are fitted where they act; its centroids stay final-norm states, as the format says.
+    fitted_at = anatomy.final_norm if config.site is None else anatomy.layer(config.site)
+    states = last_token_states(model, tokenizer, texts, list(dict.fromkeys([fitted_at, anatomy.final_norm])),
+                               config.batch_size, progress)
+    fitted, final = states[fitted_at], states[anatomy.final_norm]
     # A final-norm router measures the prompts, which lead each edit's sources: no second pass.
     router = None if kind_config.representation == "final_norm" else router_representations(
         model, tokenizer, kind_config, [p for e in requests for p in prompts[e.id]], config.batch_size)
@@ -139,18 +154,18 @@ def steering_edit(model, tokenizer, requests: list[Edit], config: SteeringConfig
     parts, offset, start = {}, 0, 0
     for edit in requests:
         n_source, n_target = map(len, sets[edit.id])
-        xs, xt = final[offset:offset + n_source], final[offset + n_source:offset + n_source + n_target]
-        offset += n_source + n_target
-        fitted = fit(xs.double(), xt.double())
+        xs, xt = fitted[offset:offset + n_source], fitted[offset + n_source:offset + n_source + n_target]
         n_prompts = len(prompts[edit.id])
-        own = xs[:n_prompts] if router is None else router[start:start + n_prompts]
+        own = final[offset:offset + n_prompts] if router is None else router[start:start + n_prompts]
+        offset += n_source + n_target
+        edit_map = fit(xs.double(), xt.double())
         start += n_prompts
         centroid = own.mean(0)
         threshold = config.threshold
         if threshold is None:
             farthest = scope_distances(own, centroid[None], config.metric).max().item()
             threshold = max(config.threshold_margin * farthest, MIN_THRESHOLD)
-        parts[edit.id] = {"map.basis": fitted.basis, "map.core": fitted.core, "map.bias": fitted.bias,
+        parts[edit.id] = {"map.basis": edit_map.basis, "map.core": edit_map.core, "map.bias": edit_map.bias,
                           "scope.centroid": centroid, "scope.threshold": torch.tensor([threshold])}
     hyperparameters = {**asdict(config), "paraphrases": None, "paraphrase_source": _source_name(config.paraphrases)}
     return steering_map_pack(model, method, hyperparameters, requests, kind_config, parts)
@@ -249,5 +264,6 @@ def _check_settings(config: SteeringConfig, num_layers: int) -> None:
     """What the config's own checks cannot know: the installed router model and the model's depth."""
     if config.embedding_model is not None:
         check_installed(config.embedding_model)
-    if config.router_layer is not None:
-        check_layers([config.router_layer], num_layers, "router_layer")
+    for name in ("router_layer", "site"):
+        if getattr(config, name) is not None:
+            check_layers([getattr(config, name)], num_layers, name)
