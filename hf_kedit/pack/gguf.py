@@ -16,13 +16,14 @@ layer K's output (0-based, K ≥ 1: layer 0 has none) at every position.
 """
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
 
-from ..errors import IncompatiblePackError, PackFormatError
+from ..errors import IncompatiblePackError, MissingDependencyError, PackFormatError
 from ..kinds.steering_map import part_name
 from ..kinds.weight_delta import export_factors
 
@@ -124,15 +125,14 @@ def _write_control_vector(pack, path: Path) -> Path:
 
 def control_vector_buffer(path: str | Path) -> np.ndarray:
     """The directions of the control vector file at `path` laid out as llama.cpp's
-    C function `llama_apply_adapter_cvec` takes them: float32, n_embd per layer
+    C function `llama_set_adapter_cvec` takes them: float32, n_embd per layer
     from layer 1 on (layer K at (K − 1) · n_embd), zeros for layers without
-    one, as llama.cpp's own loader lays them out. For servers that reach control
-    vectors only through that function, such as llama-cpp-python.
+    one, as llama.cpp's own loader lays them out (`set_control_vector` passes
+    it to llama-cpp-python).
 
     Example:
-        >>> buffer = control_vector_buffer("steer.gguf")
-        >>> llama_cpp.llama_apply_adapter_cvec(llm.ctx, buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-        ...                                    buffer.size, n_embd, 1, n_layers)
+        >>> control_vector_buffer("steer.gguf").shape     # a vector on layer 29 of a d = 576 model
+        (16704,)
     """
     reader = gguf.GGUFReader(str(path))
     directions = {}
@@ -149,6 +149,38 @@ def control_vector_buffer(path: str | Path) -> np.ndarray:
     for layer, direction in directions.items():
         buffer[(layer - 1) * width:layer * width] = direction
     return buffer
+
+
+def set_control_vector(llm, path: str | Path | None) -> None:
+    """Apply the control vector file at `path` to a llama-cpp-python `Llama`, on
+    every layer it names, as llama.cpp's `--control-vector` does; None clears it.
+    llama-cpp-python's `Llama` takes no control vector file itself. Evaluate
+    after `llm.reset()`: a cached prefix was computed under the old vector.
+
+    Example:
+        >>> set_control_vector(llm, pack.export_gguf("steer.gguf"))
+        >>> llm.reset(); llm.create_completion("The twin city of Edinburgh is", max_tokens=4)
+    """
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MissingDependencyError("serving with llama.cpp from Python needs llama-cpp-python: "
+                                     "pip install 'hf-kedit[llama-cpp]' (it compiles llama.cpp)") from None
+    if path is None:
+        llama_cpp.llama_set_adapter_cvec(llm.ctx, None, 0, llm.n_embd(), 0, 0)
+        return
+    directions, width, layers = control_vector_buffer(path), llm.n_embd(), llama_cpp.llama_model_n_layer(llm.model)
+    if directions.size % width or directions.size > width * (layers - 1):
+        raise IncompatiblePackError(f"{path}: its directions do not fit this model (width {width}, layers 1 to "
+                                    f"{layers - 1}): it was made for another model")
+    # llama.cpp writes only the layers the buffer covers and keeps the rest: a vector set before on a
+    # later layer would stay, so the buffer covers every layer.
+    buffer = np.zeros(width * (layers - 1), dtype=np.float32)
+    buffer[:directions.size] = directions
+    code = llama_cpp.llama_set_adapter_cvec(llm.ctx, buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                            buffer.size, width, 1, layers)
+    if code != 0:
+        raise IncompatiblePackError(f"llama.cpp refused the control vector {path} (code {code})")
 
 
 def _partial(path: Path) -> Path:
