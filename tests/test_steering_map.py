@@ -347,6 +347,8 @@ BROKEN = [  # (id, tensors change, manifest change, error, message)
      r"router reads layer 7; this model has 3 layers"),
     ("site-with-routed-scopes", None, kind_config_update(site=1), PackFormatError,
      r"site=1 makes a uniform pack.*subject_gate false, apply 'every'"),
+    ("site-with-a-layer-router", None, kind_config_update(site=1, apply="every", representation="layer", layer=1),
+     PackFormatError, r"needs subject_gate false, apply 'every', metric 'cosine' and representation 'final_norm'"),
     ("site-negative", None, kind_config_update(site=-1, apply="every"), PackFormatError, r"site=-1; give the index"),
     ("site-text", None, kind_config_update(site="1", apply="every"), PackFormatError, r"site='1'; give the index"),
     ("site-with-a-narrow-scope", None, kind_config_update(site=1, apply="every"), PackFormatError,

@@ -163,10 +163,12 @@ class SteeringMapConfig(KindConfig):
             if not (type(self.site) is int and self.site >= 0):
                 raise PackFormatError(f"steering_map pack: site={self.site!r}; give the index of the decoder layer "
                                       "whose output the maps act on (an integer from 0), or null for the final norm")
-            if self.subject_gate or self.apply != "every" or self.metric != "cosine":
+            if self.subject_gate or self.apply != "every" or self.metric != "cosine" or \
+                    self.representation != "final_norm":
                 raise PackFormatError(f"steering_map pack: site={self.site} makes a uniform pack, which acts on every "
-                                      f"prompt at every position; it needs subject_gate false, apply 'every' and "
-                                      f"metric 'cosine' (got {self.subject_gate!r}, {self.apply!r}, {self.metric!r})")
+                                      f"prompt at every position; it needs subject_gate false, apply 'every', metric "
+                                      f"'cosine' and representation 'final_norm' (got {self.subject_gate!r}, "
+                                      f"{self.apply!r}, {self.metric!r}, {self.representation!r})")
 
     @property
     def reads_text(self) -> bool:
