@@ -57,9 +57,10 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an adapter already in dir")
     _compaction(p)
 
-    p = sub.add_parser("export-gguf", help="write a pack as the llama.cpp file that serves it (a LoRA adapter or a control vector)")
+    p = sub.add_parser("export-gguf", help="write a pack as the llama.cpp file that serves it (a LoRA adapter, or a "
+                       "control vector for a uniform steering pack)")
     p.add_argument("pack")
-    p.add_argument("out", help="the adapter file to write, e.g. edits.gguf")
+    p.add_argument("out", help="the file to write, e.g. edits.gguf")
     p.add_argument("--overwrite", action="store_true", help="replace the file if it exists")
     _compaction(p)
 

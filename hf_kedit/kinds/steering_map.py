@@ -248,7 +248,7 @@ class SteeringMap:
         layer that applies their maps everywhere."""
 
         kind = "steering_map"
-        why_unmergeable = "its maps act on the last hidden state of prompts in their scope"
+        why_unmergeable = "its maps act on hidden states (the last one of prompts in their scope, or a layer's output)"
 
         def __init__(self, model: nn.Module):
             super().__init__(model)
