@@ -100,6 +100,10 @@ def test_the_control_vector_buffer_is_laid_out_as_llama_cpp_loads_it(tmp_path):
     assert buffer.dtype == np.float32 and buffer.shape == (2 * d,)
     assert not buffer[:d].any()  # layer 1: no direction
     torch.testing.assert_close(torch.from_numpy(buffer[d:]), pack.tensors["e0.map.bias"])  # layer 2 at (2 − 1) · d
+    padded = control_vector_buffer(tmp_path / "steer.gguf", layers=5)  # layers 1 to 4, as llama.cpp is given them
+    assert padded.shape == (4 * d,) and np.array_equal(padded[:2 * d], buffer) and not padded[2 * d:].any()
+    with pytest.raises(IncompatiblePackError, match="steers layer 2; the model has layers 1 to 1"):
+        control_vector_buffer(tmp_path / "steer.gguf", layers=2)
     with pytest.raises(PackFormatError, match="is not a control vector direction"):
         control_vector_buffer(random_pack(model).export_gguf(tmp_path / "lora.gguf"))
 

@@ -266,6 +266,28 @@ def test_a_uniform_pack_adds_its_shifts_at_its_layer_on_every_position(arch):
     assert torch.equal(logits(model, ids), base) and no_hooks(model)
 
 
+def test_uniform_linear_maps_and_shifts_act_in_order_at_their_site():
+    model = tiny_model("llama")
+    ids = tiny_inputs(batch=2)
+    h = last_states(model, ids)
+    linear = random_steering_pack(model, h[:1], rank=2, site=1, prefix="m")
+    shifts = random_steering_pack(model, h, rank=0, site=1, seed=4, prefix="s", subject="T{}")
+    t = {n: x for pack in (linear, shifts) for n, x in pack.tensors.items()}
+    layer = model.get_submodule(anatomy_of(model).layer(1))
+
+    def by_hand(module, args, output):
+        x = mapped(hidden_states(output), t["m0.map.basis"], t["m0.map.core"], t["m0.map.bias"])
+        x = x + t["s0.map.bias"] + t["s1.map.bias"]
+        return (x, *output[1:]) if isinstance(output, (tuple, list)) else x
+
+    handle = layer.register_forward_hook(by_hand)
+    expected = logits(model, ids)
+    handle.remove()
+    load_edits(model, linear, name="m")
+    load_edits(model, shifts, name="s")
+    close(logits(model, ids), expected)
+
+
 def test_a_uniform_pack_stacks_with_a_routed_one_and_generates_as_it_recomputes():
     model = tiny_model("llama")
     ids = tiny_inputs(batch=1, length=6)

@@ -364,10 +364,18 @@ def steerings_of(pack) -> list[Steering]:
 
 class UniformMaps:
     """The forward hook's work at one site: the maps of every uniform edit there,
-    applied in order at every position (in float32, cast once per device)."""
+    applied in order at every position (in float32, cast once per device). Shifts
+    (rank 0) that follow each other are summed once here, so a site of shifts
+    costs one addition per forward."""
 
     def __init__(self, steerings: list[Steering]):
-        self.maps = [(s.basis, s.core, s.bias) for s in steerings]
+        self.maps = []
+        for s in steerings:
+            if s.basis.shape[1] == 0 and self.maps and self.maps[-1][0].shape[1] == 0:
+                basis, core, bias = self.maps[-1]
+                self.maps[-1] = (basis, core, bias + s.bias)
+            else:
+                self.maps.append((s.basis, s.core, s.bias))
         self.cast = {}
 
     def __call__(self, output):
@@ -376,7 +384,7 @@ class UniformMaps:
             self.cast[h.device] = [tuple(t.to(h.device) for t in m) for m in self.maps]
         edited = h.float()
         for basis, core, bias in self.cast[h.device]:
-            edited = mapped(edited, basis, core, bias)
+            edited = edited + bias if basis.shape[1] == 0 else mapped(edited, basis, core, bias)
         edited = edited.to(h.dtype)
         return (edited, *output[1:]) if isinstance(output, (tuple, list)) else edited
 

@@ -123,15 +123,16 @@ def _write_control_vector(pack, path: Path) -> Path:
     return _finish(writer, path)
 
 
-def control_vector_buffer(path: str | Path) -> np.ndarray:
+def control_vector_buffer(path: str | Path, layers: int | None = None) -> np.ndarray:
     """The directions of the control vector file at `path` laid out as llama.cpp's
     C function `llama_set_adapter_cvec` takes them: float32, n_embd per layer
     from layer 1 on (layer K at (K − 1) · n_embd), zeros for layers without
-    one, as llama.cpp's own loader lays them out (`set_control_vector` passes
-    it to llama-cpp-python).
+    one, as llama.cpp's own loader lays them out; up to the highest layer the
+    file names, or for layers 1 to `layers` − 1 of a model of `layers` layers
+    (`IncompatiblePackError` if the file names a layer beyond them).
 
     Example:
-        >>> control_vector_buffer("steer.gguf").shape     # a vector on layer 29 of a d = 576 model
+        >>> control_vector_buffer("steer.gguf", layers=30).shape     # d = 576
         (16704,)
     """
     reader = gguf.GGUFReader(str(path))
@@ -144,8 +145,11 @@ def control_vector_buffer(path: str | Path) -> np.ndarray:
         directions[int(layer)] = np.asarray(tensor.data, dtype=np.float32)
     if not directions or len({d.size for d in directions.values()}) != 1:
         raise PackFormatError(f"{path}: a control vector needs direction tensors of one width")
+    if layers is not None and max(directions) >= layers:
+        raise IncompatiblePackError(f"{path} steers layer {max(directions)}; the model has layers 1 to "
+                                    f"{layers - 1} for control vectors: it was made for another model")
     width = next(iter(directions.values())).size
-    buffer = np.zeros(width * max(directions), dtype=np.float32)
+    buffer = np.zeros(width * (max(directions) if layers is None else layers - 1), dtype=np.float32)
     for layer, direction in directions.items():
         buffer[(layer - 1) * width:layer * width] = direction
     return buffer
@@ -166,17 +170,17 @@ def set_control_vector(llm, path: str | Path | None) -> None:
     except ImportError:
         raise MissingDependencyError("serving with llama.cpp from Python needs llama-cpp-python: "
                                      "pip install 'hf-kedit[llama-cpp]' (it compiles llama.cpp)") from None
+    width = llm.n_embd()
     if path is None:
-        llama_cpp.llama_set_adapter_cvec(llm.ctx, None, 0, llm.n_embd(), 0, 0)
+        llama_cpp.llama_set_adapter_cvec(llm.ctx, None, 0, width, 0, 0)
         return
-    directions, width, layers = control_vector_buffer(path), llm.n_embd(), llama_cpp.llama_model_n_layer(llm.model)
-    if directions.size % width or directions.size > width * (layers - 1):
-        raise IncompatiblePackError(f"{path}: its directions do not fit this model (width {width}, layers 1 to "
-                                    f"{layers - 1}): it was made for another model")
+    layers = llama_cpp.llama_model_n_layer(llm.model)
     # llama.cpp writes only the layers the buffer covers and keeps the rest: a vector set before on a
     # later layer would stay, so the buffer covers every layer.
-    buffer = np.zeros(width * (layers - 1), dtype=np.float32)
-    buffer[:directions.size] = directions
+    buffer = control_vector_buffer(path, layers)
+    if buffer.size != width * (layers - 1):
+        raise IncompatiblePackError(f"{path}: its directions are not of this model's width {width}: it was made "
+                                    "for another model")
     code = llama_cpp.llama_set_adapter_cvec(llm.ctx, buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
                                             buffer.size, width, 1, layers)
     if code != 0:
