@@ -2,15 +2,23 @@
 model for the states of a few early layers, or for the logits at a few
 positions: the layers after the last one read, and the LM head at every other
 position (on a small model, the head is a fifth of the weights), are wasted work.
+Optimisation loops that run the same inputs step after step and train nothing
+below some layer recompute the layers below it every step: wasted too.
 
 Example:
     >>> run_until(model, [model.model.layers[5]], input_ids=ids)  # layers 0-5, then stops
     >>> with lm_head_at(model, (slice(None), -1)):
     ...     last_logits = model(input_ids=ids).logits  # [batch, vocab]
+    >>> with replayed(layers_before(model, [model.model.layers[5].mlp])):
+    ...     for step in range(steps): ...  # layers 0-4 run on the first step only
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+
+import torch
+
+from .anatomy import anatomy_of
 
 
 class _Reached(Exception):
@@ -68,3 +76,44 @@ def lm_head_at(model, index, compute: bool = True):
     finally:
         for h in handles:
             h.remove()
+
+
+def layers_before(model, modules) -> list:
+    """The decoder layers before the first one that is or holds one of `modules`
+    (all of them when no layer holds one)."""
+    layers = model.get_submodule(anatomy_of(model).layers)
+    wanted = {id(m) for m in modules}
+    index = next((i for i, layer in enumerate(layers) if any(id(m) in wanted for m in layer.modules())), len(layers))
+    return list(layers[:index])
+
+
+@contextmanager
+def replayed(modules):
+    """Inside the block, each module's forward runs on the first call only; later
+    calls get (a copy of) what it returned then. For the layers below every
+    trained parameter in a loop whose inputs do not change from step to step:
+    the steps then run only the layers from the first trained one on. Forward
+    hooks still run on the replayed output, as they ran on the recorded one."""
+    own = [m.__dict__.get("forward") for m in modules]  # accelerate sets instance forwards
+    for m in modules:
+        m.forward = _replaying(m.forward)
+    try:
+        yield
+    finally:
+        for m, forward in zip(modules, own):
+            if forward is None:
+                del m.forward
+            else:
+                m.forward = forward
+
+
+def _replaying(forward):
+    recorded = []
+
+    def replay(*args, **kwargs):
+        if not recorded:
+            recorded.append(forward(*args, **kwargs))
+        out = recorded[0]
+        # A copy: the next layer may write into its input.
+        return tuple(t.clone() if torch.is_tensor(t) else t for t in out) if isinstance(out, tuple) else out.clone()
+    return replay

@@ -3,8 +3,10 @@ the positions asked for: the same numbers as a full pass, less work."""
 import pytest
 import torch
 
-from hf_kedit.anatomy import anatomy_of, hidden_states
-from hf_kedit.partial_forward import lm_head_at, run_until
+from hf_kedit.anatomy import anatomy_of, hidden_states, linear_shape
+from hf_kedit.kinds.weight_delta import deltas_applied
+from hf_kedit.methods.teacher_forcing import fit_target
+from hf_kedit.partial_forward import layers_before, lm_head_at, run_until
 from tiny_models import ARCHITECTURES, tiny_inputs, tiny_model
 
 
@@ -58,3 +60,40 @@ def test_the_head_at_positions_without_compute_hands_over_its_input():
             assert model(input_ids=ids).logits.shape == (0, 128)  # the head did no work
         assert read[0].shape == (3, 2, 32)
         torch.testing.assert_close(model.get_output_embeddings()(read[0]), full[:, -2:])
+
+
+def _train_last_mlp(model, ids, labels, trained: bool) -> list[torch.Tensor]:
+    """Five Adam steps on a rank-2 delta of the last layer's MLP output projection."""
+    name = anatomy_of(model).mlp_out(anatomy_of(model).num_layers - 1)
+    out_f, in_f = linear_shape(model.get_submodule(name))
+    torch.manual_seed(0)
+    A, B = (0.1 * torch.randn(2, in_f)).requires_grad_(), torch.zeros(out_f, 2, requires_grad=True)
+    with deltas_applied(model, {name: (A, B)}):
+        fit_target(model, ids, labels, torch.optim.Adam([A, B], lr=1e-2), 5, -1.0,
+                   trained=[model.get_submodule(name)] if trained else None)
+    return [A.detach(), B.detach()]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_training_loop_runs_the_layers_below_its_trained_module_once_and_trains_the_same(arch):
+    model, ids = tiny_model(arch), tiny_inputs(batch=1)
+    model.requires_grad_(False)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    anatomy = anatomy_of(model)
+    runs = {i: [] for i in range(anatomy.num_layers)}
+    for i in runs:
+        model.get_submodule(anatomy.mlp_out(i)).register_forward_pre_hook(lambda m, args, i=i: runs[i].append(1))
+    every_step = _train_last_mlp(model, ids, labels, trained=False)
+    assert [len(r) for r in runs.values()] == [5] * anatomy.num_layers
+    for r in runs.values():
+        r.clear()
+    replayed = _train_last_mlp(model, ids, labels, trained=True)
+    below = len(layers_before(model, [model.get_submodule(anatomy.mlp_out(anatomy.num_layers - 1))]))
+    assert below == anatomy.num_layers - 1
+    assert [len(r) for r in runs.values()] == [1] * below + [5]
+    for a, b in zip(replayed, every_step):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():  # the layers run again once the loop is over
+        model(input_ids=ids)
+    assert [len(r) for r in runs.values()] == [2] * below + [6]

@@ -159,7 +159,7 @@ def test_the_layers_before_the_edit_run_once_per_value_optimisation(tokenizer, a
     replayed = optimise_value(model, tokenizer, module, EDIT, templates, config)
     assert calls == {0: 2, 2: 7}  # the prefix pass, then layer 0 once and layer 2 at each of the 6 steps
     assert all("forward" not in layer.__dict__ for layer in layers)  # the layers' own forwards are back
-    monkeypatch.setattr(locate, "_layers_before", lambda model, module: [])
+    monkeypatch.setattr(locate, "layers_before", lambda model, modules: [])
     plain = optimise_value(model, tokenizer, module, EDIT, templates, config)
     torch.testing.assert_close(replayed.value, plain.value)
     assert not torch.equal(replayed.value, replayed.current_value)

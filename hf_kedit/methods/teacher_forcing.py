@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from ..anatomy import input_device
 from ..batching import padded
+from ..partial_forward import layers_before, replayed
 
 
 def teacher_forced(tokenizer, prompt: str, target: str, device) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -78,7 +79,7 @@ def fit_target(model, ids: torch.Tensor, labels: torch.Tensor, optimizer: torch.
                stop_loss: float, on_step: Callable[[], object] | None = None, at_prompt_end: bool = False,
                after_step: Callable[[int], object] | None = None,
                regulariser: Callable[[], torch.Tensor] | None = None, kept: Kept | None = None,
-               pad: int = 0) -> float:
+               pad: int = 0, trained: list | None = None) -> float:
     """Up to `steps` Adam steps on the next-token loss of `labels` (−100: not scored),
     stopping once it is below `stop_loss`; the parameters are the optimizer's,
     applied to `model` by the caller's hooks; `on_step()` after each step
@@ -86,6 +87,9 @@ def fit_target(model, ids: torch.Tensor, labels: torch.Tensor, optimizer: torch.
     (a constraint, AdaLoRA's rank allocation), `regulariser()` added to the loss,
     and `kept`'s divergence too, its rows run in one batch with the edit's
     (right-padded with `pad`, so the edit's row reads as it does alone).
+    `trained`: the modules that hold the trained parameters or whose output they
+    act on; the decoder layers below all of them then run on the first step only
+    (every step reads the same rows, so their outputs do not change).
     With `at_prompt_end`, every target token is scored at the prompt's last
     position instead of each at its own (ROME's FT-L objective). The loss
     checked against `stop_loss` is the target's, without the regulariser.
@@ -101,23 +105,24 @@ def fit_target(model, ids: torch.Tensor, labels: torch.Tensor, optimizer: torch.
     width = ids.shape[1]
     batch, mask = (ids, None) if kept is None else padded([ids[0].tolist()] + kept.rows, pad, ids.device)
     loss = float("nan")
-    for step in range(steps):
-        every = model(input_ids=batch, attention_mask=mask).logits
-        logits = every[0, :width - 1].float()
-        read = logits[prompt_end].expand(len(targets), -1) if at_prompt_end else logits[scored]
-        step_loss = F.cross_entropy(read, targets)
-        loss = step_loss.item()
-        if on_step:
-            on_step()
-        if loss < stop_loss:
-            break
-        if regulariser:
-            step_loss = step_loss + regulariser()
-        if kept is not None:
-            step_loss = step_loss + kept.divergence(every[1:])
-        optimizer.zero_grad()
-        step_loss.backward()
-        optimizer.step()
-        if after_step:
-            after_step(step)
+    with replayed(layers_before(model, trained) if trained else []):
+        for step in range(steps):
+            every = model(input_ids=batch, attention_mask=mask).logits
+            logits = every[0, :width - 1].float()
+            read = logits[prompt_end].expand(len(targets), -1) if at_prompt_end else logits[scored]
+            step_loss = F.cross_entropy(read, targets)
+            loss = step_loss.item()
+            if on_step:
+                on_step()
+            if loss < stop_loss:
+                break
+            if regulariser:
+                step_loss = step_loss + regulariser()
+            if kept is not None:
+                step_loss = step_loss + kept.divergence(every[1:])
+            optimizer.zero_grad()
+            step_loss.backward()
+            optimizer.step()
+            if after_step:
+                after_step(step)
     return loss

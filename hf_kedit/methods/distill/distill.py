@@ -107,7 +107,7 @@ def distill_edit(model, tokenizer, requests: list[Edit], config: DistillConfig |
                 trainable += [A, B]
             ids, labels, _ = teacher_forced(tokenizer, edit.text, edit.target_new, input_device(model))
             fit_target(model, ids, labels, torch.optim.Adam(trainable, lr=config.lr), config.steps, 0.0, bar.step,
-                       kept=kept, pad=pad)
+                       kept=kept, pad=pad, trained=[model.get_submodule(n) for n in names])
             factors[edit.id] = {name: trained_factors(model, name) for name in names}
     hyperparameters = {**asdict(config), "layers": layers}
     return weight_delta_pack(model, "distill", hyperparameters, requests, factors)

@@ -82,7 +82,8 @@ def adalora_edit(model, tokenizer, requests: list[Edit], config: AdaLoRAConfig |
             ids, labels, _ = teacher_forced(tokenizer, edit.text, edit.target_new, trained[0].device)
             fit_target(model, ids, labels, torch.optim.Adam(trained, lr=config.lr), config.steps, -1.0, bar.step,
                        after_step=tuner.update_and_allocate,
-                       regulariser=lambda: config.orth_reg_weight * orthogonality_penalty(model, modules))
+                       regulariser=lambda: config.orth_reg_weight * orthogonality_penalty(model, modules),
+                       trained=[model.get_submodule(m) for m in modules])
             kept = {m: trained_factors(model, m) for m in modules}
             factors[edit.id] = {m: pair for m, pair in kept.items() if pair is not None}
     return weight_delta_pack(model, "adalora", {**asdict(config), "layers": layers}, requests, factors)

@@ -78,6 +78,7 @@ def ft_edit(model, tokenizer, requests: list[Edit], config: FTConfig | None = No
 
         with deltas_applied(model, {name: (A, B)}), frozen(model):
             fit_target(model, ids, labels, optimizer, config.steps, config.stop_loss, bar.step,
-                       at_prompt_end=config.objective == "prompt_last", after_step=clamp if bound else None)
+                       at_prompt_end=config.objective == "prompt_last", after_step=clamp if bound else None,
+                       trained=[model.get_submodule(name)])
         factors[edit.id] = {name: (A.detach(), B.detach())}
     return weight_delta_pack(model, "ft", {**asdict(config), "layer": layer}, requests, factors)

@@ -63,6 +63,6 @@ def lora_edit(model, tokenizer, requests: list[Edit], config: LoRAConfig | None 
                 A.copy_(torch.randn(config.rank, in_f, device=A.device) / in_f ** 0.5)
             ids, labels, _ = teacher_forced(tokenizer, edit.text, edit.target_new, A.device)
             optimizer = torch.optim.Adam([A, B], lr=config.lr)
-            fit_target(model, ids, labels, optimizer, config.steps, config.stop_loss, bar.step)
+            fit_target(model, ids, labels, optimizer, config.steps, config.stop_loss, bar.step, trained=[trained])
             factors[edit.id] = {name: trained_factors(model, name)}
     return weight_delta_pack(model, "lora", {**asdict(config), "layer": layer}, requests, factors)

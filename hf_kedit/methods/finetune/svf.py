@@ -83,7 +83,8 @@ def svf_edit(model, tokenizer, requests: list[Edit], config: SVFConfig | None = 
         kept = Kept.of(model, rows, weights, pad_id(tokenizer))
         with frozen(model), scaled(model, decompositions, z):
             fit_target(model, ids, labels, torch.optim.Adam(list(z.values()), lr=config.lr), config.steps,
-                       config.stop_loss, bar.step, kept=kept, pad=pad_id(tokenizer))
+                       config.stop_loss, bar.step, kept=kept, pad=pad_id(tokenizer),
+                       trained=[model.get_submodule(name) for name in modules])
         zs[edit.id] = {name: v.detach() for name, v in z.items()}
     spectra = {name: S for name, (_, S, _) in decompositions.items()}
     return singular_scale_pack(model, "svf", {**asdict(config), "layers": layers}, requests, zs, spectra)

@@ -21,7 +21,7 @@ from ...kinds.weight_delta import deltas_applied
 from ..requests import subject_last_index
 from .head_loss import head_cross_entropy
 from ...pack import Edit
-from ...partial_forward import lm_head_at, run_until
+from ...partial_forward import layers_before, lm_head_at, replayed, run_until
 from ...progress import StepBar
 from ...sampling import per_model, sample_texts, seeded
 from ..setting import setting
@@ -229,7 +229,7 @@ def optimise_values(model, tokenizer, module, edits: list[Edit], templates: list
                 return a.weight * (1 - cosine).mean()
 
             try:
-                with _replayed(_layers_before(model, module)):
+                with replayed(layers_before(model, [module])):
                     while active:
                         # Suffixes end in one column: the last `plan.last` columns predict the
                         # targets (a KL prompt's last column its next token), so only those get logits.
@@ -384,45 +384,6 @@ def spread_update(model, tokenizer, requests: list[Edit], config: SpreadConfig, 
         for j, edit in enumerate(requests):
             factors[edit.id][names[layer]] = (A[j:j + 1], B[:, j:j + 1])
     return factors, applied
-
-
-def _layers_before(model, module) -> list:
-    """The decoder layers before the one that is or holds `module`."""
-    layers = model.get_submodule(anatomy_of(model).layers)
-    index = next(i for i, layer in enumerate(layers) if any(m is module for m in layer.modules()))
-    return list(layers[:index])
-
-
-@contextmanager
-def _replayed(modules):
-    """Each module's forward runs on the first call only; later calls get (a copy
-    of) what it returned then. For the layers before the edited one, whose inputs
-    (the suffix tokens over a fixed prefix) do not change from step to step: the
-    steps then run only the layers from the edited one on. Forward hooks still run
-    on the replayed output, as they ran on the recorded one."""
-    own = [m.__dict__.get("forward") for m in modules]  # accelerate sets instance forwards
-    for m in modules:
-        m.forward = _replaying(m.forward)
-    try:
-        yield
-    finally:
-        for m, forward in zip(modules, own):
-            if forward is None:
-                del m.forward
-            else:
-                m.forward = forward
-
-
-def _replaying(forward):
-    recorded = []
-
-    def replay(*args, **kwargs):
-        if not recorded:
-            recorded.append(forward(*args, **kwargs))
-        out = recorded[0]
-        # A copy: the next layer may write into its input.
-        return tuple(t.clone() if torch.is_tensor(t) else t for t in out) if isinstance(out, tuple) else out.clone()
-    return replay
 
 
 @dataclass

@@ -83,7 +83,7 @@ def grace_edit(model, tokenizer, requests: list[Edit], config: GRACEConfig | Non
         try:
             with frozen(model):
                 fit_target(model, ids, labels, torch.optim.Adam([value], lr=config.lr), config.steps,
-                           config.stop_loss, bar.step)
+                           config.stop_loss, bar.step, trained=[module])
         finally:
             handle.remove()
         entries[edit.id] = (key, value.detach(), config.radius)

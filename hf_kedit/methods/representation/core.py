@@ -139,7 +139,8 @@ def train_interventions(model, tokenizer, requests: list[Edit], config: Interven
                          config.lr)
             optimizer = torch.optim.Adam([p for p in intervention.parameters() if p.requires_grad], lr=config.lr)
             with applied(layer_module, intervention, where), prompt_lengths(model, [prompt]):
-                fit_target(model, ids, labels, optimizer, config.steps, config.stop_loss, bar.step)
+                fit_target(model, ids, labels, optimizer, config.steps, config.stop_loss, bar.step,
+                           trained=[layer_module])
             parts[edit.id] = {layer: intervention.tensors()}
     kind_config = BasisInterventionConfig(peft_type=peft_type, gate="sigmoid_rms" if gate else "none",
                                           r=config.rank, layers=[layer], positions=config.positions,
