@@ -1,5 +1,6 @@
 """Portability on several benchmarks side by side (issue 17): per benchmark and
-method, efficacy, portability (`tf` and `gen`) and locality, with the 95 %
+method, efficacy, portability (`tf` and `gen`, and `tf` per portability
+group) and locality, with the 95 %
 paired bootstrap interval of each method's portability difference from a
 reference method (ROME unless told). Each benchmark is one or more `kedit
 bench` results.json files of runs on the same records. Prints a Markdown
@@ -23,12 +24,19 @@ SHOWN = [("efficacy", "tf"), ("portability", "tf"), ("portability", "gen"), ("lo
 AGAINST = [("portability", "tf"), ("portability", "gen")]
 
 
+def groups_of(found: dict) -> list[str]:
+    """The benchmark's portability groups ("portability/Reasoning", ...), in first-seen order."""
+    return list(dict.fromkeys(m for per_case in found.values() for s in per_case.values() for m in s
+                              if m.startswith("portability/")))
+
+
 def benchmark_rows(found: dict, reference: str, resamples: int, seed: int) -> dict:
-    """method -> {"metric score": {"mean", "cases"}, "metric score − reference": interval or None}."""
+    """method -> {"metric score": {"mean", "cases"}, "metric score − reference": interval or None},
+    each portability group's `tf` among the metrics."""
     rows = {}
     for label, per_case in found.items():
         row = {}
-        for metric, score in SHOWN:
+        for metric, score in SHOWN + [(group, "tf") for group in groups_of(found)]:
             cases = sum(1 for s in per_case.values() if metric in s and s[metric][score] is not None)
             row[f"{metric} {score}"] = {"mean": mean_score(per_case, metric, score), "cases": cases}
         for metric, score in AGAINST:
@@ -56,8 +64,18 @@ def markdown(tables: dict, reference: str) -> str:
                 else:
                     cells.append(f"{c['mean']:.2f}")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        cases = sorted({c["cases"] for row in rows.values() for k, c in row.items() if c and k.startswith("port")})
+        cases = sorted({c["cases"] for row in rows.values() for k, c in row.items()
+                        if c and k.split()[0] == "portability"})
         lines += ["", f"Cases with a portability probe: {'/'.join(map(str, cases)) or 'none'}.", ""]
+        groups = [key for key in next(iter(rows.values()), {}) if key.startswith("portability/")]
+        if groups:
+            lines += ["| method | " + " | ".join(f"{g.split('/', 1)[1]} (cases)" for g in groups) + " |",
+                      "|---" * (len(groups) + 1) + "|"]
+            for label, row in rows.items():
+                lines.append(f"| {label} | " + " | ".join(
+                    "–" if row[g]["mean"] is None else f"{row[g]['mean']:.2f} ({row[g]['cases']})" for g in groups)
+                    + " |")
+            lines += ["", "Portability `tf` by group.", ""]
     return "\n".join(lines)
 
 
