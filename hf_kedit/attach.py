@@ -114,10 +114,11 @@ class EditStack:
                 raise KeyError(f"pack {name!r} has no edits {sorted(unknown)}")
             keep = [e.id for e in attached.pack.edits if e.id not in set(edit_ids)]
             if keep:
+                selected = attached.pack.select(keep)  # refuses to split edits that share tensors, before any change
                 merged = attached.merged
                 if merged:
                     self.unmerge(name)
-                attached.pack = attached.pack.select(keep)
+                attached.pack = selected
                 runtime.put(name, attached.pack)
                 if merged:
                     self.merge(name)
@@ -226,6 +227,9 @@ class EditStack:
         if conflicts and on_conflict == "error":
             raise EditConflictError("conflicting edits (same subject and prompt, different target): "
                                     + "; ".join(conflicts) + ". Pass on_conflict='last' to let the newest win")
+        for older_name, ids in superseded.items():  # checked before the new pack attaches, so a refusal changes nothing
+            older = self.packs[older_name].pack
+            older.check_separable([e.id for e in older.edits if e.id not in set(ids)])
         if conflicts:
             warnings.warn("newest edit wins for: " + "; ".join(conflicts), stacklevel=3)
         if dropped_here:

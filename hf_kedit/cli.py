@@ -73,8 +73,8 @@ def main(argv=None) -> int:
     p.add_argument("--on", action="append", default=[], metavar="PACK",
                    help="a pack to make the new one on, attached first: an earlier batch of a sequence (repeatable)")
     p.add_argument("--history", default=None, metavar="FILE",
-                   help="the sequence's history (alphaedit, ultraedit): read if the file exists, started if not, "
-                        "and written back with this batch's edits once the pack is written")
+                   help="the sequence's history (alphaedit, ultraedit, baft with shared_bases): read if the file "
+                        "exists, started if not, and written back with this batch's edits once the pack is written")
 
     p = sub.add_parser("eval", help="score a model, with packs or a method, on a data file")
     _model_and_data(p)

@@ -42,10 +42,11 @@ def delta_matrix(pack, module):
 
 
 def random_basis_pack(model, layers=(1,), n_edits=1, rank=2, seed=0, prefix="e", positions="l1", gated=False,
-                      scale=1.0, subject="S{}", gate_floor=0.0):
+                      scale=1.0, subject="S{}", gate_floor=0.0, shared=False):
     """A basis_intervention pack of `n_edits` edits, each a rank-`rank` intervention (random
-    orthonormal R, random W, b and, `gated`, gate G, c with `gate_floor`) at every layer in `layers`."""
-    from hf_kedit.kinds.basis_intervention import BasisInterventionConfig
+    orthonormal R, random W, b and, `gated`, gate G, c with `gate_floor`) at every layer in `layers`;
+    `shared` (gated only): one such intervention that every edit owns (the first edit's)."""
+    from hf_kedit.kinds.basis_intervention import SHARED_OWNER, BasisInterventionConfig
     from hf_kedit.kinds.prompt_calls import hidden_size
     from hf_kedit.methods.builders import basis_intervention_pack
 
@@ -65,7 +66,9 @@ def random_basis_pack(model, layers=(1,), n_edits=1, rank=2, seed=0, prefix="e",
                                           "gate.bias": torch.randn(rank, generator=g)})
     config = BasisInterventionConfig(peft_type="BAFT" if gated else "LOREFT", gate="sigmoid_rms" if gated else "none",
                                      r=rank, layers=list(layers), positions=positions, hidden_size=d,
-                                     gate_floor=gate_floor)
+                                     gate_floor=gate_floor, shared_bases=shared)
+    if shared:
+        parts = {SHARED_OWNER: parts[edits[0].id]}
     return basis_intervention_pack(model, "random", {"seed": seed}, edits, config, parts)
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from hf_kedit import EditPack, load_edits, remove_edits, stack_of
+from hf_kedit import Edit, EditPack, load_edits, remove_edits, stack_of
 from hf_kedit.anatomy import anatomy_of, hidden_states
 from hf_kedit.errors import IncompatiblePackError, KeditError, PackFormatError
 from hf_kedit.kinds.basis_intervention import BasisInterventionConfig, intervention_delta, parse_positions
@@ -181,6 +181,64 @@ def test_many_packs_on_one_layer_share_one_hook_and_removing_an_edit_leaves_the_
     for i in range(10):
         remove_edits(model, f"p{i}")
     assert torch.equal(logits(model), base) and no_hooks(model)
+
+
+# ----- shared bases: one intervention that every edit of the pack owns -----------------------
+
+def test_a_shared_pack_acts_once_whatever_its_number_of_edits(tmp_path):
+    model = tiny_model("llama")
+    base = logits(model)
+    one = random_basis_pack(model, layers=(0, 2), n_edits=1, rank=6, gated=True, positions="f1+l2")
+    shared = random_basis_pack(model, layers=(0, 2), n_edits=5, rank=6, gated=True, positions="f1+l2", shared=True)
+    assert len(shared.tensors) == len(one.tensors) == 10  # stored once, not per edit
+    assert all(set(e.tensors) == set(shared.tensors) for e in shared.edits)
+    load_edits(model, shared, name="s")
+    edited = logits(model)
+    assert (edited - base).abs().max() > 1e-2
+    close(edited, logits(by_hand("llama", one)))  # the intervention once, not five times
+    shared.save_pretrained(tmp_path / "pack")
+    assert torch.equal(logits(load_edits(tiny_model("llama"), str(tmp_path / "pack"))), edited)
+    remove_edits(model, "s", edit_ids=[e.id for e in shared.edits])  # every edit of the group: the pack goes
+    assert torch.equal(logits(model), base) and no_hooks(model) and len(stack_of(model)) == 0
+
+
+def test_edits_that_share_an_intervention_come_off_together_or_not_at_all():
+    model = tiny_model("llama")
+    shared = random_basis_pack(model, n_edits=3, gated=True, shared=True)
+    load_edits(model, shared, name="s")
+    with untouched(model), raises_exactly(IncompatiblePackError, r"edits \['e1'\] share their tensors with "
+                                                                 r"\['e0', 'e2'\] \(3 edits in all"):
+        remove_edits(model, "s", edit_ids=["e1"])
+    with raises_exactly(IncompatiblePackError, r"they come off together"):
+        shared.select(["e0", "e1"])
+    # a newer edit that supersedes one of the group is refused before it attaches
+    newer = random_basis_pack(model, n_edits=1, gated=True, seed=5, prefix="n")
+    newer = EditPack(newer.kind, newer.method, [Edit(**{**newer.edits[0].__dict__, "subject": "S1"})],
+                     newer.tensors, newer.base_model, kind_config=newer.kind_config)
+    with untouched(model), raises_exactly(IncompatiblePackError, r"edits \['e1'\] share their tensors"):
+        load_edits(model, newer, name="n", on_conflict="last")
+    with raises_exactly(IncompatiblePackError, r"both packs hold tensors named \['bases.layers.1.gate.bias'"):
+        shared.extend(random_basis_pack(model, n_edits=2, gated=True, shared=True, prefix="x", seed=3))
+
+
+def test_edits_may_share_tensors_only_all_of_them_alike():
+    model = tiny_model("llama")
+    pack = random_basis_pack(model, n_edits=2, gated=True)
+    e0, e1 = pack.edits
+    partly = [e0, Edit(**{**e1.__dict__, "tensors": [*e1.tensors, e0.tensors[0]]})]
+    with raises_exactly(PackFormatError, r"edits 'e0' and 'e1' share tensor 'e0.layers.1.rotation' but not all "
+                                         r"their tensors"):
+        EditPack(pack.kind, pack.method, partly, pack.tensors, pack.base_model, kind_config=pack.kind_config)
+    with raises_exactly(PackFormatError, r"edit 'e0' lists a tensor twice"):
+        EditPack(pack.kind, pack.method, [Edit(**{**e0.__dict__, "tensors": [*e0.tensors, e0.tensors[0]]}), e1],
+                 pack.tensors, pack.base_model, kind_config=pack.kind_config)
+    with raises_exactly(PackFormatError, r"edit 'e0' must own exactly its .* \(named 'bases': shared_bases\)"):
+        EditPack(pack.kind, pack.method, pack.edits, pack.tensors, pack.base_model,
+                 kind_config={**pack.kind_config, "shared_bases": True})
+    loreft = random_basis_pack(model, n_edits=1)
+    with raises_exactly(PackFormatError, r"shared_bases must be true or false, and false without a gate"):
+        EditPack(loreft.kind, loreft.method, loreft.edits, loreft.tensors, loreft.base_model,
+                 kind_config={**loreft.kind_config, "shared_bases": True})
 
 
 def test_disable_runs_the_base_model():

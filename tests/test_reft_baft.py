@@ -10,11 +10,12 @@ from hf_kedit import Edit, load_edits, remove_edits, stack_of
 from hf_kedit.errors import EditRequestError, IncompatiblePackError
 from hf_kedit.evaluate.harness import EvalConfig, evaluate
 from hf_kedit.evaluate.scoring import Scorer
-from hf_kedit.kinds.basis_intervention import gate_weights
+from hf_kedit.kinds.basis_intervention import gate_weights, intervention_delta
 from hf_kedit.methods import make_pack
 from hf_kedit.methods.representation import baft
 from hf_kedit.methods.representation import core as basis
 from hf_kedit.methods.representation.core import layer_states
+from hf_kedit.methods.representation.shared_bases import SharedBases
 from hf_kedit.sampling import sibling_names
 from test_bad_input import raises_exactly, untouched
 from test_rome import tiny
@@ -244,6 +245,118 @@ def test_new_edits_extend_a_pack_without_retraining_it(tokenizer):
         first.extend(other_layer)
 
 
+# ----- shared bases: BaFT's continual setting ------------------------------------------------
+
+BATCHES = ([EDIT, Edit("e1", "Paris", "{} is the capital of", "Italy"), Edit("e2", "Toyota", "{} is owned by", "Apple")],
+           [Edit("e3", "Michael Jordan", "{} plays", "tennis"), Edit("e4", "Mount Everest", "{} is in", "Europe"),
+            Edit("e5", "the Nile", "{} flows through", "Asia")])
+SHARED = {**SETTINGS["baft"], "rank": 2, "shared_bases": 8}
+
+
+def shared_sequence(model, tokenizer, settings=SHARED, history=None):
+    """Both batches made as a user would: the first pack attached while the second trains, then replaced."""
+    history = SharedBases() if history is None else history
+    first = make_pack("baft", model, tokenizer, BATCHES[0], settings, progress=False, history=history)
+    keys = history.tensors["keys"].clone()
+    load_edits(model, first, name="facts")
+    second = make_pack("baft", model, tokenizer, BATCHES[1], settings, progress=False, history=history)
+    remove_edits(model, "facts")
+    return first, second, keys, history
+
+
+@pytest.mark.parametrize("edits, match", [
+    ('[{"id": "e0"}]', r"TypeError"), ('{"id": "e0"}', r"TypeError"), ("[", r"JSONDecodeError"),
+    ('[{"id": "e 0", "subject": "S", "prompt": "{} is", "target_new": "T"}]', r"edit ids must match"),
+], ids=["missing-fields", "not-a-list", "not-json", "bad-id"])
+def test_a_history_whose_edits_do_not_read_is_refused(tmp_path, edits, match):
+    from safetensors.torch import save_file
+
+    save_file({"keys": torch.zeros(1, 4)}, str(tmp_path / "h.safetensors"),
+              metadata={"history": "baft-shared-bases", "n_edits": "1", "base_model": "null", "edits": edits})
+    with raises_exactly(EditRequestError, r"is not a file SharedBases.save wrote .*" + match):
+        SharedBases.load(tmp_path / "h.safetensors")
+
+
+def shared_update(pack, h):
+    """The update the pack's one intervention adds at states h [N, d]."""
+    t = {part: pack.tensors[f"bases.layers.1.{part}"] for part in
+         ("rotation", "source.weight", "source.bias", "gate.weight", "gate.bias")}
+    gate = (t["gate.weight"], t["gate.bias"], torch.ones(len(t["gate.bias"]), dtype=torch.bool),
+            torch.full_like(t["gate.bias"], pack.kind_config["gate_floor"]))
+    return intervention_delta(h, t["rotation"], t["source.weight"], t["source.bias"], gate)
+
+
+def test_shared_bases_keep_one_intervention_as_the_edits_accumulate(tokenizer):
+    model = tiny(tokenizer)
+    first, second, _, history = shared_sequence(model, tokenizer)
+    parameters = [sum(t.numel() for t in p.tensors.values()) for p in (first, second)]
+    assert parameters[0] == parameters[1] == 3 * 8 * 32 + 2 * 8  # one intervention of 8 bases, for 3 edits and 6
+    assert [e.id for e in second.edits] == [f"e{i}" for i in range(6)] and second.kind_config["shared_bases"]
+    assert history.n_edits == 6 and history.tensors["keys"].shape == (6, 32)
+    own = make_pack("baft", model, tokenizer, BATCHES[0] + BATCHES[1], {**SHARED, "shared_bases": 0}, progress=False)
+    assert sum(t.numel() for t in own.tensors.values()) == 6 * (3 * 2 * 32 + 2 * 2)  # an intervention per edit
+    load_edits(model, second, name="facts")  # the latest pack alone holds the whole sequence
+    assert len(stack_of(model).edits()) == 6
+    remove_edits(model, "facts")
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_shared_bases_hold_the_earlier_edits_updates(tokenizer):
+    model = tiny(tokenizer)
+    first, second, keys, history = shared_sequence(model, tokenizer)
+    before = shared_update(first, keys)
+    assert before.norm(dim=-1).min() > 0  # every earlier edit acts at its key
+    torch.testing.assert_close(shared_update(second, keys), before, atol=1e-4, rtol=1e-4)  # held, to rounding
+    later = shared_update(second, history.tensors["keys"][3:])  # while the second batch's edits act
+    assert later.norm(dim=-1).min() > 0
+    R = second.tensors["bases.layers.1.rotation"].double()
+    torch.testing.assert_close(R @ R.T, torch.eye(8, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_a_saved_shared_history_continues_as_the_one_in_memory(tokenizer, tmp_path):
+    model = tiny(tokenizer)
+    history = SharedBases()
+    first = make_pack("baft", model, tokenizer, BATCHES[0], SHARED, progress=False, history=history)
+    history.save(tmp_path / "bases.safetensors")
+    load_edits(model, first, name="facts")
+    in_memory = make_pack("baft", model, tokenizer, BATCHES[1], SHARED, progress=False, history=history)
+    loaded = SharedBases.load(tmp_path / "bases.safetensors")
+    assert [e.id for e in loaded.edits] == ["e0", "e1", "e2"]
+    again = make_pack("baft", model, tokenizer, BATCHES[1], SHARED, progress=False, history=loaded)
+    assert [e.id for e in again.edits] == [e.id for e in in_memory.edits]
+    for name, t in in_memory.tensors.items():  # training amplifies rounding: equal within it, not bit for bit
+        torch.testing.assert_close(again.tensors[name], t, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("settings, requests, match", [
+    ({**SHARED, "layer": 0}, BATCHES[1], r"this SharedBases history intervenes at layer 1, not 0: set layer=1"),
+    ({**SHARED, "shared_bases": 6}, BATCHES[1], r"holds 8 bases of size 32: set shared_bases=8"),
+    (SHARED, [EDIT], r"edits \['e0'\] are in the sequence already: give new edits new ids"),
+    ({**SHARED, "shared_bases": 0}, BATCHES[1], r"this SharedBases history holds shared bases: set shared_bases"),
+], ids=["other-layer", "other-size", "same-id", "own-bases"])
+def test_a_shared_history_is_continued_only_as_it_was_made(tokenizer, nothing_expensive_after, settings, requests,
+                                                           match):
+    history, model = nothing_expensive_after
+    with untouched(model), raises_exactly(EditRequestError, match):
+        make_pack("baft", model, tokenizer, requests, settings, progress=False, history=history)
+    assert history.n_edits == 3 and [e.id for e in history.edits] == ["e0", "e1", "e2"]
+
+
+@pytest.fixture
+def nothing_expensive_after(tokenizer, monkeypatch):
+    """A history of the first batch; then training and sampling fail the test if they start."""
+    model = tiny(tokenizer)
+    history = SharedBases()
+    make_pack("baft", model, tokenizer, BATCHES[0], SHARED, progress=False, history=history)
+
+    def started(*args, **kwargs):
+        raise AssertionError("expensive work started before the history was checked")
+    monkeypatch.setattr(basis, "teacher_forced", started)
+    monkeypatch.setattr(baft, "sample_texts", started)
+    monkeypatch.setattr(baft, "layer_states", started)
+    return history, model
+
+
 @pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")
 @pytest.mark.parametrize("method", ["reft", "baft"])
 def test_the_harness_runs_the_methods_in_sequential_mode(tokenizer, method):
@@ -259,6 +372,27 @@ def test_the_harness_runs_the_methods_in_sequential_mode(tokenizer, method):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before) and len(stack_of(model)) == 0
     assert result["timing"]["pack_bytes_per_edit"] > 0
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")
+def test_the_harness_replaces_each_shared_pack_by_the_next(tokenizer, monkeypatch):
+    from hf_kedit.evaluate import harness
+    from hf_kedit.evaluate.datasets import read_cases
+
+    model = tiny(tokenizer)
+    attached = []
+    score = harness.aggregate
+
+    def counted(per_case):  # called at each checkpoint, with the packs attached then
+        attached.append([len(p.pack.edits) for p in stack_of(model).list()])
+        return score(per_case)
+    monkeypatch.setattr(harness, "aggregate", counted)
+    config = EvalConfig(metrics=("efficacy",), pack_cases=1, checkpoints=(1, 2))
+    result = evaluate(model, tokenizer, read_cases("counterfact", DATA, limit=3), "baft", "sequential",
+                      {"layer": 1, "steps": 2, "gate_steps": 2, "rank": 2, "shared_bases": 4,
+                       "locality_texts": UNRELATED}, config, progress=False)
+    assert attached[:3] == [[1], [2], [3]] and len(stack_of(model)) == 0
+    assert [c["timing"]["pack_parameters"] for c in result["checkpoints"]] == [3 * 4 * 32 + 2 * 4] * 3
 
 
 # ----- bad requests: a typed error before any training ------------------------------------------
@@ -297,6 +431,10 @@ BAD = [  # (id, method, requests, settings, regex)
     ("margin-one-half", "baft", [EDIT], {"gate_margin": 0.7}, r"gate_margin=0.7: give a number in \(0, 0.5\]"),
     ("floor-one", "baft", [EDIT], {"gate_floor": 1}, r"gate_floor=1: give a number in \[0, 1\)"),
     ("floor-of-reft", "reft", [EDIT], {"gate_floor": 0.5}, r"reft has no setting \['gate_floor'\]"),
+    ("shared-under-rank", "baft", [EDIT], {"shared_bases": 2}, r"shared_bases=2: give 0 \(an intervention per edit\) "
+                                                               r"or a number of shared bases of at least rank=4"),
+    ("shared-float", "baft", [EDIT], {"shared_bases": 8.0}, r"shared_bases=8.0"),
+    ("retention-negative", "baft", [EDIT], {"retention_weight": -1}, r"retention_weight=-1: give a weight"),
     ("unknown-setting", "reft", [EDIT], {"gate_steps": 10}, r"reft has no setting \['gate_steps'\]"),
 ]
 

@@ -193,6 +193,10 @@ def _sequential(model, tokenizer, cases, method, settings, config: EvalConfig, s
             group = cases[first:first + config.pack_cases]
             edits = [e for c in group for e in c.edits]
             pack = _timed_pack(method, model, tokenizer, edits, settings, edit_seconds, sizes, history)
+            if history is not None and history.replaces_packs and len(sizes) > 1:
+                # the pack holds every edit so far (one shared intervention): it takes the last one's place
+                remove_edits(model, names.pop())
+                del sizes[:-1]
             # A later edit of the same subject and prompt supersedes an earlier one, as in a model kept up to date.
             load_edits(model, pack, name=f"eval-{len(names)}", on_conflict="last", tokenizer=tokenizer)
             names.append(f"eval-{len(names)}")
@@ -214,7 +218,8 @@ def _sequential(model, tokenizer, cases, method, settings, config: EvalConfig, s
                                     "tokens_per_second_ratio": speed_ratio(scorer)},
                 "timing": {"edit_seconds": sum(edit_seconds),
                            "wall_seconds": scored_from - start - scoring,  # editing and attaching, not scoring
-                           "pack_bytes": sum(b for b, _ in sizes)}})
+                           "pack_bytes": sum(b for b, _ in sizes),
+                           "pack_parameters": sum(n for _, n in sizes)}})
             scoring += time.perf_counter() - scored_from
     finally:
         bar.close()

@@ -39,7 +39,7 @@ LIFELONG_SCORES = (("efficacy", "tf"), ("generality", "tf"), ("locality", "tf"),
 def lifelong_table(results: list[dict]) -> str:
     """One row per sequential method and checkpoint: the scores, general ability and cost so far."""
     header = (["method", "edits", "scored"] + [f"{m} {k}" for m, k in LIFELONG_SCORES]
-              + ["perplexity ×", "tokens/s ×", "edit s", "pack bytes/edit"])
+              + ["perplexity ×", "tokens/s ×", "edit s", "pack bytes/edit", "parameters/edit"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         for c in r.get("checkpoints", []):
@@ -47,7 +47,8 @@ def lifelong_table(results: list[dict]) -> str:
             cells = [label(r), str(c["n_edits"]), str(c["n_scored"])]
             cells += [_num(c["metrics"].get(m, {}).get(k)) for m, k in LIFELONG_SCORES]
             cells += [_num(general["perplexity_ratio"], "{:.3f}"), _num(general["tokens_per_second_ratio"]),
-                      f"{timing['edit_seconds']:.0f}", f"{timing['pack_bytes'] / c['n_edits']:.0f}"]
+                      f"{timing['edit_seconds']:.0f}", f"{timing['pack_bytes'] / c['n_edits']:.0f}",
+                      _num(timing.get("pack_parameters") and timing["pack_parameters"] / c["n_edits"], "{:.0f}")]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -1,7 +1,8 @@
 """`basis_intervention`: ReFT-style edits of a decoder layer's output (the
 residual stream) at chosen prompt positions.
 
-Each edit owns, per intervened layer, a rank-r intervention
+Each edit owns, per intervened layer, a rank-r intervention (with
+`shared_bases`, every edit of the pack owns one, which acts once)
     Φ(h) = h + Rᵀ[w(h) ⊙ (W h + b − R h)]
 with R [r, d] of orthonormal rows, W [r, d] and b [r] (pyreft's
 `learned_source`), and a weight per basis direction w(h) ∈ [0, 1]^r:
@@ -49,6 +50,7 @@ COMPONENTS = ("block_output",)
 POSITIONS = re.compile(r"f(\d+)(?:\+l(\d+))?|l(\d+)")  # matched whole (fullmatch)
 EVERY_PROMPT_TOKEN = (0, 1 << 30)  # "all": more last tokens than any prompt has
 PARTS = ("rotation", "source.weight", "source.bias")
+SHARED_OWNER = "bases"  # the owner in the tensor names of a shared_bases pack's one intervention
 FIELDS = ("R", "W", "b", "G", "c", "gated", "floor")  # the tensors of `Interventions`, in order
 GATE_PARTS = ("gate.weight", "gate.bias")
 # |R Rᵀ − I| allowed per entry: R is saved in float32 by the methods; a half-precision copy rounds more.
@@ -121,7 +123,9 @@ class BasisInterventionConfig(KindConfig):
     `positions`: pyreft's "f{n}+l{m}"; `component`: where on the layer
     ("block_output", the residual stream after the layer); `hidden_size`: d;
     `gate_floor`: gates below it act as 0, so that an edit acts where its gate
-    is open and not a little everywhere else (0 for LOREFT).
+    is open and not a little everywhere else (0 for LOREFT); `shared_bases`:
+    the pack holds one gated intervention of rank r that all its edits own
+    together (BaFT's continual setting), so they come off together.
 
     Example:
         >>> BasisInterventionConfig(peft_type="BAFT", gate="sigmoid_rms", r=4, layers=[12], hidden_size=576).to_dict()
@@ -140,6 +144,7 @@ class BasisInterventionConfig(KindConfig):
     component: str = "block_output"
     hidden_size: int = 0
     gate_floor: float = 0.0
+    shared_bases: bool = False
 
     def check(self) -> None:
         """`PackFormatError` naming the first field that is wrong."""
@@ -168,7 +173,17 @@ class BasisInterventionConfig(KindConfig):
         if type(floor) not in (int, float) or not 0 <= floor < 1 or (floor and self.gate == "none"):
             raise PackFormatError(f"basis_intervention pack: gate_floor must be a number in [0, 1), and 0 without a "
                                   f"gate; got {floor!r} with gate {self.gate!r}")
+        if type(self.shared_bases) is not bool or (self.shared_bases and self.gate == "none"):
+            raise PackFormatError(f"basis_intervention pack: shared_bases must be true or false, and false without a "
+                                  f"gate (shared bases need gates to tell the edits apart); got "
+                                  f"{self.shared_bases!r} with gate {self.gate!r}")
         parse_positions(self.positions)
+
+
+def owner_of(config: BasisInterventionConfig, edit_id: str) -> str:
+    """Whose tensors an edit's are: its own, or with `shared_bases` the pack's
+    one intervention, which every edit owns (`SHARED_OWNER` in the names)."""
+    return SHARED_OWNER if config.shared_bases else edit_id
 
 
 class BasisIntervention:
@@ -181,19 +196,23 @@ class BasisIntervention:
         r, d = config.r, config.hidden_size
         shapes = {"rotation": [r, d], "source.weight": [r, d], "source.bias": [r], "gate.weight": [r, d],
                   "gate.bias": [r]}
+        owners = {}
         for edit in pack.edits:
-            check_owned(edit, {part_name(edit.id, layer, part) for layer in config.layers for part in parts},
-                        f"{', '.join(parts)} at layers {config.layers}")
+            owner = owners.setdefault(owner_of(config, edit.id), edit.id)
+            check_owned(edit, {part_name(owner_of(config, edit.id), layer, part) for layer in config.layers
+                               for part in parts}, f"{', '.join(parts)} at layers {config.layers}"
+                        + (f" (named {SHARED_OWNER!r}: shared_bases)" if config.shared_bases else ""))
+        for owner, edit_id in owners.items():  # shared tensors are checked once
             for layer in config.layers:
                 for part in parts:
-                    t = pack.tensors[part_name(edit.id, layer, part)]
+                    t = pack.tensors[part_name(owner, layer, part)]
                     if list(t.shape) != shapes[part]:
-                        raise PackFormatError(f"edit {edit.id!r} at layer {layer}: {part} has shape {list(t.shape)}, "
+                        raise PackFormatError(f"edit {edit_id!r} at layer {layer}: {part} has shape {list(t.shape)}, "
                                               f"expected {shapes[part]} (r={r}, hidden_size={d})")
-                R = pack.tensors[part_name(edit.id, layer, "rotation")]
+                R = pack.tensors[part_name(owner, layer, "rotation")]
                 error = (R.double() @ R.double().T - torch.eye(r, dtype=torch.float64)).abs().max().item()
                 if error > ORTHONORMAL_TOLERANCE[R.dtype]:
-                    raise PackFormatError(f"edit {edit.id!r} at layer {layer}: the rows of rotation are not "
+                    raise PackFormatError(f"edit {edit_id!r} at layer {layer}: the rows of rotation are not "
                                           f"orthonormal (|R Rᵀ − I| reaches {error:.2g})")
 
     @staticmethod
@@ -281,9 +300,10 @@ def interventions_of(pack) -> list[Interventions]:
     """The pack's interventions, one entry per layer with every edit's rows."""
     config = BasisInterventionConfig.of(pack)
     positions, out = parse_positions(config.positions), []
+    owners = list(dict.fromkeys(owner_of(config, e.id) for e in pack.edits))  # a shared intervention acts once
     for layer in config.layers:
         def stacked(part):
-            return torch.cat([pack.tensors[part_name(e.id, layer, part)].float() for e in pack.edits])
+            return torch.cat([pack.tensors[part_name(owner, layer, part)].float() for owner in owners])
         R, W, b = (stacked(p) for p in PARTS)
         gated = config.gate == "sigmoid_rms"
         G, c = (stacked(p) for p in GATE_PARTS) if gated else (torch.zeros_like(W), torch.zeros_like(b))

@@ -38,6 +38,7 @@ from .in_context import implied_edits
 from .memory.grace import GRACEConfig, grace_edit
 from .representation.baft import BaFTConfig, baft_edit
 from .representation.reft import ReFTConfig, reft_edit
+from .representation.shared_bases import SharedBases
 from .requests import RequestConfig, check_requests
 from .steering.actadd import ActAddConfig, actadd_edit
 from .steering.sake import SAKEConfig, sake_edit
@@ -54,7 +55,7 @@ TRAINING = {"mend": MENDTrainingConfig}
 
 
 # Methods that carry a history from one batch of a sequence to the next: its type.
-HISTORIES = {"alphaedit": EditedKeys, "ultraedit": LifelongNorm}
+HISTORIES = {"alphaedit": EditedKeys, "baft": SharedBases, "ultraedit": LifelongNorm}
 
 
 def new_history(method: str):

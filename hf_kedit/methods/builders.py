@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..kinds import codebook, singular_scale, steering_map
-from ..kinds.basis_intervention import BasisIntervention, BasisInterventionConfig, part_name
+from ..kinds.basis_intervention import BasisIntervention, BasisInterventionConfig, owner_of, part_name
 from ..kinds.weight_delta import WeightDelta, factor_names, module_entry
 from ..pack import Edit, EditPack
 from ..pack.fingerprint import base_model_record
@@ -17,7 +17,8 @@ def owning_pack(kind: str, method: str, hyperparameters: dict, edits: list[Edit]
                 tensors: dict[str, dict[str, torch.Tensor]], base_model: dict, kind_config: dict) -> EditPack:
     """A pack of `kind` in which edit `e` owns the named tensors `tensors[e.id]`
     (stored float32 on the CPU): what lets a single edit be removed or selected."""
-    stored = {name: t.detach().float().cpu().contiguous() for e in edits for name, t in tensors[e.id].items()}
+    named = {name: t for e in edits for name, t in tensors[e.id].items()}  # tensors edits own together: once
+    stored = {name: t.detach().float().cpu().contiguous() for name, t in named.items()}
     edits = [Edit(**{**e.__dict__, "tensors": list(tensors[e.id])}) for e in edits]
     return EditPack(kind, method, edits, stored, base_model, hyperparameters, kind_config)
 
@@ -37,9 +38,11 @@ def basis_intervention_pack(model: nn.Module, method: str, hyperparameters: dict
                             config: BasisInterventionConfig,
                             parts: dict[str, dict[int, dict[str, torch.Tensor]]]) -> EditPack:
     """A `basis_intervention` pack from per-edit, per-layer tensors (`parts[edit_id][layer][part]`,
-    part one of "rotation", "source.weight", "source.bias", "gate.weight", "gate.bias").
+    part one of "rotation", "source.weight", "source.bias", "gate.weight", "gate.bias"),
+    or with `config.shared_bases` the one intervention all edits own (`parts[SHARED_OWNER]`).
     The fingerprint covers what `BasisIntervention.modules` names."""
-    tensors = {e.id: {part_name(e.id, layer, part): t for layer, by_part in parts[e.id].items()
+    owner = {e.id: owner_of(config, e.id) for e in edits}
+    tensors = {e.id: {part_name(owner[e.id], layer, part): t for layer, by_part in parts[owner[e.id]].items()
                       for part, t in by_part.items()} for e in edits}
     record = base_model_record(model, BasisIntervention.modules(config.to_dict(), model))
     config.base_model_name_or_path, config.revision = record["name_or_path"] or None, record["revision"]

@@ -105,14 +105,13 @@ class EditPack:
         """Edit id -> a sha256 of the edit: its id, fields and tensors (names, dtypes,
         shapes, bytes). Two packs holding the same edit give it the same digest."""
         if "_digests" not in self.__dict__:
-            digests = {}
+            tensor_digests, digests = {}, {}
             for e in self.edits:
                 h = hashlib.sha256(json.dumps([self.kind, e.id, e.subject, e.prompt, e.target_new]).encode())
                 for name in sorted(e.tensors):
-                    t = self.tensors[name].detach().to("cpu").contiguous()
-                    h.update(f"{name}|{t.dtype}|{list(t.shape)}".encode())
-                    # Flat first: a [n, 1] tensor can be "contiguous" with a column stride ≠ 1.
-                    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                    if name not in tensor_digests:  # edits that share tensors hash them once
+                        tensor_digests[name] = _tensor_digest(name, self.tensors[name])
+                    h.update(tensor_digests[name])
                 digests[e.id] = h.hexdigest()
             self.__dict__["_digests"] = digests
         return self.__dict__["_digests"]
@@ -121,8 +120,34 @@ class EditPack:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
+    @property
+    def sharing_groups(self) -> list[list[str]]:
+        """The edit ids of each group of edits that own their tensors together
+        (BaFT's shared bases): such edits come off together, never one alone."""
+        if "_groups" not in self.__dict__:
+            owners: dict[str, list[str]] = {}
+            for e in self.edits:
+                for name in e.tensors:
+                    owners.setdefault(name, []).append(e.id)
+            self.__dict__["_groups"] = list({tuple(ids): list(ids) for ids in owners.values() if len(ids) > 1}.values())
+        return self.__dict__["_groups"]
+
+    def check_separable(self, edit_ids) -> None:
+        """`IncompatiblePackError` if keeping only `edit_ids` would split a group of
+        edits that own their tensors together."""
+        wanted = set(edit_ids)
+        for group in self.sharing_groups:
+            kept = wanted.intersection(group)
+            if kept and len(kept) != len(group):
+                raise IncompatiblePackError(
+                    f"edits {sorted(set(group) - kept)[:3]} share their tensors with {sorted(kept)[:3]} "
+                    f"({len(group)} edits in all, one shared intervention): they come off together; remove the "
+                    "whole group, or the pack")
+
     def select(self, edit_ids) -> "EditPack":
-        """A pack holding only the edits in `edit_ids` (and their tensors)."""
+        """A pack holding only the edits in `edit_ids` (and their tensors);
+        `IncompatiblePackError` if that splits edits that share their tensors."""
+        self.check_separable(edit_ids)
         wanted = set(edit_ids)
         keep = [e for e in self.edits if e.id in wanted]
         tensors = {name: self.tensors[name] for e in keep for name in e.tensors}
@@ -149,6 +174,10 @@ class EditPack:
         shared = sorted({e.id for e in self.edits} & {e.id for e in other.edits})
         if shared:
             raise IncompatiblePackError(f"both packs hold edits {shared[:5]}: give the new edits other ids")
+        clashing = sorted(set(self.tensors) & set(other.tensors))
+        if clashing:
+            raise IncompatiblePackError(f"both packs hold tensors named {clashing[:3]} (shared bases of two "
+                                        "sequences): keep them as two packs")
         base_model = _merged(self.base_model, other.base_model, "base_model")
         kind_config = _merged(self.kind_config, other.kind_config, "kind_config")
         hyperparameters = (self.hyperparameters if self.hyperparameters == other.hyperparameters
@@ -165,9 +194,16 @@ class EditPack:
             raise PackFormatError("the pack holds no edits")
         check_edits(self.edits)
         check_record(self.base_model)
-        owned = [name for e in self.edits for name in e.tensors]
-        if len(set(owned)) != len(owned):
-            raise PackFormatError("a tensor is owned by more than one edit")
+        owned: dict[str, Edit] = {}
+        for e in self.edits:
+            if len(set(e.tensors)) != len(e.tensors):
+                raise PackFormatError(f"edit {e.id!r} lists a tensor twice")
+            for name in e.tensors:
+                first = owned.setdefault(name, e)
+                # Edits may own tensors together (one shared intervention), but only all of them alike.
+                if first is not e and set(first.tensors) != set(e.tensors):
+                    raise PackFormatError(f"edits {first.id!r} and {e.id!r} share tensor {name!r} but not all their "
+                                          "tensors: edits that share a tensor must own the same tensors")
         missing, extra = set(owned) - set(self.tensors), set(self.tensors) - set(owned)
         if missing:
             raise PackFormatError(f"edits name tensors the pack does not hold: {sorted(missing)[:5]}")
@@ -449,6 +485,14 @@ def _check_edit_fields(e: Edit, error: type[Exception]) -> None:
         raise error(f"edit {e.id!r}: metrics must be an object and created a string")
     if not isinstance(e.tensors, list) or not all(isinstance(t, str) for t in e.tensors):
         raise error(f"edit {e.id!r}: tensors must be a list of tensor names, got {e.tensors!r}")
+
+
+def _tensor_digest(name: str, t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{name}|{t.dtype}|{list(t.shape)}".encode())
+    # Flat first: a [n, 1] tensor can be "contiguous" with a column stride ≠ 1.
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.digest()
 
 
 def _safetensors_dtype(name) -> str:

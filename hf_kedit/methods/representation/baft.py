@@ -24,8 +24,11 @@ The paper's gate equation, loss formulas and coefficients were not found
 - load balancing: the squared coefficient of variation of the edit's bases'
   mean gates on its own prompt positions (zero when all are used alike), as
   mixture-of-experts balancing losses do, so an edit does not collapse onto
-  one direction. Each edit has its own bases; sequential edits are new packs
-  (or new edits) that leave the old ones as they were.
+  one direction. By default each edit has its own bases, and sequential
+  edits are new packs (or new edits) that leave the old ones as they were;
+  with `shared_bases` the edits of a sequence share one intervention, each
+  opening `rank` of its bases, and the balancing term reads every edit's gates
+  (`shared_bases.py`).
 The unrelated texts are `locality_texts`, or text the model samples itself;
 the contrast subjects are `contrast_subjects`, a fixed list of well-known
 entities of several kinds, and optionally (`sibling_contrasts`) names the
@@ -44,13 +47,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ...anatomy import anatomy_of
+from ...anatomy import anatomy_of, input_device
+from ...kinds.prompt_calls import hidden_size
+from ...pack.fingerprint import base_model_record
 from ...errors import EditRequestError
 from ...pack import Edit, EditPack
 from ...sampling import per_model, sample_texts, seeded, sibling_names
 from ...kinds.basis_intervention import parse_positions
 from ..setting import NOT_TUNED, setting
-from .core import GateFit, Intervention, InterventionConfig, layer_states, train_interventions
+from .core import GateFit, Intervention, InterventionConfig, layer_states, opened_bases, train_interventions
+from .shared_bases import Continual, SharedBases
 
 RB = "docs/reft-baft.md"
 CONTRAST_SUBJECTS = ("Barack Obama", "Marie Curie", "Pablo Picasso", "William Shakespeare", "Serena Williams",
@@ -91,6 +97,13 @@ class BaFTConfig(InterventionConfig):
                                                      "download")
     locality_samples: int = setting(16, "how many texts the model samples for locality_texts=None", NOT_TUNED)
     locality_tokens: int = setting(32, "tokens per sampled text", NOT_TUNED)
+    shared_bases: int = setting(0, "0: each edit trains its own intervention of `rank` bases; K > 0: the edits of a "
+                                "sequence share one intervention of K bases, each edit opening `rank` of them "
+                                "(BaFT's continual setting), continued batch after batch from a SharedBases history",
+                                NOT_TUNED)
+    retention_weight: float = setting(1.0, "shared bases: weight of keeping the gates shut at the earlier edits' "
+                                      "keys where they were shut (their open gates and their updates are held "
+                                      "exactly, by projection)", NOT_TUNED)
 
     def __post_init__(self):
         """`EditRequestError` for settings BaFT cannot use (checks that need no model)."""
@@ -106,20 +119,40 @@ class BaFTConfig(InterventionConfig):
         if not isinstance(self.gate_margin, (int, float)) or not 0 < self.gate_margin <= 0.5:
             raise EditRequestError(f"gate_margin={self.gate_margin!r}: give a number in (0, 0.5], how far from 0 and "
                                    "1 the gates may stay when training stops")
+        if type(self.shared_bases) is not int or not (self.shared_bases == 0 or self.shared_bases >= self.rank):
+            raise EditRequestError(f"shared_bases={self.shared_bases!r}: give 0 (an intervention per edit) or a "
+                                   f"number of shared bases of at least rank={self.rank!r}, the bases one edit opens")
+        if not isinstance(self.retention_weight, (int, float)) or not self.retention_weight >= 0:
+            raise EditRequestError(f"retention_weight={self.retention_weight!r}: give a weight of at least 0")
         if not isinstance(self.gate_floor, (int, float)) or not 0 <= self.gate_floor < 1:
             raise EditRequestError(f"gate_floor={self.gate_floor!r}: give a number in [0, 1), the gate below which "
                                    "an edit does not act (0: it acts wherever its gate is above 0)")
 
 
 def baft_edit(model, tokenizer, requests: list[Edit], config: BaFTConfig | None = None,
-              progress: bool = True) -> EditPack:
+              progress: bool = True, history: SharedBases | None = None) -> EditPack:
     """Train one gated BaFT intervention per request; returns a `basis_intervention` pack.
+    With `config.shared_bases` the requests train one shared intervention instead,
+    continuing `history` (a `SharedBases`, whose latest pack is attached to
+    `model`; a new one starts a sequence), and the pack holds every edit so far.
 
     Example:
         >>> edit = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
         >>> pack = baft_edit(model, tokenizer, [edit], BaFTConfig(locality_texts=("The sky is blue.",)))
     """
     config = config or BaFTConfig()
+    continual_at = None
+    if config.shared_bases:
+        history = SharedBases() if history is None else history
+
+        def continual_at(layer: int) -> Continual:
+            continual = Continual(history, config.shared_bases, config.rank, hidden_size(model), layer,
+                                  config.gate_floor, config.seed, config.retention_weight, requests,
+                                  input_device(model))
+            history.check(base_model_record(model, [anatomy_of(model).mlp_out(layer)]))
+            return continual
+    elif history is not None and history.tensors:
+        raise EditRequestError("this SharedBases history holds shared bases: set shared_bases to continue it")
 
     def gate_loss_for(layer: int):
         name = anatomy_of(model).layer(layer)
@@ -135,7 +168,7 @@ def baft_edit(model, tokenizer, requests: list[Edit], config: BaFTConfig | None 
             contrasts[edit.id] = layer_states(model, tokenizer, name, others, positions) if others else None
 
         def gate_loss(edit: Edit, intervention: Intervention, edit_gates: torch.Tensor,
-                      other_gates: torch.Tensor) -> tuple[torch.Tensor, bool]:
+                      other_gates: torch.Tensor, earlier: torch.Tensor) -> tuple[torch.Tensor, bool]:
             closed = [intervention.gates(unrelated)]
             if contrasts[edit.id] is not None:
                 closed.append(intervention.gates(contrasts[edit.id]))
@@ -146,16 +179,21 @@ def baft_edit(model, tokenizer, requests: list[Edit], config: BaFTConfig | None 
             locality = sum(bce.mean() for bce in shut) / len(shut)
             if config.worst_gate:  # with every position intervened, one open token (say, the attention sink) is enough
                 locality = locality + max(bce.max() for bce in shut)
-            opening = -edit_gates.clamp_min(1e-6).log().mean()
-            usage = edit_gates.mean(0)
+            chosen = opened_bases(edit_gates, earlier, config.rank, config.gate_floor)  # the others it shuts
+            opening = -edit_gates[chosen].clamp_min(1e-6).log().mean()
+            others = edit_gates[~chosen]
+            if len(others):
+                opening = opening - torch.log1p(-others.clamp_max(1 - 1e-6)).mean()
+            usage = torch.cat([earlier, edit_gates]).mean(0)  # over the edits sharing the bases, if any
             balance = usage.var(unbiased=False) / usage.mean().pow(2).clamp_min(1e-6)
             settled = bool(max(g.max() for g in closed) < config.gate_margin
-                           and edit_gates.min() > 1 - config.gate_margin)
+                           and edit_gates[chosen].min() > 1 - config.gate_margin
+                           and (not len(others) or others.max() < config.gate_margin))
             return locality + opening + config.balance_weight * balance, settled
         return gate_loss
 
     return train_interventions(model, tokenizer, requests, config, "baft", "BAFT",
-                               GateFit(gate_loss_for, config.gate_steps, config.gate_floor), progress)
+                               GateFit(gate_loss_for, config.gate_steps, config.gate_floor), progress, continual_at)
 
 
 def _locality_texts(model, tokenizer, config: BaFTConfig) -> list[str]:

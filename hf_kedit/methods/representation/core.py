@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import orthogonal
 
 from ...anatomy import anatomy_of, hidden_states, input_device
@@ -50,12 +51,20 @@ class InterventionConfig:
 
 class Intervention(nn.Module):
     """One edit's trainable intervention: `rotation` (R [r, d], orthonormal rows),
-    `source` (W, b) and, gated, `gate` (G, c), which acts as 0 below `floor`."""
+    `source` (W, b) and, gated, `gate` (G, c), which acts as 0 below `floor`.
+    R is kept orthonormal by a parametrization, or with `orthogonal_rows=False` is a
+    plain parameter that starts orthonormal and whose trainer keeps it so
+    (shared bases, which train some rows and hold the others)."""
 
-    def __init__(self, hidden: int, rank: int, gated: bool, floor: float = 0.0):
+    def __init__(self, hidden: int, rank: int, gated: bool, floor: float = 0.0, orthogonal_rows: bool = True):
         super().__init__()
         self.floor = floor
-        self.rotation = orthogonal(nn.Linear(hidden, rank, bias=False))
+        self.rotation = nn.Linear(hidden, rank, bias=False)
+        if orthogonal_rows:
+            self.rotation = orthogonal(self.rotation)
+        else:
+            with torch.no_grad():
+                self.rotation.weight.copy_(torch.linalg.qr(self.rotation.weight.T).Q.T)
         self.source = nn.Linear(hidden, rank)
         self.gate = nn.Linear(hidden, rank) if gated else None
         with torch.no_grad():
@@ -74,6 +83,19 @@ class Intervention(nn.Module):
             torch.full_like(self.gate.bias, self.floor))
         return intervention_delta(h, self.rotation.weight, self.source.weight, self.source.bias, gate)
 
+    def load(self, parts: dict[str, torch.Tensor]) -> None:
+        """Take the pack's tensors `parts` (by part name, as `tensors` gives them)."""
+        with torch.no_grad():
+            if parametrize.is_parametrized(self.rotation):
+                self.rotation.weight = parts["rotation"].to(self.source.weight)  # through the map's inverse
+            else:
+                self.rotation.weight.copy_(parts["rotation"])
+            self.source.weight.copy_(parts["source.weight"])
+            self.source.bias.copy_(parts["source.bias"])
+            if self.gate is not None:
+                self.gate.weight.copy_(parts["gate.weight"])
+                self.gate.bias.copy_(parts["gate.bias"])
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The pack's tensors of this intervention, by part name."""
         parts = {"rotation": self.rotation.weight, "source.weight": self.source.weight,
@@ -83,16 +105,29 @@ class Intervention(nn.Module):
         return {k: v.detach().clone() for k, v in parts.items()}
 
 
-GateLoss = Callable[[Edit, Intervention, torch.Tensor, torch.Tensor], tuple[torch.Tensor, bool]]
+def opened_bases(edit_gates: torch.Tensor, earlier: torch.Tensor, rank: int, floor: float) -> torch.Tensor:
+    """[P, r] bool: the `rank` bases an edit opens at its positions, given its gates
+    there [P, r] and the gates where earlier edits of a shared intervention act [N, r]:
+    those fewest earlier edits opened, the most open already among them (all of an
+    edit's own bases)."""
+    uses = (earlier.detach() >= floor).sum(0)
+    preference = edit_gates.detach() - uses.to(edit_gates.dtype)
+    return torch.zeros_like(edit_gates, dtype=torch.bool).scatter_(
+        -1, preference.topk(min(rank, edit_gates.shape[-1]), -1).indices, True)
+
+
+GateLoss = Callable[[Edit, Intervention, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, bool]]
 
 
 @dataclass
 class GateFit:
     """How gated interventions fit their gates: `loss_for(layer)` (called after every
     setting is checked) gives the `GateLoss`, a function of the edit, its
-    intervention and its gates at the edit prompt's intervened positions [P, r]
-    split in two (where the edit acts, and the rest) that returns the loss and
-    whether its goal is reached; at most `steps` steps; gates below `floor` act as 0."""
+    intervention, its gates at the edit prompt's intervened positions [P, r]
+    split in two (where the edit acts, and the rest) and the gates where earlier
+    edits of a shared intervention act [N, r] (none for an edit's own), that
+    returns the loss and whether its goal is reached; at most `steps` steps;
+    gates below `floor` act as 0."""
 
     loss_for: Callable[[int], GateLoss]
     steps: int
@@ -100,8 +135,12 @@ class GateFit:
 
 
 def train_interventions(model, tokenizer, requests: list[Edit], config: InterventionConfig, method: str,
-                        peft_type: str, gate: GateFit | None = None, progress: bool = True) -> EditPack:
+                        peft_type: str, gate: GateFit | None = None, progress: bool = True,
+                        continual_at: Callable[[int], "Continual"] | None = None) -> EditPack:
     """One intervention per request at `config.layer`; a `basis_intervention` pack.
+    With `continual_at(layer)` (a `shared_bases.Continual`), every request trains
+    that one shared intervention instead, and the pack holds it and every edit
+    of its sequence.
 
     With `gate` the interventions are gated, and each gate is fitted first on
     its own loss. The gate reads the layer's unedited output, which nothing
@@ -122,6 +161,7 @@ def train_interventions(model, tokenizer, requests: list[Edit], config: Interven
                                "orthonormal directions R can hold")
     positions = parse_positions(config.positions, EditRequestError)
     layer = resolve_layer(config.layer, anatomy.num_layers, model, tokenizer, requests)
+    continual = continual_at(layer) if continual_at else None  # checks the history before any sampling
     gate_loss = gate.loss_for(layer) if gate else None
     layer_module = model.get_submodule(anatomy.layer(layer))
     device = input_device(model)
@@ -129,39 +169,61 @@ def train_interventions(model, tokenizer, requests: list[Edit], config: Interven
     with frozen(model):
         bar = StepBar(requests, config.steps, f"{method}: training", disable=not progress)
         for edit in bar:
-            torch.manual_seed(config.seed)
-            intervention = Intervention(hidden, config.rank, gate is not None, gate.floor if gate else 0.0).to(device)
+            if continual is None:
+                torch.manual_seed(config.seed)
+                intervention = Intervention(hidden, config.rank, gate is not None,
+                                            gate.floor if gate else 0.0).to(device)
+            else:
+                intervention = continual.intervention
+                continual.hold()
             ids, labels, prompt = teacher_forced(tokenizer, edit.text, edit.target_new, device)
             where = select_positions(torch.ones_like(ids, dtype=torch.bool), *positions, torch.tensor([prompt]))
             if gate_loss is not None:
                 states = layer_states(model, tokenizer, anatomy.layer(layer), [edit.text], positions)
-                fit_gate(intervention, gate_loss, edit, states, acting_positions(tokenizer, edit, where), gate.steps,
-                         config.lr)
+                acting = acting_positions(tokenizer, edit, where)
+                fit_gate(intervention, gate_loss, edit, states, acting, gate.steps, config.lr, continual)
             optimizer = torch.optim.Adam([p for p in intervention.parameters() if p.requires_grad], lr=config.lr)
-            with applied(layer_module, intervention, where), prompt_lengths(model, [prompt]):
+            with applied(layer_module, intervention, where, continual and continual.replaced), \
+                    prompt_lengths(model, [prompt]):
                 fit_target(model, ids, labels, optimizer, config.steps, config.stop_loss, bar.step,
-                           trained=[layer_module])
-            parts[edit.id] = {layer: intervention.tensors()}
+                           after_step=continual and continual.after_target_step, trained=[layer_module])
+            if continual is None:
+                parts[edit.id] = {layer: intervention.tensors()}
+            else:
+                continual.add(states[acting])
+    rank, edits = config.rank, requests
+    if continual is not None:
+        edits, parts = continual.finish(requests)
+        rank = continual.intervention.source.out_features
     kind_config = BasisInterventionConfig(peft_type=peft_type, gate="sigmoid_rms" if gate else "none",
-                                          r=config.rank, layers=[layer], positions=config.positions,
-                                          hidden_size=hidden, gate_floor=gate.floor if gate else 0.0)
-    return basis_intervention_pack(model, method, {**asdict(config), "layer": layer}, requests, kind_config, parts)
+                                          r=rank, layers=[layer], positions=config.positions,
+                                          hidden_size=hidden, gate_floor=gate.floor if gate else 0.0,
+                                          shared_bases=continual is not None)
+    return basis_intervention_pack(model, method, {**asdict(config), "layer": layer}, edits, kind_config, parts)
 
 
 def fit_gate(intervention: Intervention, gate_loss: GateLoss, edit: Edit, states: torch.Tensor,
-             acting: torch.Tensor, steps: int, lr: float) -> None:
+             acting: torch.Tensor, steps: int, lr: float, continual=None) -> None:
     """Train the intervention's gate alone on `gate_loss` from the edit prompt's
     states at the intervened positions [P, d] (`acting` [P]: where the edit
-    acts), until the loss says its goal is reached; then freeze it."""
+    acts), until the loss says its goal is reached; then freeze it. With
+    `continual` (a shared intervention) the earlier edits' gates are held too."""
+    intervention.gate.requires_grad_(True)
     optimizer = torch.optim.Adam(intervention.gate.parameters(), lr=lr)
     for _ in range(steps):
         gates = intervention.gates(states)
-        loss, settled = gate_loss(edit, intervention, gates[acting], gates[~acting])
+        earlier = continual.gates() if continual is not None else gates[:0]
+        loss, settled = gate_loss(edit, intervention, gates[acting], gates[~acting], earlier)
+        if continual is not None:
+            drift, kept = continual.gate_drift(earlier)
+            loss, settled = loss + drift, settled and kept
         if settled:
             break
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if continual is not None:
+            continual.after_gate_step(gates[acting].detach(), earlier.detach())
     intervention.gate.requires_grad_(False)
 
 
@@ -194,9 +256,11 @@ def layer_states(model, tokenizer, layer: str, texts: list[str],
 
 
 @contextmanager
-def applied(layer_module: nn.Module, intervention: Intervention, where: torch.Tensor):
+def applied(layer_module: nn.Module, intervention: Intervention, where: torch.Tensor,
+            replaced: Intervention | None = None):
     """Add the intervention's update to the layer's output at `where` [1, T] for the
-    block. The update is computed from the output *before* attached packs'
+    block, less `replaced`'s (an attached intervention it will take the place of).
+    The update is computed from the output *before* attached packs'
     interventions (read by a hook that runs first), because that is the sum the
     stack computes at inference: sequential edits train on what they will see."""
     seen = []
@@ -206,7 +270,8 @@ def applied(layer_module: nn.Module, intervention: Intervention, where: torch.Te
 
     def add(module, args, out):
         h, current = seen.pop().float(), hidden_states(out)
-        edited = torch.where(where[..., None], (current.float() + intervention.delta(h)).to(current.dtype), current)
+        delta = intervention.delta(h) if replaced is None else intervention.delta(h) - replaced.delta(h)
+        edited = torch.where(where[..., None], (current.float() + delta).to(current.dtype), current)
         return (edited, *out[1:]) if isinstance(out, (tuple, list)) else edited
 
     handles = [layer_module.register_forward_hook(read, prepend=True), layer_module.register_forward_hook(add)]
