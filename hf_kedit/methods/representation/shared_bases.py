@@ -7,14 +7,14 @@ With one intervention for all edits, a new edit must not undo the earlier
 ones. The states where they act (each one's subject's last token at the
 intervened layer) are kept as keys, and what each earlier edit added there
 is held exactly, the way AlphaEdit holds its keys' outputs: after every step,
-the change of a basis's gate (G, c) and source (W, b) is projected onto the
-null space of the keys at which that basis is open, so its gate and its
-update at those keys do not move; the rows of R of bases in use are held, and
-only the bases no earlier edit opened learn their direction (kept
-orthonormal to the rest). A gate that was shut at a key must stay below the
-floor: that is a loss (`retention_weight`), the edit's own shutting loss
-applied to the keys. A new edit opens the `rank` bases fewest earlier edits
-opened (the load balancing: each basis serves about n·rank/K edits).
+the change of each source row (W, b) is projected onto the null space of the
+keys at which that basis is open; the gates of bases in use are restored,
+except those the new edit opens, whose change is projected the same way; the
+rows of R of bases in use are restored, and only the bases no earlier edit
+opened learn their direction (kept orthonormal to the rest). A gate that was
+shut at a key must stay below the floor: that is a loss (`retention_weight`),
+the edit's own shutting loss applied to the keys. A new edit opens the
+`rank` bases fewest earlier edits opened (the load balancing).
 
 The sequence's state lives in a `SharedBases` history: the intervention as it
 stands, the keys and the edits made so far. Each batch's pack holds every
