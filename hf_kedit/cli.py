@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     _sequence(p)
     p.add_argument("--out", required=True, help="the folder to write results.json, results.md and plots into")
     p.add_argument("--resume", action="store_true", help="keep the results --out already holds for the same "
-                   "cases and settings (a run cut short) and run only the methods it lacks")
+                   "cases and settings (a run cut short) and run only the methods it lacks; a sequential "
+                   "run goes on from the last pack it kept in --out/state")
     p.add_argument("--processes", type=int, default=1, help="split the cases across this many processes "
                    "(accelerate launch; single mode), one results.json as from one process")
 

@@ -140,6 +140,9 @@ def test_every_mode_edits_scores_and_leaves_the_model_as_it_was(model, tokenizer
     assert timing["edit_seconds_median"] > 0 and timing["pack_bytes_per_edit"] > 1000
     packs = {"single": 2, "batch": 1, "sequential": 2}[mode]  # sequential: EvalConfig's pack_cases, 1 case a pack
     assert len(timing["edit_seconds_per_pack"]) == packs and all(s > 0 for s in timing["edit_seconds_per_pack"])
+    assert sum(timing["edits_per_pack"]) == 2 and len(timing["edits_per_pack"]) == packs
+    if mode == "batch":
+        assert timing["edit_seconds_median"] == pytest.approx(timing["edit_seconds_per_pack"][0] / 2)
     assert 0 < 4 * timing["pack_params_per_edit"] < timing["pack_bytes_per_edit"]   # fp32 tensors + manifest + card
     assert set(result["per_case"]) == set(result["case_ids"])
 
@@ -174,7 +177,7 @@ def test_bad_choices_are_clear_errors(model, tokenizer):
 
 
 @pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")
-def test_cli_bench_writes_json_markdown_and_plots(model, tokenizer, tmp_path, capsys):
+def test_cli_bench_writes_json_markdown_and_plots(model, tokenizer, tmp_path, capsys, monkeypatch):
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     out = tmp_path / "bench"
@@ -198,13 +201,28 @@ def test_cli_bench_writes_json_markdown_and_plots(model, tokenizer, tmp_path, ca
     assert all(r["case_ids"] == [str(json.loads(DATA.read_text())[1]["case_id"])] for r in results)
     assert "| lora@short (single) |" in (out / "variants" / "results.md").read_text()
     # the sequential mode with checkpoints: lifelong.md and lifelong.png beside the rest
-    assert kedit(["bench", "--model", str(tmp_path / "model"), "--methods", "unedited,lora", "--data",
+    sequential = ["bench", "--model", str(tmp_path / "model"), "--methods", "unedited,lora", "--data",
                   f"counterfact:{DATA}", "--limit", "2", "--set", "lora.steps=1", "--modes", "sequential",
-                  "--batch-size", "1", "--checkpoints", "1", "--metrics", "efficacy", "--out",
-                  str(out / "lifelong")]) == 0
+                  "--batch-size", "1", "--checkpoints", "1", "--metrics", "efficacy,locality", "--out",
+                  str(out / "lifelong")]
+    assert kedit(sequential) == 0
     rows = [line for line in (out / "lifelong" / "lifelong.md").read_text().splitlines() if line.startswith("| ")]
     assert [row.split(" | ")[:2] for row in rows[1:]] == [["| lora (sequential)", "1"], ["| lora (sequential)", "2"]]
     assert (out / "lifelong" / "lifelong.png").stat().st_size > 10_000
+    # cut short after its last pack, before results.json: --resume makes no pack and reads no answer again
+    first = json.loads((out / "lifelong" / "results.json").read_text())
+    (out / "lifelong" / "results.json").unlink()
+
+    def refused(*args, **kwargs):
+        raise AssertionError("done again on resuming")
+    from hf_kedit.evaluate import bench, harness
+    monkeypatch.setattr(harness, "make_pack", refused)
+    monkeypatch.setattr(bench, "locality_references", refused)
+    assert kedit(sequential + ["--resume"]) == 0
+    again = json.loads((out / "lifelong" / "results.json").read_text())
+    assert [(r["per_case"], r.get("checkpoints", [{}])[-1].get("metrics")) for r in again] == \
+        [(r["per_case"], r.get("checkpoints", [{}])[-1].get("metrics")) for r in first]
+    monkeypatch.undo()
     assert kedit(["bench", "--model", str(tmp_path / "model"), "--methods", "unedited,rome9", "--data",
                   f"counterfact:{DATA}", "--out", str(out)]) == 2
     assert "unknown method ['rome9']" in capsys.readouterr().err
@@ -233,6 +251,62 @@ def test_the_sequential_mode_scores_at_each_checkpoint_and_carries_alphaedits_hi
     assert last["metrics"] == result["metrics"] and len(result["per_case"]) == 1
     assert last["general_ability"]["perplexity_ratio"] > 0 and last["general_ability"]["tokens_per_second_ratio"] > 0
     assert last["timing"]["pack_bytes"] > result["checkpoints"][0]["timing"]["pack_bytes"] > 0
+    timing = result["timing"]  # two packs of two edits: the median is per edit, half a pack's time
+    assert timing["edits_per_pack"] == [2, 2]
+    assert timing["edit_seconds_median"] == pytest.approx(sum(timing["edit_seconds_per_pack"]) / 4)
+
+
+class Cut(Exception):
+    """A run stopped from outside (a session's end, a killed process)."""
+
+
+def making(made: list, stop_at: int | None = None):
+    """A stand-in for the harness's make_pack that keeps what it makes in `made`
+    and raises `Cut` instead of making pack number `stop_at` (from 0)."""
+    def make(*args, **kwargs):
+        if len(made) == stop_at:
+            raise Cut
+        made.append(harness_make_pack(*args, **kwargs))
+        return made[-1]
+    return make
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")
+def test_a_sequential_run_cut_short_goes_on_from_its_last_pack_as_if_never_stopped(model, tokenizer, monkeypatch,
+                                                                                   tmp_path):
+    from hf_kedit.evaluate import harness
+    from hf_kedit.evaluate.datasets import read_cases
+
+    monkeypatch.setenv("HF_KEDIT_CACHE", str(tmp_path / "cache"))
+    cases = read_cases("counterfact", DATA, limit=4)
+    config = EvalConfig(metrics=("efficacy", "locality"), pack_cases=1, checkpoints=(2,))
+    settings = {"layers": (0, 1), "steps": 2, "context_templates": [[1, 2]], "stats_tokens": 64}
+
+    def run(state, resume=False, run_settings=settings):
+        return evaluate(model, tokenizer, cases, "alphaedit", "sequential", run_settings, config, progress=False,
+                        state_dir=tmp_path / state, resume=resume)
+    whole = run("whole")
+    made = []
+    monkeypatch.setattr(harness, "make_pack", making(made, stop_at=3))
+    with pytest.raises(Cut):
+        run("cut")
+    assert len(stack_of(model)) == 0 and len(made) == 3
+    monkeypatch.setattr(harness, "make_pack", making(made))
+    resumed = run("cut", resume=True)
+    assert len(made) == 4 and made[3].hyperparameters["edits_before"] == 3  # one pack more, the history kept
+    assert len(stack_of(model)) == 0
+    assert resumed["per_case"] == whole["per_case"]
+    assert [(c["n_edits"], c["metrics"]) for c in resumed["checkpoints"]] == \
+        [(c["n_edits"], c["metrics"]) for c in whole["checkpoints"]] == [(2, whole["checkpoints"][0]["metrics"]),
+                                                                         (4, whole["metrics"])]
+    assert resumed["timing"]["edits_per_pack"] == [1, 1, 1, 1]
+    assert resumed["timing"]["pack_bytes_per_edit"] == whole["timing"]["pack_bytes_per_edit"]
+    assert (tmp_path / "cut" / ".gitignore").read_text() == "*\n"
+    with pytest.raises(ValueError, match="holds another run"):  # refused before anything is attached
+        run("cut", resume=True, run_settings={**settings, "steps": 3})
+    assert len(stack_of(model)) == 0 and len(made) == 4
+    run("cut")  # not resuming: starts again from nothing
+    assert len(made) == 8
 
 
 def harness_make_pack(*args, **kwargs):

@@ -395,6 +395,35 @@ def test_the_harness_replaces_each_shared_pack_by_the_next(tokenizer, monkeypatc
     assert [c["timing"]["pack_parameters"] for c in result["checkpoints"]] == [3 * 4 * 32 + 2 * 4] * 3
 
 
+@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")
+def test_a_shared_bases_sequence_cut_short_goes_on_from_its_history_and_last_pack(tokenizer, monkeypatch, tmp_path):
+    from hf_kedit.evaluate import harness
+    from hf_kedit.evaluate.datasets import read_cases
+    from test_evaluate import Cut, making
+
+    model = tiny(tokenizer)
+    config = EvalConfig(metrics=("efficacy",), pack_cases=1, checkpoints=(1, 2))
+    settings = {"layer": 1, "steps": 2, "gate_steps": 2, "rank": 2, "shared_bases": 4, "locality_texts": UNRELATED}
+
+    def run(state, resume=False):
+        return evaluate(model, tokenizer, read_cases("counterfact", DATA, limit=3), "baft", "sequential", settings,
+                        config, progress=False, state_dir=tmp_path / state, resume=resume)
+    whole = run("whole")
+    made = []
+    monkeypatch.setattr(harness, "make_pack", making(made, stop_at=2))
+    with pytest.raises(Cut):
+        run("cut")
+    assert len(stack_of(model)) == 0
+    assert [p.name for p in (tmp_path / "cut" / "packs").iterdir()] == ["eval-1"]  # the pack it replaced is gone
+    monkeypatch.setattr(harness, "make_pack", making(made))
+    resumed = run("cut", resume=True)
+    assert len(made) == 3 and len(made[2].edits) == 3  # the last pack holds all three: the history came back
+    assert len(stack_of(model)) == 0
+    assert [c["metrics"] for c in resumed["checkpoints"]] == [c["metrics"] for c in whole["checkpoints"]]
+    assert [c["timing"]["pack_parameters"] for c in resumed["checkpoints"]] == [3 * 4 * 32 + 2 * 4] * 3
+    assert resumed["timing"]["pack_params_per_edit"] == whole["timing"]["pack_params_per_edit"]
+
+
 # ----- bad requests: a typed error before any training ------------------------------------------
 
 @pytest.fixture

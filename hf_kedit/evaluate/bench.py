@@ -13,6 +13,7 @@ from accelerate.utils import gather_object
 
 from ..processes import process_state
 from .harness import BASELINES, EvalConfig, aggregate, config_record, evaluate, locality_references
+from .sequence_state import canonical
 from .report import lifelong_table, markdown_table, plot_cost, plot_lifelong, plot_quality
 
 
@@ -30,7 +31,10 @@ def run_bench(model, tokenizer, cases, methods: list[str], modes=("single",), se
     The results are written after each method, so a run that is cut short keeps
     the methods it finished; with `resume`, a method whose result `out_dir`
     already holds for the same model, cases, mode, settings and evaluation
-    settings is taken from there instead of run again.
+    settings is taken from there instead of run again. A sequential run keeps its
+    progress in `out_dir/state` (git ignores it) after every pack, with the
+    unedited model's answers, and with `resume` goes on from the last pack kept:
+    a sequence of thousands of edits can be run in pieces.
 
     Example:
         >>> run_bench(model, tokenizer, cases, ["unedited", "icl", "lora"], out_dir="bench")
@@ -48,6 +52,7 @@ def run_bench(model, tokenizer, cases, methods: list[str], modes=("single",), se
     out = Path(out_dir)
     config = config or EvalConfig()
     done = _written(out) if resume else []
+    kept = out / "state" if "sequential" in modes else None  # where long sequences keep their progress
     references, pre_edit_seconds = None, None
     with state.split_between_processes(list(cases)) as mine:
         results = []
@@ -63,10 +68,11 @@ def run_bench(model, tokenizer, cases, methods: list[str], modes=("single",), se
                     continue
                 if references is None:  # once, and only when a method is run
                     start = time.perf_counter()
-                    references = locality_references(model, tokenizer, mine, config, progress)
+                    references = _references(model, tokenizer, mine, config, kept, model_name, resume, progress)
                     pre_edit_seconds = max(gather_object([time.perf_counter() - start]))
                 result = evaluate(model, tokenizer, mine, method, mode, (settings or {}).get(spec), config,
-                                  references, model_name, progress)
+                                  references, model_name, progress,
+                                  state_dir=kept / f"{spec}-{mode}" if mode == "sequential" else None, resume=resume)
                 results.append(gathered(gather_object([result]), cases) if state.num_processes > 1 else result)
                 results[-1]["timing"]["pre_edit_seconds"] = pre_edit_seconds  # shared by the methods run
                 if variant:
@@ -79,11 +85,35 @@ def run_bench(model, tokenizer, cases, methods: list[str], modes=("single",), se
     return results
 
 
+def _references(model, tokenizer, cases, config: EvalConfig, folder: Path | None, model_name: str, resume: bool,
+                progress: bool) -> dict:
+    """The unedited model's locality answers (`locality_references`), kept in
+    `folder` when given and read from there when resuming the same cases, since
+    at thousands of cases they take minutes."""
+    path = folder / "references.json" if folder is not None else None
+    identity = {"model": model_name, "config": config_record(config), "case_ids": [c.id for c in cases]}
+    if resume and path is not None and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            if canonical(saved["identity"]) == canonical(identity):
+                return saved["references"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            pass  # not what this run wrote: computed again below and replaced
+    references = locality_references(model, tokenizer, cases, config, progress)
+    if path is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".gitignore").write_text("*\n")
+        partial = path.with_suffix(".json.partial")
+        partial.write_text(json.dumps({"identity": identity, "references": references}) + "\n")
+        os.replace(partial, path)
+    return references
+
+
 def _identity(result: dict) -> str:
     """What makes two results the same run's: model, method, variant, mode, settings,
     evaluation settings and cases, as JSON (so tuples and lists compare equal)."""
     keys = ("model", "method", "variant", "mode", "settings", "config", "case_ids")
-    return json.dumps({k: result.get(k) for k in keys}, sort_keys=True, default=str)
+    return canonical({k: result.get(k) for k in keys})
 
 
 def _written(out: Path) -> list[dict]:
@@ -115,13 +145,15 @@ def gathered(parts: list[dict], cases) -> dict:
     n_edits = [sum(edits[i] for i in part["case_ids"]) for part in parts]
     timings = [part["timing"] for part in parts]
     packs = [s for t in timings for s in t["edit_seconds_per_pack"]]
+    edits_per_pack = [n for t in timings for n in t["edits_per_pack"]]
 
     def per_edit(key):  # None for the baselines, which make no pack
         made = [(t[key], n) for t, n in zip(timings, n_edits) if t[key] is not None]
         return sum(v * n for v, n in made) / sum(n for _, n in made) if made else None
 
-    timing = {"edit_seconds_median": statistics.median(packs) if packs else None,
-              "edit_seconds_per_pack": packs, "eval_seconds": max(t["eval_seconds"] for t in timings),
+    seconds_per_edit = [s / n for s, n in zip(packs, edits_per_pack)]
+    timing = {"edit_seconds_median": statistics.median(seconds_per_edit) if seconds_per_edit else None,
+              "edit_seconds_per_pack": packs, "edits_per_pack": edits_per_pack, "eval_seconds": max(t["eval_seconds"] for t in timings),
               "pack_bytes_per_edit": per_edit("pack_bytes_per_edit"),
               "pack_params_per_edit": per_edit("pack_params_per_edit"), "processes": len(parts)}
     return {**parts[0], "n_cases": len(order), "case_ids": order, "metrics": aggregate(per_case),

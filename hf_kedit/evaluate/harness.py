@@ -15,6 +15,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -26,6 +27,7 @@ from .cases import Case
 from .general_ability import perplexity_ratio, speed_ratio
 from .metrics import DOUBT_TEMPLATES, fluency, in_context, reference_answers, score_cases, with_robustness
 from .scoring import Scorer
+from .sequence_state import SequenceFolder, SequenceProgress
 
 BASELINES = ("unedited", "icl")
 MODES = ("single", "batch", "sequential")
@@ -79,10 +81,13 @@ def icl_context(case: Case) -> str:
     return fact_context(case.edits)
 
 
-def pack_bytes(pack: EditPack) -> int:
-    """Bytes of the pack's files on disk (tensors, manifest and model card)."""
+def pack_bytes(pack: EditPack, folder: Path | None = None) -> int:
+    """Bytes of the pack's files on disk (tensors, manifest and model card), saved
+    into `folder` (replacing a pack there), or into a temporary one if None."""
+    if folder is not None:
+        return sum(p.stat().st_size for p in pack.save_pretrained(folder, overwrite=True).iterdir())
     with tempfile.TemporaryDirectory() as tmp:
-        return sum(p.stat().st_size for p in pack.save_pretrained(tmp).iterdir())
+        return pack_bytes(pack, Path(tmp))
 
 
 def locality_references(model, tokenizer, cases: list[Case], config: EvalConfig | None = None,
@@ -96,9 +101,12 @@ def locality_references(model, tokenizer, cases: list[Case], config: EvalConfig 
 
 def evaluate(model, tokenizer, cases: list[Case], method: str = "unedited", mode: str = "single",
              settings: dict | None = None, config: EvalConfig | None = None, references: dict | None = None,
-             model_name: str = "", progress: bool = True) -> dict:
+             model_name: str = "", progress: bool = True, state_dir: str | Path | None = None,
+             resume: bool = False) -> dict:
     """Edit with `method` in `mode`, score every case, remove the edits; returns the
     result as JSON-able dict (metrics averaged over cases, per-case scores, timing).
+    In the sequential mode `state_dir` keeps the progress after every pack, and
+    with `resume` a run cut short goes on from what it kept there.
 
     Example:
         >>> cases = read_cases("counterfact", "counterfact.json", limit=10)
@@ -125,13 +133,13 @@ def evaluate(model, tokenizer, cases: list[Case], method: str = "unedited", mode
                 out[c.id]["fluency"] = {"entropy": entropy}
         return out
 
-    edit_seconds, sizes, n_edits, per_case = [], [], 0, {}  # per pack made: seconds, (bytes, parameters)
+    made, sizes, per_case, sequence = [], [], {}, None  # per pack made: (seconds, edits), (bytes, parameters)
     start = time.perf_counter()
     if method in BASELINES:
         per_case = score(cases, f"{method}: scoring")
     elif mode == "single":
         for case in tqdm(cases, desc=f"{method} single", disable=not progress):
-            pack = _timed_pack(method, model, tokenizer, case.edits, settings, edit_seconds, sizes)
+            pack = _timed_pack(method, model, tokenizer, case.edits, settings, made, sizes)
             load_edits(model, pack, name=f"eval-{case.id}", tokenizer=tokenizer)
             try:
                 per_case.update(score([case], ""))
@@ -139,36 +147,41 @@ def evaluate(model, tokenizer, cases: list[Case], method: str = "unedited", mode
                 remove_edits(model, f"eval-{case.id}")
     elif mode == "batch":
         edits = [e for c in cases for e in c.edits]
-        pack = _timed_pack(method, model, tokenizer, edits, settings, edit_seconds, sizes)
+        pack = _timed_pack(method, model, tokenizer, edits, settings, made, sizes)
         load_edits(model, pack, name="eval-batch", tokenizer=tokenizer)
         try:
             per_case = score(cases, f"{method} batch: scoring")
         finally:
             remove_edits(model, "eval-batch")
     else:
-        per_case, checkpoints = _sequential(model, tokenizer, cases, method, settings, config, scorer, score,
-                                            edit_seconds, sizes, progress)
-    eval_seconds = time.perf_counter() - start - sum(edit_seconds)
-    pack_seconds = list(edit_seconds)
-    if method not in BASELINES:
-        n_edits = sum(len(c.edits) for c in cases)
-        if mode == "batch":  # one pack for all: its time per edit
-            edit_seconds = [edit_seconds[0] / n_edits]
+        identity = {"model": model_name, "method": method, "settings": settings or {},
+                    "config": config_record(config), "case_ids": [c.id for c in cases]}
+        sequence = _sequential(model, tokenizer, cases, method, settings, config, score,
+                               SequenceFolder(state_dir, identity), resume, scorer, progress)
+        per_case = sequence.per_case
+        made = [(p["seconds"], p["edits"]) for p in sequence.packs]
+        sizes = [(p["bytes"], p["parameters"]) for p in sequence.kept]
+    # scoring only: in the sequential mode summed over the runs a resumed sequence took
+    eval_seconds = (sequence.scoring_seconds if sequence is not None
+                    else time.perf_counter() - start - sum(s for s, _ in made))
+    n_edits = sum(len(c.edits) for c in cases)
+    per_edit = [s / n for s, n in made]  # a pack of several edits (a batch, a case of four) counts per edit
     result = {
         "model": model_name, "method": method, "mode": mode, "settings": settings or {},
         "config": config_record(config),
         "n_cases": len(cases), "case_ids": [c.id for c in cases],
         "metrics": aggregate(per_case), "per_case": per_case,
         "timing": {
-            "edit_seconds_median": statistics.median(edit_seconds) if edit_seconds else None,
-            "edit_seconds_per_pack": pack_seconds,  # in the order made; in single mode the order of case_ids
+            "edit_seconds_median": statistics.median(per_edit) if per_edit else None,
+            "edit_seconds_per_pack": [s for s, _ in made],  # in the order made; in single mode the order of case_ids
+            "edits_per_pack": [n for _, n in made],
             "eval_seconds": eval_seconds,
             "pack_bytes_per_edit": sum(b for b, _ in sizes) / n_edits if sizes else None,
             "pack_params_per_edit": sum(n for _, n in sizes) / n_edits if sizes else None,
         },
     }
-    if mode == "sequential" and method not in BASELINES:
-        result["checkpoints"] = checkpoints
+    if sequence is not None:
+        result["checkpoints"] = sequence.checkpoints
     return result
 
 
@@ -177,57 +190,69 @@ def config_record(config: EvalConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
 
-def _sequential(model, tokenizer, cases, method, settings, config: EvalConfig, scorer: Scorer, score, edit_seconds,
-                sizes, progress) -> tuple[dict, list[dict]]:
+def _sequential(model, tokenizer, cases, method, settings, config: EvalConfig, score, saved: SequenceFolder,
+                resume: bool, scorer: Scorer, progress) -> SequenceProgress:
     """Packs of `config.pack_cases` cases, each made with the earlier ones attached
     (and the method's history of them, if it keeps one), scored at each checkpoint
     on the cases edited so far (or a fixed sample of `config.checkpoint_sample`),
-    then all removed. Returns (the last checkpoint's per-case scores, the checkpoints)."""
+    then all removed. The progress is saved after every pack (`saved`), and with
+    `resume` a run cut short goes on from there. Returns the progress at the end."""
     n_edits = sum(len(c.edits) for c in cases)
-    marks = sorted({c for c in config.checkpoints if c < n_edits}) + [n_edits]  # the next to reach first
-    history, names, checkpoints, made, scoring = new_history(method), [], [], 0, 0.0
-    start = time.perf_counter()
-    bar = tqdm(total=n_edits, desc=f"{method} sequential: editing", unit="edit", disable=not progress)
+    done = saved.start(resume)
+    history = saved.history(new_history(method), done)
+    marks = [m for m in sorted({c for c in config.checkpoints if c < n_edits}) + [n_edits] if m > done.n_edits]
+    bar = tqdm(total=n_edits, initial=done.n_edits, desc=f"{method} sequential: editing", unit="edit",
+               disable=not progress)
     try:
-        for first in range(0, len(cases), config.pack_cases):
+        saved.restore(model, tokenizer, done)
+        for first in range(len(done.packs) * config.pack_cases, len(cases), config.pack_cases):
+            began = time.perf_counter()
             group = cases[first:first + config.pack_cases]
             edits = [e for c in group for e in c.edits]
-            pack = _timed_pack(method, model, tokenizer, edits, settings, edit_seconds, sizes, history)
-            if history is not None and history.replaces_packs and len(sizes) > 1:
+            pack = make_pack(method, model, tokenizer, edits, settings, progress=False, history=history)
+            made = {"name": f"eval-{len(done.packs)}", "seconds": time.perf_counter() - began, "edits": len(edits),
+                    "parameters": sum(t.numel() for t in pack.tensors.values()), "replaced": False}
+            if history is not None and history.replaces_packs and done.attached:
                 # the pack holds every edit so far (one shared intervention): it takes the last one's place
-                remove_edits(model, names.pop())
-                del sizes[:-1]
+                remove_edits(model, done.attached.pop())
+                done.packs[-1]["replaced"] = True
             # A later edit of the same subject and prompt supersedes an earlier one, as in a model kept up to date.
-            load_edits(model, pack, name=f"eval-{len(names)}", on_conflict="last", tokenizer=tokenizer)
-            names.append(f"eval-{len(names)}")
-            made += len(edits)
+            load_edits(model, pack, name=made["name"], on_conflict="last", tokenizer=tokenizer)
+            done.wall_seconds += time.perf_counter() - began
+            done.attached.append(made["name"])
+            done.packs.append({**made, "bytes": pack_bytes(pack, saved.pack_folder(made["name"]))})
             bar.update(len(edits))
-            if made < marks[0]:
-                continue
-            while marks and marks[0] <= made:
-                marks.pop(0)
-            scored_from = time.perf_counter()
-            done = cases[:first + len(group)]
-            sample = config.checkpoint_sample
-            if sample is not None and sample < len(done):
-                done = [done[i] for i in sorted(random.Random(0).sample(range(len(done)), sample))]
-            per_case = score(done, f"{method} sequential: scoring {len(done)} cases at {made} edits")
-            checkpoints.append({
-                "n_edits": made, "n_scored": len(done), "metrics": aggregate(per_case),
-                "general_ability": {"perplexity_ratio": perplexity_ratio(scorer),
-                                    "tokens_per_second_ratio": speed_ratio(scorer)},
-                "timing": {"edit_seconds": sum(edit_seconds),
-                           "wall_seconds": scored_from - start - scoring,  # editing and attaching, not scoring
-                           "pack_bytes": sum(b for b, _ in sizes),
-                           "pack_parameters": sum(n for _, n in sizes)}})
-            scoring += time.perf_counter() - scored_from
+            if done.n_edits >= marks[0]:
+                while marks and marks[0] <= done.n_edits:
+                    marks.pop(0)
+                scored_from = time.perf_counter()
+                _checkpoint(done, cases[:first + len(group)], config, score, scorer, method)
+                done.scoring_seconds += time.perf_counter() - scored_from
+            saved.save(done, history)
     finally:
         bar.close()
         attached = {p.name for p in stack_of(model).list()}
-        for name in names:
+        for name in done.attached:
             if name in attached:  # a pack whose every edit a later one superseded is gone already
                 remove_edits(model, name)
-    return per_case, checkpoints
+    return done
+
+
+def _checkpoint(done: SequenceProgress, edited: list[Case], config: EvalConfig, score, scorer: Scorer,
+                method: str) -> None:
+    """Score the cases edited so far (or the fixed sample of them) with the model as
+    it is now, and the general ability beside them, into `done`."""
+    sample = config.checkpoint_sample
+    if sample is not None and sample < len(edited):
+        edited = [edited[i] for i in sorted(random.Random(0).sample(range(len(edited)), sample))]
+    done.per_case = score(edited, f"{method} sequential: scoring {len(edited)} cases at {done.n_edits} edits")
+    done.checkpoints.append({
+        "n_edits": done.n_edits, "n_scored": len(edited), "metrics": aggregate(done.per_case),
+        "general_ability": {"perplexity_ratio": perplexity_ratio(scorer), "tokens_per_second_ratio": speed_ratio(scorer)},
+        "timing": {"edit_seconds": sum(p["seconds"] for p in done.packs),
+                   "wall_seconds": done.wall_seconds,  # making and attaching packs, not scoring
+                   "pack_bytes": sum(p["bytes"] for p in done.kept),
+                   "pack_parameters": sum(p["parameters"] for p in done.kept)}})
 
 
 def aggregate(per_case: dict) -> dict:
@@ -243,9 +268,9 @@ def aggregate(per_case: dict) -> dict:
             for m, kinds in sorted(metrics.items())}
 
 
-def _timed_pack(method, model, tokenizer, edits, settings, edit_seconds, sizes, history=None) -> EditPack:
+def _timed_pack(method, model, tokenizer, edits, settings, made, sizes) -> EditPack:
     start = time.perf_counter()
-    pack = make_pack(method, model, tokenizer, edits, settings, progress=False, history=history)
-    edit_seconds.append(time.perf_counter() - start)
+    pack = make_pack(method, model, tokenizer, edits, settings, progress=False)
+    made.append((time.perf_counter() - start, len(edits)))
     sizes.append((pack_bytes(pack), sum(t.numel() for t in pack.tensors.values())))
     return pack
