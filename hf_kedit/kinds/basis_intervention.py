@@ -198,8 +198,9 @@ class BasisIntervention:
                   "gate.bias": [r]}
         owners = {}
         for edit in pack.edits:
-            owner = owners.setdefault(owner_of(config, edit.id), edit.id)
-            check_owned(edit, {part_name(owner_of(config, edit.id), layer, part) for layer in config.layers
+            owner = owner_of(config, edit.id)
+            owners.setdefault(owner, edit.id)
+            check_owned(edit, {part_name(owner, layer, part) for layer in config.layers
                                for part in parts}, f"{', '.join(parts)} at layers {config.layers}"
                         + (f" (named {SHARED_OWNER!r}: shared_bases)" if config.shared_bases else ""))
         for owner, edit_id in owners.items():  # shared tensors are checked once

@@ -145,12 +145,13 @@ def baft_edit(model, tokenizer, requests: list[Edit], config: BaFTConfig | None 
     if config.shared_bases:
         history = SharedBases() if history is None else history
 
-        def continual_at(layer: int) -> Continual:
+        def shared(layer: int) -> Continual:
             continual = Continual(history, config.shared_bases, config.rank, hidden_size(model), layer,
                                   config.gate_floor, config.seed, config.retention_weight, requests,
                                   input_device(model))
             history.check(base_model_record(model, [anatomy_of(model).mlp_out(layer)]))
             return continual
+        continual_at = shared
     elif history is not None and history.tensors:
         raise EditRequestError("this SharedBases history holds shared bases: set shared_bases to continue it")
 

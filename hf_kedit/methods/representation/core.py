@@ -136,7 +136,7 @@ class GateFit:
 
 def train_interventions(model, tokenizer, requests: list[Edit], config: InterventionConfig, method: str,
                         peft_type: str, gate: GateFit | None = None, progress: bool = True,
-                        continual_at: Callable[[int], "Continual"] | None = None) -> EditPack:
+                        continual_at: Callable[[int], object] | None = None) -> EditPack:
     """One intervention per request at `config.layer`; a `basis_intervention` pack.
     With `continual_at(layer)` (a `shared_bases.Continual`), every request trains
     that one shared intervention instead, and the pack holds it and every edit
