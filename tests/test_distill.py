@@ -46,7 +46,10 @@ def test_aligned_positions_pair_the_positions_that_read_the_same_end_of_the_text
     assert aligned_positions([1, 5], [1, 9, 4], [5]) == []
 
 
-def test_the_student_learns_to_read_without_the_context_as_the_teacher_reads_with_it(tokenizer):
+# The fraction of the teacher-student gap left after training, at most: a basis student acts only at the
+# subject's last token of each text, so on this random model it closes less of the gap than LoRA factors.
+@pytest.mark.parametrize("student, left", [("lora", 0.5), ("basis", 0.9)])
+def test_the_student_learns_to_read_without_the_context_as_the_teacher_reads_with_it(tokenizer, student, left):
     # weights of a wider spread than a fresh model's, so that the context changes what it predicts
     model = tiny(tokenizer, initializer_range=0.1)
     context = fact_context([EDIT])
@@ -66,24 +69,30 @@ def test_the_student_learns_to_read_without_the_context_as_the_teacher_reads_wit
     unrelated = torch.tensor([tokenizer(UNRELATED).input_ids])
     base, before = log_probs(model, unrelated), mean_gap()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    pack = make_pack("distill", model, tokenizer, [EDIT], SETTINGS, progress=False)
+    pack = make_pack("distill", model, tokenizer, [EDIT], {**SETTINGS, "student": student}, progress=False)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), "the method changed the model"
-    assert pack.kind == "weight_delta" and list(pack.kind_config["modules"]) == ["model.layers.1.mlp.down_proj"]
+    if student == "lora":
+        assert pack.kind == "weight_delta" and list(pack.kind_config["modules"]) == ["model.layers.1.mlp.down_proj"]
+    else:
+        assert pack.kind == "basis_intervention" and pack.kind_config["layers"] == [1]
+        assert pack.kind_config["gate"] == "sigmoid_rms" and pack.hyperparameters["student"] == "basis"
     load_edits(model, pack, name="d")
     after = mean_gap()
     drift = F.kl_div(log_probs(model, unrelated), base, log_target=True, reduction="none").sum(-1).mean().item()
     remove_edits(model, "d")
-    assert after < 0.5 * before, f"KL(teacher ‖ student) {before:.3f} -> {after:.3f}: the student did not learn"
+    assert after < left * before, f"KL(teacher ‖ student) {before:.3f} -> {after:.3f}: the student did not learn"
     assert drift < 0.5 * before, f"unrelated text moved by {drift:.3f} against a gap of {before:.3f}"
     assert torch.equal(log_probs(model, unrelated), base)
 
 
-def test_packs_of_two_edits_stack_and_come_off_one_edit_at_a_time(tokenizer):
+@pytest.mark.parametrize("student", ["lora", "basis"])
+def test_packs_of_two_edits_stack_and_come_off_one_edit_at_a_time(tokenizer, student):
     model = tiny(tokenizer)
     other = Edit("e1", "Marie Curie", "{} was born in", "Lyon", "Warsaw")
     ids = torch.tensor([tokenizer(EDIT.text).input_ids])
     base = log_probs(model, ids)
-    pack = make_pack("distill", model, tokenizer, [EDIT, other], {**SETTINGS, "steps": 5}, progress=False)
+    pack = make_pack("distill", model, tokenizer, [EDIT, other], {**SETTINGS, "steps": 5, "student": student},
+                     progress=False)
     load_edits(model, pack, name="d")
     both = log_probs(model, ids)
     remove_edits(model, "d", edit_ids=["e1"])
@@ -102,6 +111,8 @@ def test_packs_of_two_edits_stack_and_come_off_one_edit_at_a_time(tokenizer):
     ({"lr": 0}, r"lr=0: give a positive number"),
     ({"locality_weight": float("nan")}, r"locality_weight=nan: give a non-negative number"),
     ({"layers": [7]}, r"layer"),
+    ({"student": "ia3"}, r"student='ia3': give one of 'lora', 'basis'"),
+    ({"student": "basis", "layers": [0, 1]}, r"layers=\[0, 1\]: a basis student intervenes at one layer"),
 ])
 def test_bad_settings_are_refused_before_the_model_changes(tokenizer, settings, match):
     model = tiny(tokenizer)

@@ -123,11 +123,19 @@ def test_an_edit_acts_at_its_subjects_last_token_when_the_positions_cover_it(tok
     ids = tokenizer(EDIT.text).input_ids
     subject_end = len(tokenizer("The mother tongue of Danielle Darrieux").input_ids) - 1
     every = torch.ones(1, len(ids), dtype=torch.bool)
-    acting = basis.acting_positions(tokenizer, EDIT, every)
+    acting = basis.acting_positions(tokenizer, EDIT, EDIT.text, every)
     assert acting.nonzero().flatten().tolist() == [subject_end] and subject_end < len(ids) - 1
     last = torch.zeros_like(every)
     last[0, -1] = True
-    assert basis.acting_positions(tokenizer, EDIT, last).tolist() == [True]
+    assert basis.acting_positions(tokenizer, EDIT, EDIT.text, last).tolist() == [True]
+    # in a text other than the prompt: at the subject if it names it, else nowhere
+    text = "Danielle Darrieux was an actress"
+    named = basis.acting_positions(tokenizer, EDIT, text, torch.ones(1, len(tokenizer(text).input_ids), dtype=bool),
+                                   fallback=False)
+    assert named.nonzero().flatten().tolist() == [len(tokenizer("Danielle Darrieux").input_ids) - 1]
+    other = "The weather is mild"
+    assert not basis.acting_positions(tokenizer, EDIT, other, torch.ones(1, len(tokenizer(other).input_ids),
+                                                                          dtype=bool), fallback=False).any()
 
 
 def test_baft_with_every_position_opens_its_gate_at_the_subject_only(tokenizer):

@@ -3,7 +3,8 @@ Padmanabhan et al., "Propagating knowledge updates to LMs through
 distillation", NeurIPS 2023). The teacher is the model with the fact in its
 context, in the form the `icl` baseline uses; the student is the same model
 with a pack and no context. Per edit, LoRA factors on chosen MLP output
-projections (a `weight_delta` pack) are trained so that the student's
+projections (a `weight_delta` pack), or BaFT's gated intervention at one
+layer (a `basis_intervention` pack), are trained so that the student's
 next-token distributions match the teacher's (KL(teacher ‖ student)) on text
 that reaches beyond the edit prompt:
 - the edit prompt followed by its new target;
@@ -33,9 +34,14 @@ from ...sampling import per_model, sample_texts, seeded
 from ..builders import weight_delta_pack
 from ..finetune.peft_tuning import ADAPTER, fan_in_fan_out, peft_adapter, trained_factors
 from ..in_context import aligned_positions, fact_context, teacher_continuations
+from ..representation.baft import BaFTConfig, gate_fit
+from ..representation.core import train_interventions
 from ..requests import check_requests, resolve_layer
 from ..setting import NOT_TUNED, setting
 from ..teacher_forcing import Kept, fit_target, teacher_forced
+
+
+STUDENTS = ("lora", "basis")
 
 
 @dataclass
@@ -57,6 +63,10 @@ class DistillConfig:
                                      NOT_TUNED)
     seed: int = setting(0, "seeds the teacher's sampling and A's random start", "any: a fixed seed makes packs "
                         "reproducible")
+    student: str = setting("lora", "the pack trained: \"lora\" (LoRA factors on the MLP output projections of "
+                           "`layers`, a weight_delta pack) or \"basis\" (BaFT's gated intervention of `rank` bases "
+                           "at the one layer of `layers`, its gate fitted as BaFT fits it, a basis_intervention pack)",
+                           "chosen here, not measured against \"basis\" yet: the paper trains weights")
 
     def __post_init__(self):
         """`EditRequestError` for settings that cannot work (checks that need no model)."""
@@ -67,6 +77,10 @@ class DistillConfig:
             value, least = getattr(self, name), 0 if name in ("samples", "locality_samples") else 1
             if type(value) is not int or value < least:
                 raise EditRequestError(f"{name}={value!r}: give an integer of at least {least}")
+        if self.student not in STUDENTS:
+            raise EditRequestError(f"student={self.student!r}: give one of {', '.join(map(repr, STUDENTS))}")
+        if self.student == "basis" and len(self.layers) != 1:
+            raise EditRequestError(f"layers={self.layers!r}: a basis student intervenes at one layer; give one")
         for name in ("lr", "locality_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value >= 0 or (name == "lr" and value == 0):
@@ -76,15 +90,19 @@ class DistillConfig:
 
 def distill_edit(model, tokenizer, requests: list[Edit], config: DistillConfig | None = None,
                  progress: bool = True) -> EditPack:
-    """Train one set of LoRA factors per request by context distillation; returns a
-    `weight_delta` pack.
+    """Train one student per request by context distillation: LoRA factors (a
+    `weight_delta` pack), or with `student="basis"` a gated intervention (a
+    `basis_intervention` pack).
 
     Example:
         >>> edit = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
         >>> pack = distill_edit(model, tokenizer, [edit])
+        >>> pack = distill_edit(model, tokenizer, [edit], DistillConfig(student="basis"))
     """
     check_requests(requests, subject_slot=False)
     config = config or DistillConfig()
+    if config.student == "basis":
+        return basis_student(model, tokenizer, requests, config, progress)
     anatomy = anatomy_of(model)
     layers = sorted({resolve_layer(layer, anatomy.num_layers, model, tokenizer, requests) for layer in config.layers})
     names = [anatomy.mlp_out(layer) for layer in layers]
@@ -111,6 +129,19 @@ def distill_edit(model, tokenizer, requests: list[Edit], config: DistillConfig |
             factors[edit.id] = {name: trained_factors(model, name) for name in names}
     hyperparameters = {**asdict(config), "layers": layers}
     return weight_delta_pack(model, "distill", hyperparameters, requests, factors)
+
+
+def basis_student(model, tokenizer, requests: list[Edit], config: DistillConfig, progress: bool) -> EditPack:
+    """BaFT's gated intervention per request, its gate fitted as BaFT fits it (open
+    at the subject, shut on unrelated text and contrast subjects), then trained on
+    the distillation targets with every step run."""
+    unrelated = unrelated_rows(model, tokenizer, config)
+    settings = BaFTConfig(layer=config.layers[0], rank=config.rank, steps=config.steps, lr=config.lr, stop_loss=0.0,
+                          seed=config.seed)
+    return train_interventions(model, tokenizer, requests, settings, "distill", "BAFT",
+                               gate_fit(model, tokenizer, requests, settings), progress,
+                               kept_for=lambda edit: distillation_targets(model, tokenizer, edit, config, unrelated),
+                               recorded=asdict(config))
 
 
 def teacher_texts(model, tokenizer, edit: Edit, config: DistillConfig) -> list[str]:

@@ -154,7 +154,15 @@ def baft_edit(model, tokenizer, requests: list[Edit], config: BaFTConfig | None 
         continual_at = shared
     elif history is not None and history.tensors:
         raise EditRequestError("this SharedBases history holds shared bases: set shared_bases to continue it")
+    return train_interventions(model, tokenizer, requests, config, "baft", "BAFT",
+                               gate_fit(model, tokenizer, requests, config), progress, continual_at)
 
+
+def gate_fit(model, tokenizer, requests: list[Edit], config: BaFTConfig) -> GateFit:
+    """BaFT's gate fit for `requests`: each edit's gates open at its subject's
+    acting tokens and shut on unrelated text, on its prompt with contrast
+    subjects, and at its other positions, with the load-balancing term; used by
+    every method that trains BaFT's gated interventions."""
     def gate_loss_for(layer: int):
         name = anatomy_of(model).layer(layer)
         unrelated = layer_states(model, tokenizer, name, _locality_texts(model, tokenizer, config))
@@ -193,8 +201,7 @@ def baft_edit(model, tokenizer, requests: list[Edit], config: BaFTConfig | None 
             return locality + opening + config.balance_weight * balance, settled
         return gate_loss
 
-    return train_interventions(model, tokenizer, requests, config, "baft", "BAFT",
-                               GateFit(gate_loss_for, config.gate_steps, config.gate_floor), progress, continual_at)
+    return GateFit(gate_loss_for, config.gate_steps, config.gate_floor)
 
 
 def _locality_texts(model, tokenizer, config: BaFTConfig) -> list[str]:

@@ -29,7 +29,7 @@ from ...progress import StepBar
 from ...partial_forward import run_until
 from ..builders import basis_intervention_pack
 from ..setting import NOT_TUNED, setting
-from ..teacher_forcing import fit_target, frozen, teacher_forced
+from ..teacher_forcing import Kept, fit_target, frozen, teacher_forced
 from ..requests import check_requests, resolve_layer, subject_last_index
 
 
@@ -136,11 +136,15 @@ class GateFit:
 
 def train_interventions(model, tokenizer, requests: list[Edit], config: InterventionConfig, method: str,
                         peft_type: str, gate: GateFit | None = None, progress: bool = True,
-                        continual_at: Callable[[int], object] | None = None) -> EditPack:
+                        continual_at: Callable[[int], object] | None = None,
+                        kept_for: Callable[[Edit], Kept] | None = None, recorded: dict | None = None) -> EditPack:
     """One intervention per request at `config.layer`; a `basis_intervention` pack.
     With `continual_at(layer)` (a `shared_bases.Continual`), every request trains
     that one shared intervention instead, and the pack holds it and every edit
-    of its sequence.
+    of its sequence. With `kept_for(edit)`, the rows whose distributions the
+    training also matches (`teacher_forcing.Kept`), each read as a prompt whole,
+    so the intervention acts on them as on any prompt. `recorded`: settings the
+    pack records beside `config`'s.
 
     With `gate` the interventions are gated, and each gate is fitted first on
     its own loss. The gate reads the layer's unedited output, which nothing
@@ -177,16 +181,21 @@ def train_interventions(model, tokenizer, requests: list[Edit], config: Interven
                 intervention = continual.intervention
                 continual.hold()
             ids, labels, prompt = teacher_forced(tokenizer, edit.text, edit.target_new, device)
-            where = select_positions(torch.ones_like(ids, dtype=torch.bool), *positions, torch.tensor([prompt]))
+            kept = kept_for(edit) if kept_for else None
+            lengths = [ids.shape[1]] + ([len(row) for row in kept.rows] if kept else [])  # fit_target's batch
+            real = torch.arange(max(lengths), device=device) < torch.tensor(lengths, device=device)[:, None]
+            prompts = [prompt] + lengths[1:]
+            where = select_positions(real, *positions, torch.tensor(prompts))
             if gate_loss is not None:
-                states = layer_states(model, tokenizer, anatomy.layer(layer), [edit.text], positions)
-                acting = acting_positions(tokenizer, edit, where)
+                texts = [edit.text] + (_texts_of(tokenizer, kept.rows) if kept else [])
+                states, acting = gate_states(model, tokenizer, anatomy.layer(layer), edit, texts, positions)
                 fit_gate(intervention, gate_loss, edit, states, acting, gate.steps, config.lr, continual)
             optimizer = torch.optim.Adam([p for p in intervention.parameters() if p.requires_grad], lr=config.lr)
             with applied(layer_module, intervention, where, continual and continual.replaced), \
-                    prompt_lengths(model, [prompt]):
+                    prompt_lengths(model, prompts):
                 fit_target(model, ids, labels, optimizer, config.steps, config.stop_loss, bar.step,
-                           after_step=continual and continual.after_target_step, trained=[layer_module])
+                           after_step=continual and continual.after_target_step, kept=kept, pad=pad_id(tokenizer),
+                           trained=[layer_module])
             if continual is None:
                 parts[edit.id] = {layer: intervention.tensors()}
             else:
@@ -199,7 +208,8 @@ def train_interventions(model, tokenizer, requests: list[Edit], config: Interven
                                           r=rank, layers=[layer], positions=config.positions,
                                           hidden_size=hidden, gate_floor=gate.floor if gate else 0.0,
                                           shared_bases=continual is not None)
-    return basis_intervention_pack(model, method, {**asdict(config), "layer": layer}, edits, kind_config, parts)
+    return basis_intervention_pack(model, method, {**asdict(config), "layer": layer, **(recorded or {})}, edits,
+                                   kind_config, parts)
 
 
 def fit_gate(intervention: Intervention, gate_loss: GateLoss, edit: Edit, states: torch.Tensor,
@@ -227,13 +237,35 @@ def fit_gate(intervention: Intervention, gate_loss: GateLoss, edit: Edit, states
     intervention.gate.requires_grad_(False)
 
 
-def acting_positions(tokenizer, edit: Edit, where: torch.Tensor) -> torch.Tensor:
-    """[P] bool over the intervened positions `where` [1, T]: where the edit should act."""
-    if edit.subject and edit.subject in edit.text:
-        subject = subject_last_index(tokenizer, edit.text, edit.subject)
-        if where[0, subject]:
+def gate_states(model, tokenizer, layer: str, edit: Edit, texts: list[str],
+                positions: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a gate is fitted on: the states [P, d] at the intervened positions of
+    `texts` (the edit prompt first, then any text the edit should reach) and
+    where the edit acts [P] (`acting_positions`; in texts other than the prompt,
+    nowhere if they do not name the subject)."""
+    states, acting = [], []
+    for i, text in enumerate(texts):
+        where = select_positions(torch.ones(1, len(tokenizer(text).input_ids), dtype=torch.bool), *positions)
+        states.append(layer_states(model, tokenizer, layer, [text], positions))
+        acting.append(acting_positions(tokenizer, edit, text, where, fallback=i == 0).to(states[-1].device))
+    return torch.cat(states), torch.cat(acting)
+
+
+def acting_positions(tokenizer, edit: Edit, text: str, where: torch.Tensor, fallback: bool = True) -> torch.Tensor:
+    """[P] bool over the intervened positions `where` [1, T] of `text`: where the
+    edit should act, its subject's last token; if the positions miss it, all of
+    them (`fallback`) or none."""
+    if edit.subject and edit.subject in text:
+        subject = subject_last_index(tokenizer, text, edit.subject)
+        if subject < where.shape[1] and where[0, subject]:
             return (torch.arange(where.shape[1], device=where.device) == subject)[where[0]]
-    return torch.ones(int(where.sum()), dtype=torch.bool, device=where.device)
+    return torch.full((int(where.sum()),), fallback, dtype=torch.bool, device=where.device)
+
+
+def _texts_of(tokenizer, rows: list[list[int]]) -> list[str]:
+    """The texts of token rows, those that tokenize back to the same row."""
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+    return [t for t, row in zip(texts, rows) if tokenizer(t).input_ids == row]
 
 
 @torch.no_grad()
