@@ -45,7 +45,7 @@ def main() -> None:
         unedited = json.loads((Path(args.unedited) / "results.json").read_text())[0]
         scores = " | ".join(f"{unedited['metrics'].get(m, {}).get(k, float('nan')):.2f}" for m, k in LIFELONG_SCORES)
         table += (f"\n| unedited (its first {unedited['n_cases']} cases) | 0 | {unedited['n_cases']} | {scores} | "
-                  "1.000 | 1.00 | – | – |")
+                  "1.000 | 1.00 | – | – | – |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "lifelong.md").write_text(table + "\n")
