@@ -309,6 +309,29 @@ def test_a_sequential_run_cut_short_goes_on_from_its_last_pack_as_if_never_stopp
     assert len(made) == 8
 
 
+@pytest.mark.parametrize("progress, match", [
+    ("{not json", "is not a sequence's progress"),
+    ('{"identity": {}, "progress": {"bogus": 1}}', "is not a sequence's progress"),
+    ('{"progress": {}}', "is not a sequence's progress"),
+    ('{"identity": {"method": "memit"}, "progress": {}}', "holds another run"),
+])
+def test_a_sequence_folder_that_is_not_this_runs_is_refused_and_kept(tmp_path, progress, match):
+    from hf_kedit.evaluate.sequence_state import SequenceFolder
+
+    (tmp_path / "progress.json").write_text(progress)
+    with pytest.raises(ValueError, match=match):
+        SequenceFolder(tmp_path, {"method": "alphaedit"}).start(resume=True)
+    assert (tmp_path / "progress.json").read_text() == progress
+    (tmp_path / "progress.json").unlink()
+    (tmp_path / "notes.txt").write_text("mine")  # not a sequence's folder: never emptied
+    with pytest.raises(ValueError, match="holds files but no progress.json"):
+        SequenceFolder(tmp_path, {"method": "alphaedit"}).start(resume=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    fresh = SequenceFolder(tmp_path / "new", {"method": "alphaedit"})  # cut before its first pack: resumes from 0
+    fresh.start(resume=False)
+    assert SequenceFolder(tmp_path / "new", {"method": "alphaedit"}).start(resume=True).n_edits == 0
+
+
 def harness_make_pack(*args, **kwargs):
     from hf_kedit.methods import make_pack
 

@@ -58,7 +58,8 @@ class SequenceFolder:
     def start(self, resume: bool) -> SequenceProgress:
         """The saved progress if `resume` and there is one (`ValueError` if it is
         another run's: other model, method, settings, cases or evaluation
-        settings); else a new one, the folder emptied."""
+        settings, or not a progress file); else a new one, the folder emptied
+        (`ValueError` if it holds files and is no sequence's folder)."""
         if self.folder is None:
             return SequenceProgress()
         path = self.folder / PROGRESS
@@ -74,10 +75,15 @@ class SequenceFolder:
                                  "settings, cases or evaluation settings); remove it, or give another --out")
             return progress
         if self.folder.exists():
+            if not path.is_file() and any(p.name != ".gitignore" for p in self.folder.iterdir()):
+                raise ValueError(f"{self.folder} holds files but no {PROGRESS}: it is not a sequence's folder, and "
+                                 "starting one there would delete them; give an empty or new folder")
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
         (self.folder / ".gitignore").write_text("*\n")  # packs of thousands of edits: hundreds of MB
-        return SequenceProgress()
+        progress = SequenceProgress()
+        self.save(progress, None)  # from here on the folder is known as a sequence's
+        return progress
 
     def history(self, empty, progress: SequenceProgress):
         """The method's history as the saved progress left it (`empty`, from
