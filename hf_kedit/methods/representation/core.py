@@ -243,12 +243,11 @@ def gate_states(model, tokenizer, layer: str, edit: Edit, texts: list[str],
     `texts` (the edit prompt first, then any text the edit should reach) and
     where the edit acts [P] (`acting_positions`; in texts other than the prompt,
     nowhere if they do not name the subject)."""
-    states, acting = [], []
-    for i, text in enumerate(texts):
-        where = select_positions(torch.ones(1, len(tokenizer(text).input_ids), dtype=torch.bool), *positions)
-        states.append(layer_states(model, tokenizer, layer, [text], positions))
-        acting.append(acting_positions(tokenizer, edit, text, where, fallback=i == 0).to(states[-1].device))
-    return torch.cat(states), torch.cat(acting)
+    states = layer_states(model, tokenizer, layer, texts, positions)  # one pass, row by row
+    acting = [acting_positions(tokenizer, edit, text, select_positions(
+        torch.ones(1, len(tokenizer(text).input_ids), dtype=torch.bool), *positions), fallback=i == 0)
+        for i, text in enumerate(texts)]
+    return states, torch.cat(acting).to(states.device)
 
 
 def acting_positions(tokenizer, edit: Edit, text: str, where: torch.Tensor, fallback: bool = True) -> torch.Tensor:
