@@ -4,7 +4,6 @@ against the number of edits made)."""
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from accelerate.utils import gather_object
 
 from ..processes import process_state
 from .harness import BASELINES, EvalConfig, aggregate, config_record, evaluate, locality_references
-from .sequence_state import canonical
+from .sequence_state import canonical, write_json
 from .report import lifelong_table, markdown_table, plot_cost, plot_lifelong, plot_quality
 
 
@@ -103,9 +102,7 @@ def _references(model, tokenizer, cases, config: EvalConfig, folder: Path | None
     if path is not None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / ".gitignore").write_text("*\n")
-        partial = path.with_suffix(".json.partial")
-        partial.write_text(json.dumps({"identity": identity, "references": references}) + "\n")
-        os.replace(partial, path)
+        write_json(path, {"identity": identity, "references": references})
     return references
 
 
@@ -163,9 +160,7 @@ def gathered(parts: list[dict], cases) -> dict:
 def _write(results: list[dict], out: Path, plots: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
-    partial = out / "results.json.partial"  # replaced whole: a run killed while writing leaves the last one
-    partial.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(partial, out / "results.json")
+    write_json(out / "results.json", results, indent=1)
     (out / "results.md").write_text(table + "\n")
     if not plots:
         return

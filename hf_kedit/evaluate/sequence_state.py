@@ -113,12 +113,18 @@ class SequenceFolder:
             partial = self.folder / (HISTORY + ".partial")
             history.save(partial)
             os.replace(partial, self.folder / HISTORY)
-        partial = self.folder / (PROGRESS + ".partial")
-        partial.write_text(json.dumps({"identity": self.identity, "progress": asdict(progress)}, default=str) + "\n")
-        os.replace(partial, self.folder / PROGRESS)
+        write_json(self.folder / PROGRESS, {"identity": self.identity, "progress": asdict(progress)})
         for p in progress.packs:
             if p["replaced"]:
                 shutil.rmtree(self.folder / "packs" / p["name"], ignore_errors=True)
+
+
+def write_json(path: Path, value, indent: int | None = None) -> None:
+    """Write `value` as JSON, replacing the file whole: a run killed while writing
+    leaves the last one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=indent, default=str) + "\n")
+    os.replace(partial, path)
 
 
 def canonical(identity: dict) -> str:
