@@ -7,7 +7,9 @@ for Llama models ("rome, EasyEdit's settings": 20 context templates, 10 of 5
 tokens and 10 of 10, up to 25 steps, the value loss through the head's logits,
 no key statistics) take turns edit by edit, in the same process, on the same
 CounterFact cases, so the ratio between the last and ROME is measured in one
-run. Prints a Markdown table; writes results.json, results.md and speed.png
+run. Then the same ROME edits in one call (their v* optimised `batch_size` at
+a time), --together-runs times: seconds per edit as the call's time over its
+edits, a throughput figure beside the per-call median. Prints a Markdown table; writes results.json, results.md and speed.png
 into --out.
 
     python benchmarks/locate_speed.py --edits 20 --memit-batch 100 --out docs/bench/locate-speed
@@ -54,6 +56,7 @@ def main() -> None:
     p.add_argument("--fact-base", default="../shared/data/factbase_counterfact_true.json")
     p.add_argument("--edits", type=int, default=20, help="edits timed per method, one call each")
     p.add_argument("--memit-batch", type=int, default=100, help="0: no MEMIT batch")
+    p.add_argument("--together-runs", type=int, default=3, help="calls of all --edits ROME edits at once (0: none)")
     args = p.parse_args()
     model, tokenizer, out = prepared(args)
     edits = [c.edits[0] for c in read_cases("counterfact", args.data, limit=max(args.edits, args.memit_batch))]
@@ -75,6 +78,8 @@ def main() -> None:
             per_edit["rome"].append(timed(lambda: rome_edit(model, tokenizer, [edit], progress=False)))
             per_edit["steam"].append(timed(lambda: steam_edit(model, tokenizer, [edit], steam, progress=False)))
             per_edit[EASY].append(timed(lambda: rome_edit(model, tokenizer, [edit], EASYEDIT, progress=False)))
+        together = [timed(lambda: rome_edit(model, tokenizer, edits[:args.edits], progress=False)) / args.edits
+                    for _ in range(args.together_runs)]
         if args.memit_batch:
             results[f"memit, s for a batch of {args.memit_batch}"] = timed(
                 lambda: memit_edit(model, tokenizer, edits[:args.memit_batch]))
@@ -82,6 +87,9 @@ def main() -> None:
     for method, seconds in per_edit.items():
         results[f"{method}, s per edit (median)"] = statistics.median(seconds)
         results[f"{method}, s per edit (min-max)"] = (min(seconds), max(seconds))
+    if together:
+        results[f"rome, {args.edits} edits in one call, s per edit (median of {len(together)} calls)"] = \
+            statistics.median(together)
     speedup = EASYEDIT_ROME_SECONDS / results["rome, s per edit (median)"]
     results[f"{EASY} / rome (median of per-edit ratios)"] = statistics.median(
         b / r for b, r in zip(per_edit[EASY], per_edit["rome"]))
@@ -92,8 +100,12 @@ def main() -> None:
     table = "\n".join(lines) + (f"\n\nROME: {speedup:.1f}× faster than EasyEdit's own code's {EASYEDIT_ROME_SECONDS} s "
                                 f"per edit on this machine (measured once, outside this run). ROME, STEAM and ROME "
                                 f"with EasyEdit's settings take turns edit by edit, on the first {args.edits} "
-                                f"CounterFact cases{memit}.\n")
+                                f"CounterFact cases{memit}." + (
+                                    f" All {args.edits} ROME edits in one call: "
+                                    f"{EASYEDIT_ROME_SECONDS / statistics.median(together):.1f}× per edit."
+                                    if together else "") + "\n")
     write_results(out, table, {"edits": args.edits, "memit_batch": args.memit_batch, "per_edit_seconds": per_edit,
+                               "together_seconds_per_edit": together,
                                "summary": results, "speedup_over_easyedit_rome": speedup})
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

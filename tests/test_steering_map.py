@@ -12,7 +12,7 @@ from hf_kedit.anatomy import anatomy_of, hidden_states
 from hf_kedit.errors import (EditRequestError, IncompatiblePackError, KeditError, MissingDependencyError,
                              PackFormatError)
 from hf_kedit.kinds.prompt_calls import prompt_lengths, tokenizer_of
-from hf_kedit.kinds.steering_map import mapped, scope_distances
+from hf_kedit.kinds.steering_map import mapped, names_subject, scope_distances
 from hf_kedit.methods import make_pack
 from hf_kedit.methods.steering.core import SteeringConfig, last_token_states, paraphrase_set, steering_sets
 from hf_kedit.methods.steering.transport import linear_transport
@@ -554,6 +554,24 @@ def test_the_subject_gate_steers_only_prompts_that_name_the_subject(tokenizer):
         assert torch.equal(logits(model, tokenizer(x, return_tensors="pt").input_ids), before) == (x in others), x
     remove_edits(model, "p")
     assert no_hooks(model)
+
+
+@pytest.mark.parametrize("prompt, subject, named", [
+    ("Fact: Danielle Darrieux was born in", "danielle darrieux", True),
+    ("DANIELLE DARRIEUX's mother tongue is", "Danielle Darrieux", True),   # case-insensitive, possessive
+    ("Danielle Darrieux", " Danielle Darrieux ", True),                    # the whole prompt; subject stripped
+    ("Ali Gomaa, who has a citizenship from", "Tizen", False),             # inside a longer word
+    ("Fabrice Ehret plays in the position of", "BRIC", False),
+    ("Fordham University is in", "Ford", False),                           # a prefix of a word
+    ("A citizenship of Tizen is", "Tizen", True),                          # inside a word first, then alone
+    ("Tizen-based phones run", "Tizen", True),                             # a hyphen ends a word
+    ("The twin city of Cairo is", "Cairo", True),
+    ("서울은 한국의 수도이다", "서울", True),                                   # a particle attached: no spaces to check
+    ("東京は日本の首都です", "東京", True),
+    ("Any prompt", "", False),
+])
+def test_the_subject_gate_names_a_subject_only_as_whole_words(prompt, subject, named):
+    assert names_subject([prompt], [subject]).tolist() == [[named]]
 
 
 def test_a_router_with_10000_subject_gated_scopes_routes_a_paraphrase_to_its_own_edit(tokenizer):

@@ -90,15 +90,40 @@ def scope_distances(queries: torch.Tensor, centroids: torch.Tensor, metric: str)
 
 
 def names_subject(prompts: list[str], subjects) -> torch.Tensor:
-    """[B, E] bool: prompt b names subject e (case-insensitive substring): the subject gate.
+    """[B, E] bool: prompt b names subject e, the subject gate: the subject occurs in
+    it (case-insensitive) and not inside a longer word ("Tizen" is not named by
+    "citizenship").
 
     Example:
-        >>> names_subject(["The Eiffel Tower is in"], ["eiffel tower", "louvre"])
-        tensor([[ True, False]])
+        >>> names_subject(["The Eiffel Tower's height is"], ["eiffel tower", "tower", "eiffel t"])
+        tensor([[ True,  True, False]])
     """
     lowered = [p.lower() for p in prompts]
-    return torch.tensor([[s.strip().lower() in p for s in subjects] for p in lowered], dtype=torch.bool).reshape(
+    keys = [s.strip().lower() for s in subjects]
+    return torch.tensor([[_names(p, s) for s in keys] for p in lowered], dtype=torch.bool).reshape(
         len(prompts), len(subjects))
+
+
+def _names(text: str, subject: str) -> bool:
+    """`subject` occurs in `text` at least once with a word boundary at both ends."""
+    start = text.find(subject) if subject else -1
+    while start >= 0:
+        end = start + len(subject)
+        if not (_joined(text, start - 1, subject[0]) or _joined(text, end, subject[-1])):
+            return True
+        start = text.find(subject, start + 1)
+    return False
+
+
+def _joined(text: str, i: int, edge: str) -> bool:
+    """The character at `i` continues the word that the subject's `edge` character is part of."""
+    return 0 <= i < len(text) and _in_word(text[i]) and _in_word(edge)
+
+
+def _in_word(c: str) -> bool:
+    # Scripts written without spaces between words (Thai to Myanmar, CJK, kana, Hangul with its attached
+    # particles) have no boundary to check: a subject there is named wherever it occurs.
+    return c.isalnum() and not (0x0E00 <= ord(c) <= 0x109F or 0x1780 <= ord(c) <= 0x17FF or ord(c) >= 0x2E80)
 
 
 @dataclass
