@@ -556,6 +556,18 @@ def test_the_subject_gate_steers_only_prompts_that_name_the_subject(tokenizer):
     assert no_hooks(model)
 
 
+def test_last_token_states_in_length_batches_are_each_texts_own_in_order(tokenizer):
+    """Texts run in batches of similar lengths, not in their order; each state must
+    still be its own text's, as one text alone gives it."""
+    model = tiny(tokenizer)
+    norm = anatomy_of(model).final_norm
+    texts = [EDIT.text, "Hi", *UNRELATED, "Repeat this sentence: 'Danielle Darrieux spoke English'. Danielle", "Hi"]
+    together = last_token_states(model, tokenizer, texts, [norm], batch_size=3)[norm]
+    alone = torch.cat([last_token_states(model, tokenizer, [t], [norm])[norm] for t in texts])
+    assert together.shape == alone.shape and not torch.equal(alone[0], alone[1])
+    close(together, alone)
+
+
 @pytest.mark.parametrize("prompt, subject, named", [
     ("Fact: Danielle Darrieux was born in", "danielle darrieux", True),
     ("DANIELLE DARRIEUX's mother tongue is", "Danielle Darrieux", True),   # case-insensitive, possessive

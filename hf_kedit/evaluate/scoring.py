@@ -2,7 +2,6 @@
 scoring of (prompt, answer) pairs and greedy generation."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -10,15 +9,10 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..anatomy import input_device
-from ..batching import pad_id, padded
+from ..batching import length_runs, pad_id, padded
 from ..kinds.prompt_calls import prompt_lengths
 from ..partial_forward import lm_head_at
 
-TOKENS_PER_BATCH = 1024
-# A forward call's fixed cost in tokens' worth of compute (the default model on a 2-core CPU: 33 ms
-# a call, 0.7 ms a token; docs/evaluation.md):
-# a batch is split where its padding would cost more than another call.
-CALL_TOKENS = 48
 GENERATE_ROWS = 64
 
 
@@ -68,7 +62,7 @@ class Scorer:
         keys = sorted(seqs, key=lambda k: len(seqs[k][0]) + len(seqs[k][1]))
         readings = {}
         lengths = [len(seqs[k][0]) + len(seqs[k][1]) for k in keys]
-        chunks = self._chunks(lengths)
+        chunks = length_runs(lengths, self.batch_size)
         # The bar counts padded tokens: what a batch costs, so the estimate holds as batches grow longer.
         bar = tqdm(total=sum(len(c) * lengths[c[-1]] for c in chunks), desc=desc, unit="tok",
                    disable=not desc or len(chunks) < 2)
@@ -89,27 +83,6 @@ class Scorer:
             bar.update(len(run) * lengths[run[-1]])
         bar.close()
         return [readings[(p, a if isinstance(a, str) else tuple(a))] for p, a in pairs]
-
-    def _chunks(self, lengths: list[int]) -> list[range]:
-        """Consecutive runs of the ascending `lengths`, each of at most `batch_size`
-        sequences and `TOKENS_PER_BATCH` padded tokens (a longer sequence runs alone),
-        that cost the fewest padded tokens plus `CALL_TOKENS` per call (dynamic
-        programming over where each run starts)."""
-        n = len(lengths)
-        cost, start = [0.0] + [math.inf] * n, [0] * (n + 1)
-        for end in range(1, n + 1):
-            for first in range(end - 1, max(end - self.batch_size, 0) - 1, -1):
-                rows = end - first
-                if rows > 1 and rows * lengths[end - 1] > TOKENS_PER_BATCH:
-                    break
-                total = cost[first] + rows * lengths[end - 1] + CALL_TOKENS
-                if total < cost[end]:
-                    cost[end], start[end] = total, first
-        runs, end = [], n
-        while end:
-            runs.append(range(start[end], end))
-            end = start[end]
-        return runs[::-1]
 
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int | list[int],

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...anatomy import anatomy_of, hidden_states, input_device
-from ...batching import pad_id, padded
+from ...batching import by_length, pad_id, padded
 from ...errors import EditRequestError
 from ...kinds.prompt_calls import hidden_size
 from ...kinds.sentence_embedding import EMBEDDING_MODELS, check_installed, embed
@@ -223,22 +223,28 @@ def last_token_states(model, tokenizer, texts: list[str], modules: list[str], ba
     before any attached pack's hook on that module acts (the state a router sees)."""
     device = input_device(model)
     rows = [tokenizer(t).input_ids for t in texts]
-    out = {m: [] for m in modules}
+    batches = by_length(rows, batch_size)
+    out = {m: [None] * len(rows) for m in modules}
     captured = {}
     handles = [model.get_submodule(m).register_forward_hook(
         lambda module, args, output, m=m: captured.__setitem__(m, hidden_states(output)), prepend=True)
         for m in modules]
     try:
-        for start in tqdm(range(0, len(rows), batch_size), desc="steering states", disable=not progress):
-            ids, mask = padded(rows[start:start + batch_size], pad_id(tokenizer), device)
-            run_until(model, [model.get_submodule(m) for m in modules], input_ids=ids, attention_mask=mask)
-            last = mask.sum(1) - 1
-            for m in modules:
-                out[m].append(captured[m][torch.arange(len(ids), device=device), last].float().cpu())
+        # the bar counts texts: batches of long texts hold fewer of them
+        with tqdm(total=len(rows), desc="steering states", disable=not progress) as bar:
+            for batch in batches:
+                ids, mask = padded([rows[i] for i in batch], pad_id(tokenizer), device)
+                run_until(model, [model.get_submodule(m) for m in modules], input_ids=ids, attention_mask=mask)
+                last = mask.sum(1) - 1
+                for m in modules:
+                    states = captured[m][torch.arange(len(ids), device=device), last].float().cpu()
+                    for i, state in zip(batch, states):
+                        out[m][i] = state
+                bar.update(len(batch))
     finally:
         for handle in handles:
             handle.remove()
-    return {m: torch.cat(states) for m, states in out.items()}
+    return {m: torch.stack(states) for m, states in out.items()}
 
 
 def router_representations(model, tokenizer, config: SteeringMapConfig, prompts: list[str],
