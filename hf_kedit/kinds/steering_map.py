@@ -100,7 +100,7 @@ def names_subject(prompts: list[str], subjects) -> torch.Tensor:
     """
     lowered = [p.lower() for p in prompts]
     keys = [s.strip().lower() for s in subjects]
-    return torch.tensor([[_names(p, s) for s in keys] for p in lowered], dtype=torch.bool).reshape(
+    return torch.tensor([[s in p and _names(p, s) for s in keys] for p in lowered], dtype=torch.bool).reshape(
         len(prompts), len(subjects))
 
 
