@@ -1,5 +1,6 @@
-"""Token-id rows as one padded batch: the one way methods, statistics and
-evaluation build model inputs from prompts of different lengths."""
+"""Token-id rows as padded batches: the one way methods, statistics and
+evaluation build model inputs from prompts of different lengths, and group
+rows of similar lengths so that little is spent on padding."""
 from __future__ import annotations
 
 import math
