@@ -9,7 +9,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ..anatomy import input_device
-from ..batching import length_runs, pad_id, padded
+from ..batching import by_length, pad_id, padded
 from ..kinds.prompt_calls import prompt_lengths
 from ..partial_forward import lm_head_at
 
@@ -59,16 +59,16 @@ class Scorer:
             if key not in seqs:
                 seqs[key] = (self.prompt_ids(prompt), list(answer) if not isinstance(answer, str)
                              else self.answer_ids(answer))
-        keys = sorted(seqs, key=lambda k: len(seqs[k][0]) + len(seqs[k][1]))
+        keys = list(seqs)
+        sequences = [seqs[k][0] + seqs[k][1] for k in keys]
+        batches = by_length(sequences, self.batch_size)
         readings = {}
-        lengths = [len(seqs[k][0]) + len(seqs[k][1]) for k in keys]
-        chunks = length_runs(lengths, self.batch_size)
+        costs = [len(b) * max(len(sequences[i]) for i in b) for b in batches]
         # The bar counts padded tokens: what a batch costs, so the estimate holds as batches grow longer.
-        bar = tqdm(total=sum(len(c) * lengths[c[-1]] for c in chunks), desc=desc, unit="tok",
-                   disable=not desc or len(chunks) < 2)
-        for run in chunks:
-            chunk = [keys[i] for i in run]
-            ids, mask = padded([seqs[k][0] + seqs[k][1] for k in chunk], self.pad_id, self.device)
+        bar = tqdm(total=sum(costs), desc=desc, unit="tok", disable=not desc or len(batches) < 2)
+        for batch, cost in zip(batches, costs):
+            chunk = [keys[i] for i in batch]
+            ids, mask = padded([sequences[i] for i in batch], self.pad_id, self.device)
             # Position len(prompt) - 1 + j predicts answer token j.
             rows = [row for row, k in enumerate(chunk) for _ in seqs[k][1]]
             columns = [len(seqs[k][0]) - 1 + j for k in chunk for j in range(len(seqs[k][1]))]
@@ -80,7 +80,7 @@ class Scorer:
                 t = seqs[k][1]
                 nll = F.cross_entropy(step, torch.tensor(t, device=self.device)).item()
                 readings[k] = Forced(t, step.argmax(-1).tolist(), nll)
-            bar.update(len(run) * lengths[run[-1]])
+            bar.update(cost)
         bar.close()
         return [readings[(p, a if isinstance(a, str) else tuple(a))] for p, a in pairs]
 
