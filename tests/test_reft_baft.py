@@ -188,6 +188,32 @@ def test_baft_fits_its_gate_without_a_forward_per_step(tokenizer):
     assert edit_gate.min() > 0.9 and unrelated.max() < 0.1  # within gate_margin of where they should be
 
 
+def test_a_gate_shut_hard_where_it_must_open_still_opens(tokenizer, monkeypatch):
+    # As a shared basis starts at a new edit's key after earlier edits shut it everywhere: far below 0, where
+    # a loss on the sigmoid's output (clamped away from 0) had no gradient and the gate stayed shut.
+    model, start = tiny(tokenizer), basis.Intervention.__init__
+
+    def shut_hard(self, *args, **kwargs):
+        start(self, *args, **kwargs)
+        with torch.no_grad():
+            self.gate.bias.fill_(-40.0)
+    monkeypatch.setattr(basis.Intervention, "__init__", shut_hard)
+    settings = {**SETTINGS["baft"], "steps": 0, "gate_steps": 300, "contrast_subjects": (),
+                "locality_texts": UNRELATED[1:]}
+    pack = make_pack("baft", model, tokenizer, [EDIT], settings, progress=False)
+    G, c = pack.tensors["e0.layers.1.gate.weight"], pack.tensors["e0.layers.1.gate.bias"]
+    edit_gate = gate_weights(layer_states(model, tokenizer, "model.layers.1", [EDIT.text])[-1], G, c)
+    unrelated = gate_weights(layer_states(model, tokenizer, "model.layers.1", list(UNRELATED[1:])), G, c)
+    assert edit_gate.min() > 0.9 and unrelated.max() < 0.1
+
+
+def test_an_edit_opens_the_least_used_bases_the_most_open_first_even_when_all_are_shut_hard():
+    edit = torch.tensor([[-50.0, -30.0, -40.0, 5.0, -35.0]])
+    earlier = torch.tensor([[-9.0, -9.0, -9.0, 3.0, 2.0], [-9.0, -9.0, -9.0, 4.0, -9.0]])  # bases 3 and 4 in use
+    assert basis.opened_bases(edit, earlier, 2, 0.5).tolist() == [[False, True, True, False, False]]
+    assert basis.opened_bases(edit, earlier, 4, 0.5).tolist() == [[True, True, True, False, True]]
+
+
 @pytest.mark.parametrize("margin, settles", [(0.5, True), (1e-9, False)])
 def test_the_gate_fit_stops_once_every_gate_is_within_the_margin(tokenizer, monkeypatch, margin, settles):
     calls = []

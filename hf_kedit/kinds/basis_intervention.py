@@ -99,11 +99,16 @@ def intervention_delta(h: torch.Tensor, R: torch.Tensor, W: torch.Tensor, b: tor
     return source @ R
 
 
+def gate_logits(h: torch.Tensor, G: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """BaFT's gate before its sigmoid, G ĥ + c [..., r], ĥ = h / RMS(h): the gate
+    reads the direction of h, not its norm, which grows with depth and is extreme
+    at attention-sink tokens."""
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + RMS_EPS) @ G.T + c
+
+
 def gate_weights(h: torch.Tensor, G: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """BaFT's w(h) = sigmoid(G ĥ + c) [..., r], ĥ = h / RMS(h): the gate reads the
-    direction of h, not its norm, which grows with depth and is extreme at
-    attention-sink tokens."""
-    return torch.sigmoid(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + RMS_EPS) @ G.T + c)
+    """BaFT's w(h) = sigmoid(`gate_logits`) [..., r]."""
+    return torch.sigmoid(gate_logits(h, G, c))
 
 
 def part_name(edit_id: str, layer: int, part: str) -> str:

@@ -43,9 +43,11 @@ floor, 0.69 with it, unedited 0.70; docs/reft-baft.md).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ...anatomy import anatomy_of, input_device
 from ...kinds.prompt_calls import hidden_size
@@ -176,28 +178,30 @@ def gate_fit(model, tokenizer, requests: list[Edit], config: BaFTConfig) -> Gate
                       if s.lower() != edit.subject.strip().lower()]
             contrasts[edit.id] = layer_states(model, tokenizer, name, others, positions) if others else None
 
-        def gate_loss(edit: Edit, intervention: Intervention, edit_gates: torch.Tensor,
-                      other_gates: torch.Tensor, earlier: torch.Tensor) -> tuple[torch.Tensor, bool]:
-            closed = [intervention.gates(unrelated)]
+        def gate_loss(edit: Edit, intervention: Intervention, edit_logits: torch.Tensor,
+                      other_logits: torch.Tensor, earlier: torch.Tensor) -> tuple[torch.Tensor, bool]:
+            closed = [intervention.gate_logits(unrelated)]
             if contrasts[edit.id] is not None:
-                closed.append(intervention.gates(contrasts[edit.id]))
-            if len(other_gates):
-                closed.append(other_gates)
-            # binary cross-entropy: gates shut on unrelated and contrast positions, open on the edit's own
-            shut = [-torch.log1p(-g.clamp_max(1 - 1e-6)) for g in closed]
+                closed.append(intervention.gate_logits(contrasts[edit.id]))
+            if len(other_logits):
+                closed.append(other_logits)
+            # binary cross-entropy from the logits (softplus(z) = -log(1 - sigmoid(z))), which never
+            # saturates: gates shut on unrelated and contrast positions, open on the edit's own
+            shut = [F.softplus(z) for z in closed]
             locality = sum(bce.mean() for bce in shut) / len(shut)
             if config.worst_gate:  # with every position intervened, one open token (say, the attention sink) is enough
                 locality = locality + max(bce.max() for bce in shut)
-            chosen = opened_bases(edit_gates, earlier, config.rank, config.gate_floor)  # the others it shuts
-            opening = -edit_gates[chosen].clamp_min(1e-6).log().mean()
-            others = edit_gates[~chosen]
+            chosen = opened_bases(edit_logits, earlier, config.rank, config.gate_floor)  # the others it shuts
+            opening = F.softplus(-edit_logits[chosen]).mean()
+            others = edit_logits[~chosen]
             if len(others):
-                opening = opening - torch.log1p(-others.clamp_max(1 - 1e-6)).mean()
-            usage = torch.cat([earlier, edit_gates]).mean(0)  # over the edits sharing the bases, if any
+                opening = opening + F.softplus(others).mean()
+            usage = torch.cat([earlier, edit_logits]).sigmoid().mean(0)  # over the edits sharing the bases, if any
             balance = usage.var(unbiased=False) / usage.mean().pow(2).clamp_min(1e-6)
-            settled = bool(max(g.max() for g in closed) < config.gate_margin
-                           and edit_gates[chosen].min() > 1 - config.gate_margin
-                           and (not len(others) or others.max() < config.gate_margin))
+            margin = math.log(config.gate_margin / (1 - config.gate_margin))  # a gate below gate_margin: a logit below this
+            settled = bool(max(z.max() for z in closed) < margin
+                           and edit_logits[chosen].min() > -margin
+                           and (not len(others) or others.max() < margin))
             return locality + opening + config.balance_weight * balance, settled
         return gate_loss
 

@@ -21,7 +21,7 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from ...anatomy import anatomy_of, hidden_states, input_device
 from ...errors import EditRequestError
-from ...kinds.basis_intervention import BasisInterventionConfig, gate_weights, intervention_delta, parse_positions
+from ...kinds.basis_intervention import BasisInterventionConfig, gate_logits, intervention_delta, parse_positions
 from ...batching import pad_id, padded
 from ...kinds.prompt_calls import hidden_size, prompt_lengths, select_positions
 from ...pack import Edit, EditPack
@@ -71,11 +71,15 @@ class Intervention(nn.Module):
             self.source.weight.copy_(self.rotation.weight)
             self.source.bias.zero_()
 
+    def gate_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The gate before its sigmoid [..., r] (what the gate is fitted on)."""
+        return gate_logits(h, self.gate.weight, self.gate.bias)
+
     def gates(self, h: torch.Tensor) -> torch.Tensor:
-        """w(h) [..., r] before the floor (what the gate is fitted on); ones without a gate."""
+        """w(h) [..., r] before the floor; ones without a gate."""
         if self.gate is None:
             return h.new_ones(*h.shape[:-1], self.source.out_features)
-        return gate_weights(h, self.gate.weight, self.gate.bias)
+        return torch.sigmoid(self.gate_logits(h))
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
         gate = None if self.gate is None else (
@@ -105,15 +109,16 @@ class Intervention(nn.Module):
         return {k: v.detach().clone() for k, v in parts.items()}
 
 
-def opened_bases(edit_gates: torch.Tensor, earlier: torch.Tensor, rank: int, floor: float) -> torch.Tensor:
-    """[P, r] bool: the `rank` bases an edit opens at its positions, given its gates
-    there [P, r] and the gates where earlier edits of a shared intervention act [N, r]:
+def opened_bases(edit_logits: torch.Tensor, earlier: torch.Tensor, rank: int, floor: float) -> torch.Tensor:
+    """[P, r] bool: the `rank` bases an edit opens at its positions, given its gates'
+    logits there [P, r] and where earlier edits of a shared intervention act [N, r]:
     those fewest earlier edits opened, the most open already among them (all of an
-    edit's own bases)."""
-    uses = (earlier.detach() >= floor).sum(0)
-    preference = edit_gates.detach() - uses.to(edit_gates.dtype)
-    return torch.zeros_like(edit_gates, dtype=torch.bool).scatter_(
-        -1, preference.topk(min(rank, edit_gates.shape[-1]), -1).indices, True)
+    edit's own bases). Logits, not gates, order them: gates shut hard all read 0."""
+    uses = (earlier.detach().sigmoid() >= floor).sum(0)
+    by_logit = torch.argsort(edit_logits.detach(), dim=-1, descending=True, stable=True)
+    order = by_logit.gather(-1, torch.argsort(uses[by_logit], dim=-1, stable=True))
+    return torch.zeros_like(edit_logits, dtype=torch.bool).scatter_(
+        -1, order[..., :min(rank, edit_logits.shape[-1])], True)
 
 
 GateLoss = Callable[[Edit, Intervention, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, bool]]
@@ -127,7 +132,9 @@ class GateFit:
     split in two (where the edit acts, and the rest) and the gates where earlier
     edits of a shared intervention act [N, r] (none for an edit's own), that
     returns the loss and whether its goal is reached; at most `steps` steps;
-    gates below `floor` act as 0."""
+    gates below `floor` act as 0. The gates come as logits (before the sigmoid),
+    so that a loss on them can be computed without saturating: a gate shut hard
+    where it must now open still has a gradient."""
 
     loss_for: Callable[[int], GateLoss]
     steps: int
@@ -221,9 +228,9 @@ def fit_gate(intervention: Intervention, gate_loss: GateLoss, edit: Edit, states
     intervention.gate.requires_grad_(True)
     optimizer = torch.optim.Adam(intervention.gate.parameters(), lr=lr)
     for _ in range(steps):
-        gates = intervention.gates(states)
-        earlier = continual.gates() if continual is not None else gates[:0]
-        loss, settled = gate_loss(edit, intervention, gates[acting], gates[~acting], earlier)
+        logits = intervention.gate_logits(states)
+        earlier = continual.gate_logits() if continual is not None else logits[:0]
+        loss, settled = gate_loss(edit, intervention, logits[acting], logits[~acting], earlier)
         if continual is not None:
             drift, kept = continual.gate_drift(earlier)
             loss, settled = loss + drift, settled and kept
@@ -233,7 +240,7 @@ def fit_gate(intervention: Intervention, gate_loss: GateLoss, edit: Edit, states
         loss.backward()
         optimizer.step()
         if continual is not None:
-            continual.after_gate_step(gates[acting].detach(), earlier.detach())
+            continual.after_gate_step(logits[acting].detach(), earlier.detach())
     intervention.gate.requires_grad_(False)
 
 

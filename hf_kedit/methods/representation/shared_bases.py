@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 
 from ...errors import EditRequestError
 from ...kinds.basis_intervention import RMS_EPS, SHARED_OWNER
@@ -106,32 +107,32 @@ class Continual:
             self.value_spans = _spans(torch.cat([self.keys, ones], 1), opened)  # W h + b, at the keys
             self.gate_spans = _spans(torch.cat([normed, ones], 1), opened)     # G ĥ + c, at the keys
 
-    def gates(self) -> torch.Tensor:
-        """The keys' gates now [N, K] (the base choice and the balancing term read them)."""
-        return self.intervention.gates(self.keys)
+    def gate_logits(self) -> torch.Tensor:
+        """The keys' gates now [N, K], as logits (the base choice and the balancing term read them)."""
+        return self.intervention.gate_logits(self.keys)
 
-    def gate_drift(self, gates: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """(The loss that keeps the keys' gates `gates` [N, K] shut where they were
+    def gate_drift(self, logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(The loss that keeps the keys' gates (`logits` [N, K]) shut where they were
         shut, weighted; whether every one still is, and every open one still open).
         It is the new edit's own shutting loss, worst gate included, so that holding
         an earlier edit weighs as much as making the new one."""
-        shut = gates[self.kept_gates < self.floor]
+        shut = logits[self.kept_gates < self.floor]
         if not len(shut):
-            return gates.sum() * 0, True
-        bce = -torch.log1p(-shut.clamp_max(1 - 1e-6))
-        opened = gates[self.kept_gates >= self.floor]
-        kept = bool(shut.max() < self.floor and (not len(opened) or opened.min() >= self.floor))
+            return logits.sum() * 0, True
+        bce = F.softplus(shut)  # -log(1 - sigmoid), exact at any logit
+        opened = logits[self.kept_gates >= self.floor].sigmoid()
+        kept = bool(shut.max().sigmoid() < self.floor and (not len(opened) or opened.min() >= self.floor))
         return self.weight * (bce.mean() + bce.max()), kept
 
-    def after_gate_step(self, edit_gates: torch.Tensor, earlier: torch.Tensor) -> None:
+    def after_gate_step(self, edit_logits: torch.Tensor, earlier: torch.Tensor) -> None:
         """Keep the gates of bases in use where they were, except those the edit opens
-        (`opened_bases` of its gates `edit_gates` [P, K] and the keys' `earlier`), whose
+        (`opened_bases` of its gates' logits `edit_logits` [P, K] and the keys' `earlier`), whose
         change is projected off the keys where they are open; free bases' gates
         train (to shut: they are open about half the time from their random
         start). A gate in use left free to move drifted under Adam's steps where
         its loss was nearly flat, and opened on unrelated text (docs/reft-baft.md)."""
         gate, start = self.intervention.gate, self.start
-        opened = opened_bases(edit_gates, earlier, self.rank, self.floor).any(0)
+        opened = opened_bases(edit_logits, earlier, self.rank, self.floor).any(0)
         held = self.in_use & ~opened
         with torch.no_grad():
             gate.weight[held] = start["gate.weight"][held]
