@@ -212,10 +212,6 @@ def test_an_edit_opens_the_least_used_bases_the_most_open_first_even_when_all_ar
     earlier = torch.tensor([[-9.0, -9.0, -9.0, 3.0, 2.0], [-9.0, -9.0, -9.0, 4.0, -9.0]])  # bases 3 and 4 in use
     assert basis.opened_bases(edit, earlier, 2, 0.5).tolist() == [[False, True, True, False, False]]
     assert basis.opened_bases(edit, earlier, 4, 0.5).tolist() == [[True, True, True, False, True]]
-    # fewer than `rank` free: `reused` of them, the free ones first
-    assert basis.opened_bases(edit, earlier, 4, 0.5, reused=4).tolist() == [[True, True, True, False, True]]
-    assert basis.opened_bases(edit, earlier, 4, 0.5, reused=5).tolist() == [[True] * 5]
-    assert basis.opened_bases(edit, earlier, 2, 0.5, reused=5).tolist() == [[False, True, True, False, False]]
 
 
 @pytest.mark.parametrize("margin, settles", [(0.5, True), (1e-9, False)])
@@ -349,15 +345,6 @@ def test_shared_bases_hold_the_earlier_edits_updates(tokenizer):
     assert later.norm(dim=-1).min() > 0
     R = second.tensors["bases.layers.1.rotation"].double()
     torch.testing.assert_close(R @ R.T, torch.eye(8, dtype=torch.float64), atol=1e-5, rtol=0)
-
-
-def test_an_edit_made_once_no_basis_is_free_opens_reused_bases_of_those_in_use(tokenizer):
-    model = tiny(tokenizer)
-    first, second, keys, history = shared_sequence(model, tokenizer, {**SHARED, "shared_bases": 4, "reused_bases": 3})
-    t = {part: second.tensors[f"bases.layers.1.{part}"] for part in ("gate.weight", "gate.bias")}
-    opened = (gate_weights(history.tensors["keys"], t["gate.weight"], t["gate.bias"]) >= 0.5).sum(-1)
-    assert opened[:2].tolist() == [2, 2] and opened[-1] == 3  # the first two took the four bases, rank 2 each
-    torch.testing.assert_close(shared_update(second, keys), shared_update(first, keys), atol=1e-4, rtol=1e-4)
 
 
 def test_a_saved_shared_history_continues_as_the_one_in_memory(tokenizer, tmp_path):

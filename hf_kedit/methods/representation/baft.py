@@ -103,10 +103,6 @@ class BaFTConfig(InterventionConfig):
                                 "sequence share one intervention of K bases, each edit opening `rank` of them "
                                 "(BaFT's continual setting), continued batch after batch from a SharedBases history",
                                 NOT_TUNED)
-    reused_bases: int = setting(32, "shared bases: how many bases in use an edit opens once fewer than `rank` are "
-                                "free (at most shared_bases); their directions are fixed, so an edit needs more of "
-                                "them than of its own", f"measured here: 4 of 64 could not make an edit, 16 made 3 "
-                                f"of 9, 32 and 64 all 9 ({RB}#shared-bases-issue-20)")
     retention_weight: float = setting(1.0, "shared bases: weight of keeping the gates shut at the earlier edits' "
                                       "keys where they were shut (their open gates and their updates are held "
                                       "exactly, by projection)", NOT_TUNED)
@@ -128,9 +124,6 @@ class BaFTConfig(InterventionConfig):
         if type(self.shared_bases) is not int or not (self.shared_bases == 0 or self.shared_bases >= self.rank):
             raise EditRequestError(f"shared_bases={self.shared_bases!r}: give 0 (an intervention per edit) or a "
                                    f"number of shared bases of at least rank={self.rank!r}, the bases one edit opens")
-        if type(self.reused_bases) is not int or self.reused_bases < self.rank:
-            raise EditRequestError(f"reused_bases={self.reused_bases!r}: give a number of bases of at least "
-                                   f"rank={self.rank!r}, the bases an edit opens while some are free")
         if not isinstance(self.retention_weight, (int, float)) or not self.retention_weight >= 0:
             raise EditRequestError(f"retention_weight={self.retention_weight!r}: give a weight of at least 0")
         if not isinstance(self.gate_floor, (int, float)) or not 0 <= self.gate_floor < 1:
@@ -155,8 +148,7 @@ def baft_edit(model, tokenizer, requests: list[Edit], config: BaFTConfig | None 
         history = SharedBases() if history is None else history
 
         def shared(layer: int) -> Continual:
-            continual = Continual(history, config.shared_bases, config.rank,
-                                  min(config.reused_bases, config.shared_bases), hidden_size(model), layer,
+            continual = Continual(history, config.shared_bases, config.rank, hidden_size(model), layer,
                                   config.gate_floor, config.seed, config.retention_weight, requests,
                                   input_device(model))
             history.check(base_model_record(model, [anatomy_of(model).mlp_out(layer)]))
@@ -199,8 +191,7 @@ def gate_fit(model, tokenizer, requests: list[Edit], config: BaFTConfig) -> Gate
             locality = sum(bce.mean() for bce in shut) / len(shut)
             if config.worst_gate:  # with every position intervened, one open token (say, the attention sink) is enough
                 locality = locality + max(bce.max() for bce in shut)
-            reused = min(config.reused_bases, config.shared_bases) if config.shared_bases else None
-            chosen = opened_bases(edit_logits, earlier, config.rank, config.gate_floor, reused)  # it shuts the rest
+            chosen = opened_bases(edit_logits, earlier, config.rank, config.gate_floor)  # the others it shuts
             opening = F.softplus(-edit_logits[chosen]).mean()
             others = edit_logits[~chosen]
             if len(others):

@@ -109,21 +109,16 @@ class Intervention(nn.Module):
         return {k: v.detach().clone() for k, v in parts.items()}
 
 
-def opened_bases(edit_logits: torch.Tensor, earlier: torch.Tensor, rank: int, floor: float,
-                 reused: int | None = None) -> torch.Tensor:
-    """[P, r] bool: the bases an edit opens at its positions, given its gates' logits
-    there [P, r] and where earlier edits of a shared intervention act [N, r]: those
-    fewest earlier edits opened, the most open already among them (all of an edit's
-    own bases). `rank` of them while that many are free (no earlier edit opened
-    them), else `reused` (a basis in use keeps its direction, so an edit needs more
-    of them to write its value). Logits, not gates, order them: gates shut hard all
-    read 0."""
+def opened_bases(edit_logits: torch.Tensor, earlier: torch.Tensor, rank: int, floor: float) -> torch.Tensor:
+    """[P, r] bool: the `rank` bases an edit opens at its positions, given its gates'
+    logits there [P, r] and where earlier edits of a shared intervention act [N, r]:
+    those fewest earlier edits opened, the most open already among them (all of an
+    edit's own bases). Logits, not gates, order them: gates shut hard all read 0."""
     uses = (earlier.detach().sigmoid() >= floor).sum(0)
-    count = rank if reused is None or int((uses == 0).sum()) >= rank else reused
     by_logit = torch.argsort(edit_logits.detach(), dim=-1, descending=True, stable=True)
     order = by_logit.gather(-1, torch.argsort(uses[by_logit], dim=-1, stable=True))
     return torch.zeros_like(edit_logits, dtype=torch.bool).scatter_(
-        -1, order[..., :min(count, edit_logits.shape[-1])], True)
+        -1, order[..., :min(rank, edit_logits.shape[-1])], True)
 
 
 GateLoss = Callable[[Edit, Intervention, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, bool]]

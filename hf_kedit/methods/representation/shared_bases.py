@@ -14,10 +14,7 @@ rows of R of bases in use are restored, and only the bases no earlier edit
 opened learn their direction (kept orthonormal to the rest). A gate that was
 shut at a key must stay below the floor: that is a loss (`retention_weight`),
 the edit's own shutting loss applied to the keys. A new edit opens the
-`rank` bases fewest earlier edits opened (the load balancing); once fewer
-than `rank` are free, it opens `reused` of them, since the directions of bases
-in use are fixed and four of them could not carry an edit's value
-(docs/reft-baft.md).
+`rank` bases fewest earlier edits opened (the load balancing).
 
 The sequence's state lives in a `SharedBases` history: the intervention as it
 stands, the keys and the edits made so far. Each batch's pack holds every
@@ -71,8 +68,8 @@ class Continual:
     the one the attached pack applies (`replaced`, None on the first batch), and
     the keys whose updates are held in place."""
 
-    def __init__(self, history: SharedBases, bases: int, rank: int, reused: int, hidden: int, layer: int,
-                 floor: float, seed: int, retention_weight: float, requests: list[Edit], device):
+    def __init__(self, history: SharedBases, bases: int, rank: int, hidden: int, layer: int, floor: float,
+                 seed: int, retention_weight: float, requests: list[Edit], device):
         if history.layer() not in (None, layer):
             raise EditRequestError(f"this SharedBases history intervenes at layer {history.layer()}, not {layer}: "
                                    f"set layer={history.layer()} to continue it, or start an empty SharedBases()")
@@ -92,7 +89,7 @@ class Continual:
             self.intervention.load(parts)
             self.replaced = copy.deepcopy(self.intervention).requires_grad_(False)
         self.history, self.layer, self.weight, self.floor = history, layer, retention_weight, floor
-        self.rank, self.reused = rank, reused
+        self.rank = rank
         keys = history.tensors.get("keys")
         self.keys = (keys if keys is not None else torch.zeros(0, hidden)).to(device)
 
@@ -135,7 +132,7 @@ class Continual:
         start). A gate in use left free to move drifted under Adam's steps where
         its loss was nearly flat, and opened on unrelated text (docs/reft-baft.md)."""
         gate, start = self.intervention.gate, self.start
-        opened = opened_bases(edit_logits, earlier, self.rank, self.floor, self.reused).any(0)
+        opened = opened_bases(edit_logits, earlier, self.rank, self.floor).any(0)
         held = self.in_use & ~opened
         with torch.no_grad():
             gate.weight[held] = start["gate.weight"][held]
