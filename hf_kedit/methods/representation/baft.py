@@ -178,6 +178,8 @@ def gate_fit(model, tokenizer, requests: list[Edit], config: BaFTConfig) -> Gate
                       if s.lower() != edit.subject.strip().lower()]
             contrasts[edit.id] = layer_states(model, tokenizer, name, others, positions) if others else None
 
+        margin = math.log(config.gate_margin / (1 - config.gate_margin))  # gate_margin as a logit
+
         def gate_loss(edit: Edit, intervention: Intervention, edit_logits: torch.Tensor,
                       other_logits: torch.Tensor, earlier: torch.Tensor) -> tuple[torch.Tensor, bool]:
             closed = [intervention.gate_logits(unrelated)]
@@ -198,7 +200,6 @@ def gate_fit(model, tokenizer, requests: list[Edit], config: BaFTConfig) -> Gate
                 opening = opening + F.softplus(others).mean()
             usage = torch.cat([earlier, edit_logits]).sigmoid().mean(0)  # over the edits sharing the bases, if any
             balance = usage.var(unbiased=False) / usage.mean().pow(2).clamp_min(1e-6)
-            margin = math.log(config.gate_margin / (1 - config.gate_margin))  # a gate below gate_margin: a logit below this
             settled = bool(max(z.max() for z in closed) < margin
                            and edit_logits[chosen].min() > -margin
                            and (not len(others) or others.max() < margin))
