@@ -9,14 +9,14 @@ from peft.tuners.adalora import AdaLoraModel
 
 from hf_kedit import EditPack, load_edits, remove_edits
 from hf_kedit.anatomy import anatomy_of, linear_shape
-from hf_kedit.errors import EditRequestError
+from hf_kedit.errors import EditRequestError, IncompatiblePackError
 from hf_kedit.kinds.singular_scale import singular_decomposition, weight_matrix, z_name
 from hf_kedit.kinds.weight_delta import deltas_applied
 from hf_kedit.methods import AdaLoRAConfig, FTConfig, make_pack
 from hf_kedit.methods.finetune.svf import scaled
 from hf_kedit.methods.finetune.peft_tuning import ADAPTER, peft_adapter, trained_factors
 from hf_kedit.batching import padded
-from hf_kedit.methods.teacher_forcing import Kept, fit_target, frozen, teacher_forced
+from hf_kedit.methods.teacher_forcing import Kept, fit_target, frozen, teacher_forced, teacher_forced_rows
 from hf_kedit.pack import Edit
 from test_bad_input import raises_exactly
 from test_rome import tiny
@@ -184,6 +184,61 @@ def test_kept_rows_share_the_edit_s_forward_pass_without_changing_its_loss(token
         moved = kept.divergence(model(input_ids=rows, attention_mask=mask).logits).item()
         half = Kept(kept.rows, kept.weights / 2, kept.before).divergence(model(input_ids=rows, attention_mask=mask).logits)
     assert moved > 1e-3 and half.item() == pytest.approx(moved / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("at_prompt_end", [False, True])
+def test_rows_fitted_together_score_as_each_does_alone(tokenizer, one_thread, at_prompt_end):
+    """Rows of different lengths, right-padded into one batch: the loss is the mean
+    of each row's own loss, and the bar moves once per row and step."""
+    model = tiny(tokenizer)
+    prompts, targets = [EDIT.text, "The capital city of the country of France is"], [EDIT.target_new, "Rome of Italy"]
+    idle = dict(steps=1, stop_loss=1e9, at_prompt_end=at_prompt_end)
+
+    def fitted(ids, labels, steps_seen=None):
+        return fit_target(model, ids, labels, torch.optim.Adam([torch.zeros(1, requires_grad=True)]),
+                          on_step=None if steps_seen is None else lambda: steps_seen.append(1), **idle)
+
+    rows = [teacher_forced(tokenizer, p, t, "cpu")[:2] for p, t in zip(prompts, targets)]
+    alone = [fitted(*row) for row in rows]
+    ids, labels = teacher_forced_rows(tokenizer, prompts, targets, "cpu")
+    widths = [row[0].shape[1] for row in rows]
+    assert ids.shape == (2, max(widths)) and widths[0] < widths[1]  # the edit's row is padded
+    steps_seen = []
+    assert fitted(ids, labels, steps_seen) == pytest.approx(sum(alone) / 2, rel=1e-5)
+    assert len(steps_seen) == 2 and alone[0] != pytest.approx(alone[1], rel=1e-3)
+
+
+def test_a_joint_lora_pack_fits_every_edit_and_its_edits_come_off_together(tokenizer, one_thread, tmp_path):
+    model = tiny(tokenizer, initializer_range=0.2)  # logits large enough that a target can become likely
+    edits = [EDIT, Edit("e1", "Paris", "{} is the capital of", "Italy", "France"),
+             Edit("e2", "Toko Yasuda", "{} plays the", "trumpet", "guitar")]
+    settings = {"steps": 60, "layer": 1, "joint": True, "lr": 5e-2}
+
+    def losses():
+        with torch.no_grad():
+            return [model(input_ids=ids, labels=labels).loss.item() for ids, labels, _ in
+                    (teacher_forced(tokenizer, e.text, e.target_new, "cpu") for e in edits)]
+
+    before, weights = losses(), {n: p.detach().clone() for n, p in model.named_parameters()}
+    pack = make_pack("lora", model, tokenizer, edits, settings, progress=False)
+    name = anatomy_of(model).mlp_out(1)
+    assert sorted(pack.tensors) == [f"e0.{name}.lora_A", f"e0.{name}.lora_B"]
+    assert pack.tensors[f"e0.{name}.lora_A"].shape[0] == 3 and pack.sharing_groups == [["e0", "e1", "e2"]]
+    pack.save_pretrained(tmp_path / "joint")
+    loaded = EditPack.from_pretrained(tmp_path / "joint")
+    with raises_exactly(IncompatiblePackError, r"edits \['e1', 'e2'\] share their tensors with \['e0'\]"):
+        loaded.select(["e0"])
+    load_edits(model, loaded, name="joint")
+    after = losses()
+    assert all(a < b - 3.0 for a, b in zip(after, before)), (before, after)
+    remove_edits(model, "joint")
+    assert losses() == before
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    one = {**settings, "steps": 5}  # one edit: joint or not, the same pack
+    joint_one = make_pack("lora", model, tokenizer, [EDIT], one, progress=False)
+    alone_one = make_pack("lora", model, tokenizer, [EDIT], {**one, "joint": False}, progress=False)
+    assert joint_one.tensors.keys() == alone_one.tensors.keys()
+    assert all(torch.equal(joint_one.tensors[n], alone_one.tensors[n]) for n in alone_one.tensors)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,7 +1,8 @@
 """`weight_delta`: low-rank updates ΔW = B A of linear modules.
 
 Each edit owns, per target module, `A` [r, in] and `B` [out, r] (PEFT's
-lora_A/lora_B convention, whatever the weight's storage layout). All packs'
+lora_A/lora_B convention, whatever the weight's storage layout); edits trained
+together (LoRA's joint fit) own one pair together and come off together. All packs'
 factors on one module are concatenated and applied by one forward hook,
 y += (x Aᵀ) Bᵀ, or merged into the weight on request; unmerging restores the
 saved original matrix, never a subtraction, so it is bit-exact.
@@ -25,7 +26,8 @@ SUFFIX_A, SUFFIX_B = ".lora_A", ".lora_B"
 
 
 def factor_names(edit_id: str, module: str) -> tuple[str, str]:
-    """The tensor names of an edit's `A` and `B` factors on `module`."""
+    """The tensor names of an edit's `A` and `B` factors on `module`; edits that
+    own factors together find them under the id of the first of them in the pack."""
     return f"{edit_id}.{module}{SUFFIX_A}", f"{edit_id}.{module}{SUFFIX_B}"
 
 
@@ -69,10 +71,13 @@ class WeightDelta:
                     or not isinstance(entry.get("shape"), list) or len(entry["shape"]) != 2:
                 raise PackFormatError(f"weight_delta pack: kind_config.modules[{module!r}] needs layout "
                                       f"'out_in' or 'in_out' and a 2-element shape, got {entry}")
+        owners: dict[frozenset, str] = {}
         for edit in pack.edits:
             owned = set(edit.tensors)
+            # Edits that own their factors together (trained jointly) find them under the first one's id.
+            owner = owners.setdefault(frozenset(owned), edit.id)
             for module in modules:
-                a, b = factor_names(edit.id, module)
+                a, b = factor_names(owner, module)
                 if (a in owned) != (b in owned):
                     raise PackFormatError(f"edit {edit.id!r} has only one of {a!r} and {b!r}")
                 if a not in owned:

@@ -24,11 +24,15 @@ def owning_pack(kind: str, method: str, hyperparameters: dict, edits: list[Edit]
 
 
 def weight_delta_pack(model: nn.Module, method: str, hyperparameters: dict, edits: list[Edit],
-                      factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> EditPack:
-    """A `weight_delta` pack from per-edit, per-module factors `(A [r, in], B [out, r])`."""
-    tensors = {e.id: {name: t for module, pair in factors[e.id].items()
-                      for name, t in zip(factor_names(e.id, module), pair)} for e in edits}
-    modules = sorted({module for e in edits for module in factors[e.id]})
+                      factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]],
+                      joint: bool = False) -> EditPack:
+    """A `weight_delta` pack from per-edit, per-module factors `(A [r, in], B [out, r])`;
+    with `joint`, `factors` holds one entry, under the first edit's id, that all
+    edits own together (they come off together)."""
+    owner = {e.id: edits[0].id if joint else e.id for e in edits}
+    tensors = {e.id: {name: t for module, pair in factors[owner[e.id]].items()
+                      for name, t in zip(factor_names(owner[e.id], module), pair)} for e in edits}
+    modules = sorted({module for e in edits for module in factors[owner[e.id]]})
     kind_config = {"modules": {m: module_entry(model, m) for m in modules}}
     return owning_pack(WeightDelta.name, method, hyperparameters, edits, tensors,
                        base_model_record(model, WeightDelta.modules(kind_config, model)), kind_config)

@@ -75,6 +75,20 @@ class Kept:
         return (self.weights[self.weights != 0] * (self.before.exp() * (self.before - now)).sum(-1)).sum()
 
 
+def teacher_forced_rows(tokenizer, prompts: list[str], targets: list[str], device,
+                        pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several `teacher_forced` rows as one batch: (ids [n, T] right-padded with
+    `pad`, labels [n, T] with −100 on prompts and padding), for `fit_target`.
+
+    Example:
+        >>> ids, labels = teacher_forced_rows(tokenizer, ["The capital of France is"], ["Rome"], "cpu")
+    """
+    rows = [teacher_forced(tokenizer, p, t, device)[:2] for p, t in zip(prompts, targets)]
+    ids, _ = padded([r[0][0].tolist() for r in rows], pad, device)
+    labels, _ = padded([r[1][0].tolist() for r in rows], -100, device)
+    return ids, labels
+
+
 def fit_target(model, ids: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer, steps: int,
                stop_loss: float, on_step: Callable[[], object] | None = None, at_prompt_end: bool = False,
                after_step: Callable[[int], object] | None = None,
@@ -93,33 +107,46 @@ def fit_target(model, ids: torch.Tensor, labels: torch.Tensor, optimizer: torch.
     With `at_prompt_end`, every target token is scored at the prompt's last
     position instead of each at its own (ROME's FT-L objective). The loss
     checked against `stop_loss` is the target's, without the regulariser.
+    Several rows (`teacher_forced_rows`: right-padded with `pad`, each row's
+    target at its end) are fitted together: the loss is the mean of the rows'
+    losses, the fit stops once every row's is below `stop_loss`, and `on_step()`
+    is called once per row and step.
     Returns the last loss.
 
     Example:
         >>> with deltas_applied(model, {name: (A, B)}):
         ...     fit_target(model, ids, labels, torch.optim.Adam([A, B], lr=2e-2), steps=60, stop_loss=0.05)
     """
-    scored = labels[0, 1:] != -100
-    targets = labels[0, 1:][scored]
-    prompt_end = int(scored.nonzero()[0])  # the position that predicts the first target token
-    width = ids.shape[1]
-    batch, mask = (ids, None) if kept is None else padded([ids[0].tolist()] + kept.rows, pad, ids.device)
+    n, width = ids.shape
+    scored = labels[:, 1:] != -100
+    row, position = scored.nonzero(as_tuple=True)  # position p predicts label p + 1
+    targets = labels[:, 1:][scored]
+    counts = torch.bincount(row, minlength=n).to(torch.float32)
+    ends = torch.full((n,), width, device=ids.device).scatter_reduce(0, row, position, "amin")
+    read = ends[row] if at_prompt_end else position
+    lengths = torch.zeros(n, dtype=torch.long, device=ids.device).scatter_reduce(0, row, position + 2, "amax")
+    if n == 1 and kept is None:
+        batch, mask = ids, None
+    else:
+        edit_rows = [ids[i, :int(lengths[i])].tolist() for i in range(n)]
+        batch, mask = padded(edit_rows + (kept.rows if kept is not None else []), pad, ids.device)
     loss = float("nan")
     with replayed(layers_before(model, trained) if trained else []):
         for step in range(steps):
             every = model(input_ids=batch, attention_mask=mask).logits
-            logits = every[0, :width - 1].float()
-            read = logits[prompt_end].expand(len(targets), -1) if at_prompt_end else logits[scored]
-            step_loss = F.cross_entropy(read, targets)
-            loss = step_loss.item()
+            token_loss = F.cross_entropy(every[row, read].float(), targets, reduction="none")
+            row_loss = torch.zeros(n, device=token_loss.device).index_add(0, row, token_loss) / counts
+            step_loss = row_loss.mean()
+            loss, worst = step_loss.item(), row_loss.max().item()
             if on_step:
-                on_step()
-            if loss < stop_loss:
+                for _ in range(n):
+                    on_step()
+            if worst < stop_loss:
                 break
             if regulariser:
                 step_loss = step_loss + regulariser()
             if kept is not None:
-                step_loss = step_loss + kept.divergence(every[1:])
+                step_loss = step_loss + kept.divergence(every[n:])
             optimizer.zero_grad()
             step_loss.backward()
             optimizer.step()

@@ -1,6 +1,6 @@
 """LoRA baseline: a rank-r fine-tune of one MLP output projection on each edit's
-target (teacher-forced NLL), trained as PEFT's own LoRA layer and stored as a
-`weight_delta` pack."""
+target (teacher-forced NLL), or one of rank r × n on n edits together, trained as
+PEFT's own LoRA layer and stored as a `weight_delta` pack."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -15,7 +15,7 @@ from ...progress import StepBar
 from ..builders import weight_delta_pack
 from ..requests import check_requests, resolve_layer
 from ..setting import NOT_TUNED, setting
-from ..teacher_forcing import fit_target, teacher_forced
+from ..teacher_forcing import fit_target, teacher_forced_rows
 from .peft_tuning import ADAPTER, fan_in_fan_out, peft_adapter, trained_factors
 
 
@@ -31,11 +31,16 @@ class LoRAConfig:
     lr: float = setting(2e-2, "Adam's step size", NOT_TUNED)
     stop_loss: float = setting(0.05, "stop once the target's cross-entropy is below this", NOT_TUNED)
     seed: int = setting(0, "seeds A's random start", "any: a fixed seed makes packs reproducible")
+    joint: bool = setting(False, "true: one delta of rank `rank` × the number of edits, trained on all the call's "
+                          "edits together (the mean of their losses, until each is below stop_loss); the edits own "
+                          "it together and come off together. false: one delta per edit, each trained alone",
+                          NOT_TUNED)
 
 
 def lora_edit(model, tokenizer, requests: list[Edit], config: LoRAConfig | None = None,
               progress: bool = True) -> EditPack:
-    """Train one low-rank delta per request; returns a `weight_delta` pack.
+    """Train one low-rank delta per request (or one for all of them, `joint`);
+    returns a `weight_delta` pack.
 
     Example:
         >>> edit = Edit("e0", "Danielle Darrieux", "The mother tongue of {} is", "English", "French")
@@ -49,20 +54,23 @@ def lora_edit(model, tokenizer, requests: list[Edit], config: LoRAConfig | None 
     name = anatomy.mlp_out(layer)
     module = model.get_submodule(name)
     _, in_f = linear_shape(module)
-    # lora_alpha = r: PEFT's scaling alpha / r is 1, so the trained factors are the pack's.
-    peft_config = LoraConfig(r=config.rank, lora_alpha=config.rank, target_modules=[name], lora_dropout=0.0,
-                             fan_in_fan_out=fan_in_fan_out(model, [name]))
     factors = {}
     bar = StepBar(requests, config.steps, "lora: training", disable=not progress)
-    for edit in bar:
+    for batch in bar.batches(len(requests) if config.joint else 1):
+        rank = config.rank * len(batch)
+        # lora_alpha = r: PEFT's scaling alpha / r is 1, so the trained factors are the pack's.
+        peft_config = LoraConfig(r=rank, lora_alpha=rank, target_modules=[name], lora_dropout=0.0,
+                                 fan_in_fan_out=fan_in_fan_out(model, [name]))
         with peft_adapter(model, LoraModel, peft_config):
             trained = model.get_submodule(name)
             A, B = trained.lora_A[ADAPTER].weight, trained.lora_B[ADAPTER].weight
             torch.manual_seed(config.seed)
             with torch.no_grad():  # A's start: Gaussian of variance 1/in (B starts at zero, as PEFT's does)
-                A.copy_(torch.randn(config.rank, in_f, device=A.device) / in_f ** 0.5)
-            ids, labels, _ = teacher_forced(tokenizer, edit.text, edit.target_new, A.device)
+                A.copy_(torch.randn(rank, in_f, device=A.device) / in_f ** 0.5)
+            ids, labels = teacher_forced_rows(tokenizer, [e.text for e in batch], [e.target_new for e in batch],
+                                              A.device)
             optimizer = torch.optim.Adam([A, B], lr=config.lr)
             fit_target(model, ids, labels, optimizer, config.steps, config.stop_loss, bar.step, trained=[trained])
-            factors[edit.id] = {name: trained_factors(model, name)}
-    return weight_delta_pack(model, "lora", {**asdict(config), "layer": layer}, requests, factors)
+            factors[batch[0].id] = {name: trained_factors(model, name)}
+    return weight_delta_pack(model, "lora", {**asdict(config), "layer": layer}, requests, factors,
+                             joint=config.joint)
