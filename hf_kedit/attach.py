@@ -203,7 +203,9 @@ class EditStack:
     def _resolve_conflicts(self, pack: EditPack, on_conflict: str):
         """Edits sharing subject and prompt must agree on the target. With "last",
         the newest edit wins: every earlier one that disagrees is dropped (returned
-        by pack name; None for an edit of `pack` itself)."""
+        by pack name; None for an edit of `pack` itself), except one that owns its
+        tensors with edits that stay (a joint LoRA fit, BaFT's shared bases): it
+        stays attached, with a warning."""
         # only attached edits that share a (subject, prompt) with the new pack are held: attaching the
         # hundredth pack of a sequence must not rebuild an index of every edit before it
         keys = {(e.subject, e.prompt) for e in pack.edits}
@@ -227,11 +229,23 @@ class EditStack:
         if conflicts and on_conflict == "error":
             raise EditConflictError("conflicting edits (same subject and prompt, different target): "
                                     + "; ".join(conflicts) + ". Pass on_conflict='last' to let the newest win")
-        for older_name, ids in superseded.items():  # checked before the new pack attaches, so a refusal changes nothing
-            older = self.packs[older_name].pack
-            older.check_separable([e.id for e in older.edits if e.id not in set(ids)])
+        bound = []
+        for older_name, ids in [*superseded.items(), (None, sorted(dropped_here))]:
+            # An edit that owns its tensors with edits that stay cannot come off alone: it stays attached.
+            groups = (self.packs[older_name].pack if older_name else pack).sharing_groups
+            stays = {i for group in groups if not set(group) <= set(ids) for i in group}
+            bound += [f"{i!r} ({f'pack {older_name!r}' if older_name else 'the same pack'})" for i in ids if i in stays]
+            if older_name:
+                superseded[older_name] = [i for i in ids if i not in stays]
+            else:
+                dropped_here -= stays
+        superseded = {name: ids for name, ids in superseded.items() if ids}
         if conflicts:
             warnings.warn("newest edit wins for: " + "; ".join(conflicts), stacklevel=3)
+        if bound:
+            warnings.warn(f"earlier edits {', '.join(bound[:5])}{' ...' if len(bound) > 5 else ''} share their "
+                          "tensors with edits that stay, so they stay attached beside the newer ones; remove "
+                          "their whole pack to drop them", stacklevel=3)
         if dropped_here:
             pack = pack.select([e.id for e in pack.edits if e.id not in dropped_here])
         return pack, superseded

@@ -211,12 +211,15 @@ def test_edits_that_share_an_intervention_come_off_together_or_not_at_all():
         remove_edits(model, "s", edit_ids=["e1"])
     with raises_exactly(IncompatiblePackError, r"they come off together"):
         shared.select(["e0", "e1"])
-    # a newer edit that supersedes one of the group is refused before it attaches
+    # a newer edit that supersedes one of the group attaches beside it: the group cannot be split
     newer = random_basis_pack(model, n_edits=1, gated=True, seed=5, prefix="n")
     newer = EditPack(newer.kind, newer.method, [Edit(**{**newer.edits[0].__dict__, "subject": "S1"})],
                      newer.tensors, newer.base_model, kind_config=newer.kind_config)
-    with untouched(model), raises_exactly(IncompatiblePackError, r"edits \['e1'\] share their tensors"):
+    with pytest.warns(UserWarning, match=r"earlier edits 'e1' \(pack 's'\) share their tensors with edits that "
+                                         r"stay, so they stay attached"):
         load_edits(model, newer, name="n", on_conflict="last")
+    assert [e.id for e in stack_of(model).packs["s"].pack.edits] == ["e0", "e1", "e2"]
+    remove_edits(model, "n")
     with raises_exactly(IncompatiblePackError, r"both packs hold tensors named \['bases.layers.1.gate.bias'"):
         shared.extend(random_basis_pack(model, n_edits=2, gated=True, shared=True, prefix="x", seed=3))
 

@@ -7,7 +7,7 @@ import torch
 from peft import AdaLoraConfig, PeftModel
 from peft.tuners.adalora import AdaLoraModel
 
-from hf_kedit import EditPack, load_edits, remove_edits
+from hf_kedit import EditPack, load_edits, remove_edits, stack_of
 from hf_kedit.anatomy import anatomy_of, linear_shape
 from hf_kedit.errors import EditRequestError, IncompatiblePackError
 from hf_kedit.kinds.singular_scale import singular_decomposition, weight_matrix, z_name
@@ -234,6 +234,12 @@ def test_a_joint_lora_pack_fits_every_edit_and_its_edits_come_off_together(token
     remove_edits(model, "joint")
     assert losses() == before
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    twice = make_pack("lora", model, tokenizer, [EDIT, Edit("e9", EDIT.subject, EDIT.prompt, "German", "French")],
+                      {**settings, "steps": 2}, progress=False)
+    with pytest.warns(UserWarning, match=r"earlier edits 'e0' \(the same pack\) share their tensors"):
+        load_edits(model, twice, name="twice", on_conflict="last")  # the group cannot be split: both stay
+    assert [e.id for e in stack_of(model).packs["twice"].pack.edits] == ["e0", "e9"]
+    remove_edits(model, "twice")
     one = {**settings, "steps": 5}  # one edit: joint or not, the same pack
     joint_one = make_pack("lora", model, tokenizer, [EDIT], one, progress=False)
     alone_one = make_pack("lora", model, tokenizer, [EDIT], {**one, "joint": False}, progress=False)
