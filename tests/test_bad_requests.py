@@ -44,7 +44,7 @@ def nothing_expensive(monkeypatch):
                           (memit, ("key_second_moments", "spread_update")),
                           (alphaedit, ("key_second_moments", "context_templates", "spread_update")),
                           (ultraedit, ("_read",)),
-                          (lora, ("teacher_forced",))):
+                          (lora, ("teacher_forced_rows",))):
         for name in names:
             monkeypatch.setattr(module, name, started)
 

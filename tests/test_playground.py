@@ -190,7 +190,8 @@ def test_the_card_and_the_trace(session):
 
 
 def test_the_settings_box_shows_every_default_and_reads_json():
-    assert default_settings("lora") == {"layer": 0.3, "rank": 1, "steps": 60, "lr": 0.02, "stop_loss": 0.05, "seed": 0}
+    assert default_settings("lora") == {"layer": 0.3, "rank": 1, "steps": 60, "lr": 0.02, "stop_loss": 0.05, "seed": 0,
+                                       "joint": False}
     assert default_settings("rome")["context_templates"] == [[5, 5]]  # tuples as JSON writes them
     assert LoRAConfig(**default_settings("lora")) == LoRAConfig()
     assert parse_settings_json("") == {} and parse_settings_json('{"rank": 2}') == {"rank": 2}
