@@ -12,7 +12,7 @@ from hf_kedit.anatomy import anatomy_of, linear_shape
 from hf_kedit.errors import EditRequestError, IncompatiblePackError
 from hf_kedit.kinds.singular_scale import singular_decomposition, weight_matrix, z_name
 from hf_kedit.kinds.weight_delta import deltas_applied
-from hf_kedit.methods import AdaLoRAConfig, FTConfig, make_pack
+from hf_kedit.methods import AdaLoRAConfig, FTConfig, LoRAConfig, make_pack
 from hf_kedit.methods.finetune.svf import scaled
 from hf_kedit.methods.finetune.peft_tuning import ADAPTER, peft_adapter, trained_factors
 from hf_kedit.batching import padded
@@ -286,6 +286,9 @@ def test_svf_s_pack_acts_as_the_z_it_trained_and_keeps_the_subject_s_distributio
     (lambda: FTConfig(norm_constraint=0.0), "positive bound"),
     (lambda: AdaLoRAConfig(target_r=16), "target_r"),
     (lambda: AdaLoRAConfig(tinit=60), "tinit < steps - tfinal"),
+    (lambda: LoRAConfig(joint="yes"), r"joint='yes': give true"),
+    (lambda: LoRAConfig(rank=0), r"rank=0: give a positive integer"),
+    (lambda: LoRAConfig(lr=-1.0), r"lr=-1.0: give a positive step size"),
 ])
 def test_bad_settings_are_refused_before_any_work(config, match):
     with raises_exactly(EditRequestError, match):

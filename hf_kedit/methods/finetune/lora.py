@@ -10,6 +10,7 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraModel
 
 from ...anatomy import anatomy_of, linear_shape
+from ...errors import EditRequestError
 from ...pack import Edit, EditPack
 from ...progress import StepBar
 from ..builders import weight_delta_pack
@@ -35,6 +36,18 @@ class LoRAConfig:
                           "edits together (the mean of their losses, until each is below stop_loss); the edits own "
                           "it together and come off together. false: one delta per edit, each trained alone",
                           NOT_TUNED)
+
+    def __post_init__(self):
+        """`EditRequestError` for settings LoRA cannot use (checks that need no model)."""
+        for name in ("rank", "steps"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise EditRequestError(f"{name}={value!r}: give a positive integer")
+        if type(self.lr) not in (int, float) or not self.lr > 0:
+            raise EditRequestError(f"lr={self.lr!r}: give a positive step size")
+        if type(self.joint) is not bool:
+            raise EditRequestError(f"joint={self.joint!r}: give true (one delta for all the edits) or false "
+                                   "(one per edit)")
 
 
 def lora_edit(model, tokenizer, requests: list[Edit], config: LoRAConfig | None = None,
