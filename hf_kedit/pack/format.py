@@ -123,7 +123,7 @@ class EditPack:
     @property
     def sharing_groups(self) -> list[list[str]]:
         """The edit ids of each group of edits that own their tensors together
-        (BaFT's shared bases): such edits come off together, never one alone."""
+        (BaFT's shared bases, LoRA's joint fit): such edits come off together, never one alone."""
         if "_groups" not in self.__dict__:
             owners: dict[str, list[str]] = {}
             for e in self.edits:
@@ -141,7 +141,7 @@ class EditPack:
             if kept and len(kept) != len(group):
                 raise IncompatiblePackError(
                     f"edits {sorted(set(group) - kept)[:3]} share their tensors with {sorted(kept)[:3]} "
-                    f"({len(group)} edits in all, one shared intervention): they come off together; remove the "
+                    f"({len(group)} edits in all, trained together): they come off together; remove the "
                     "whole group, or the pack")
 
     def select(self, edit_ids) -> "EditPack":
@@ -188,7 +188,8 @@ class EditPack:
     # ----- validation -------------------------------------------------------------
     def validate(self) -> None:
         """Raise `PackFormatError` unless the pack is well formed: ids unique, each
-        tensor owned by exactly one edit, finite, and laid out as its kind needs."""
+        tensor owned by one edit or by edits that own the same tensors together,
+        finite, and laid out as its kind needs."""
         kind = kind_named(self.kind)
         if not self.edits:
             raise PackFormatError("the pack holds no edits")
@@ -200,7 +201,7 @@ class EditPack:
                 raise PackFormatError(f"edit {e.id!r} lists a tensor twice")
             for name in e.tensors:
                 first = owned.setdefault(name, e)
-                # Edits may own tensors together (one shared intervention), but only all of them alike.
+                # Edits may own tensors together (trained together), but only all of them alike.
                 if first is not e and set(first.tensors) != set(e.tensors):
                     raise PackFormatError(f"edits {first.id!r} and {e.id!r} share tensor {name!r} but not all their "
                                           "tensors: edits that share a tensor must own the same tensors")
