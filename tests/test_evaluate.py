@@ -1,5 +1,7 @@
 """The evaluation harness on a tiny random model with the default model's tokenizer."""
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -301,12 +303,20 @@ def test_a_sequential_run_cut_short_goes_on_from_its_last_pack_as_if_never_stopp
                                                                          (4, whole["metrics"])]
     assert resumed["timing"]["edits_per_pack"] == [1, 1, 1, 1]
     assert resumed["timing"]["pack_bytes_per_edit"] == whole["timing"]["pack_bytes_per_edit"]
-    assert (tmp_path / "cut" / ".gitignore").read_text() == "*\n"
+    git = ["git", "-C", str(tmp_path), "check-ignore", "-q"]  # exit status 0: ignored
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    assert subprocess.run(git + ["cut/progress.json"]).returncode == 1  # committed, the checkpoints outlive the packs
+    assert subprocess.run(git + ["cut/packs/eval-0/pack.json"]).returncode == 0
+    assert subprocess.run(git + ["cut/history.safetensors"]).returncode == 0
     with pytest.raises(ValueError, match="holds another run"):  # refused before anything is attached
         run("cut", resume=True, run_settings={**settings, "steps": 3})
     assert len(stack_of(model)) == 0 and len(made) == 4
     run("cut")  # not resuming: starts again from nothing
     assert len(made) == 8
+    shutil.rmtree(tmp_path / "cut" / "packs")  # a fresh clone: the progress without its packs
+    with pytest.raises(ValueError, match="names 4 packs that are not there"):
+        run("cut", resume=True)
+    assert len(stack_of(model)) == 0 and len(made) == 8
 
 
 @pytest.mark.parametrize("progress, match", [

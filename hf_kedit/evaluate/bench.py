@@ -31,7 +31,7 @@ def run_bench(model, tokenizer, cases, methods: list[str], modes=("single",), se
     the methods it finished; with `resume`, a method whose result `out_dir`
     already holds for the same model, cases, mode, settings and evaluation
     settings is taken from there instead of run again. A sequential run keeps its
-    progress in `out_dir/state` (git ignores it) after every pack, with the
+    progress in `out_dir/state` after every pack (git ignores its packs), with the
     unedited model's answers, and with `resume` goes on from the last pack kept:
     a sequence of thousands of edits can be run in pieces.
 
@@ -101,7 +101,7 @@ def _references(model, tokenizer, cases, config: EvalConfig, folder: Path | None
     references = locality_references(model, tokenizer, cases, config, progress)
     if path is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / ".gitignore").write_text("*\n")
+        (folder / ".gitignore").write_text("references.json*\n")  # each sequence's folder says what it keeps
         write_json(path, {"identity": identity, "references": references})
     return references
 

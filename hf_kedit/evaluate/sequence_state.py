@@ -1,7 +1,9 @@
 """A sequential run's progress, kept on disk after every pack so that a run of
 thousands of edits cut short (a session's end, a killed process) goes on
 where it stopped: the packs made so far, the method's history, the
-checkpoints scored and the seconds spent, in a folder git ignores."""
+checkpoints scored and the seconds spent. Git ignores the packs and the history
+(hundreds of MB) but not `progress.json`: committed, the checkpoints scored
+outlive the machine the packs were on."""
 from __future__ import annotations
 
 import json
@@ -15,6 +17,8 @@ from ..pack import EditPack
 
 PROGRESS = "progress.json"
 HISTORY = "history.safetensors"
+# Packs of thousands of edits run to hundreds of MB; the progress is a few hundred kB.
+IGNORED = "*\n!.gitignore\n!" + PROGRESS + "\n"
 
 
 @dataclass
@@ -73,6 +77,11 @@ class SequenceFolder:
             if canonical(identity) != canonical(self.identity):
                 raise ValueError(f"cannot resume from {self.folder}: it holds another run (other model, method, "
                                  "settings, cases or evaluation settings); remove it, or give another --out")
+            missing = [name for name in progress.attached if not (self.folder / "packs" / name).is_dir()]
+            if missing:
+                raise ValueError(f"cannot resume from {self.folder}: its progress names {len(missing)} packs that "
+                                 f"are not there ({', '.join(missing[:3])}...; a fresh clone keeps the progress, "
+                                 "not the packs); run without resuming to start again")
             return progress
         if self.folder.exists():
             if not path.is_file() and any(p.name != ".gitignore" for p in self.folder.iterdir()):
@@ -80,7 +89,7 @@ class SequenceFolder:
                                  "starting one there would delete them; give an empty or new folder")
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True)
-        (self.folder / ".gitignore").write_text("*\n")  # packs of thousands of edits: hundreds of MB
+        (self.folder / ".gitignore").write_text(IGNORED)
         progress = SequenceProgress()
         self.save(progress, None)  # from here on the folder is known as a sequence's
         return progress
