@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from hf_kedit.evaluate.report import LIFELONG_SCORES, lifelong_table, plot_lifelong
+from hf_kedit.evaluate.report import lifelong_table, plot_lifelong
 
 
 def sequences(run: Path) -> list[dict]:
@@ -40,12 +40,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     results = [r for run in args.runs for r in sequences(Path(run))]
-    table = lifelong_table(results)
-    if args.unedited:
-        unedited = json.loads((Path(args.unedited) / "results.json").read_text())[0]
-        scores = " | ".join(f"{unedited['metrics'].get(m, {}).get(k, float('nan')):.2f}" for m, k in LIFELONG_SCORES)
-        table += (f"\n| unedited (its first {unedited['n_cases']} cases) | 0 | {unedited['n_cases']} | {scores} | "
-                  "1.000 | 1.00 | – | – | – |")
+    unedited = json.loads((Path(args.unedited) / "results.json").read_text())[0] if args.unedited else None
+    table = lifelong_table(results, unedited)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "lifelong.md").write_text(table + "\n")

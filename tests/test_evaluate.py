@@ -348,6 +348,22 @@ def harness_make_pack(*args, **kwargs):
     return make_pack(*args, **kwargs)
 
 
+def test_the_lifelong_table_shows_a_score_a_benchmark_lacks_as_a_dash():
+    from hf_kedit.evaluate.report import lifelong_table
+
+    metrics = {"efficacy": {"tf": 0.5, "cmp": 0.75}, "locality": {"tf": 1.0, "cmp": None}}  # zsRE: no old answer
+    checkpoint = {"n_edits": 100, "n_scored": 100, "metrics": metrics,
+                  "general_ability": {"perplexity_ratio": 1.25, "tokens_per_second_ratio": 0.9},
+                  "timing": {"edit_seconds": 12.0, "pack_bytes": 1000, "pack_parameters": 200}}
+    table = lifelong_table([{"method": "memit", "mode": "sequential", "checkpoints": [checkpoint]}],
+                           unedited={"n_cases": 100, "metrics": metrics})
+    header, _, memit, unedited = table.splitlines()
+    assert memit.split(" | ")[1:] == ["100", "100", "0.50", "–", "1.00", "0.75", "–", "–", "1.250", "0.90", "12",
+                                      "10", "2 |"]
+    assert unedited.split(" | ")[:10] == ["| unedited (its first 100 cases)", "0", "100", "0.50", "–", "1.00", "0.75",
+                                          "–", "–", "1.000"]
+
+
 def test_the_perplexity_ratio_is_one_without_packs_and_moves_with_one(model, tokenizer):
     from hf_kedit import load_edits
     from hf_kedit.evaluate.general_ability import general_passages, perplexity_ratio

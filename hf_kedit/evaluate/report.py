@@ -36,8 +36,9 @@ LIFELONG_SCORES = (("efficacy", "tf"), ("generality", "tf"), ("locality", "tf"),
                    ("generality", "cmp"), ("locality", "cmp"))
 
 
-def lifelong_table(results: list[dict]) -> str:
-    """One row per sequential method and checkpoint: the scores, general ability and cost so far."""
+def lifelong_table(results: list[dict], unedited: dict | None = None) -> str:
+    """One row per sequential method and checkpoint: the scores, general ability and cost so far;
+    last, the `unedited` model's scores (a `--methods unedited` result) when given."""
     header = (["method", "edits", "scored"] + [f"{m} {k}" for m, k in LIFELONG_SCORES]
               + ["perplexity ×", "tokens/s ×", "edit s", "pack bytes/edit", "parameters/edit"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -50,6 +51,10 @@ def lifelong_table(results: list[dict]) -> str:
                       f"{timing['edit_seconds']:.0f}", f"{timing['pack_bytes'] / c['n_edits']:.0f}",
                       _num(timing.get("pack_parameters") and timing["pack_parameters"] / c["n_edits"], "{:.0f}")]
             lines.append("| " + " | ".join(cells) + " |")
+    if unedited is not None:
+        scores = [_num(unedited["metrics"].get(m, {}).get(k)) for m, k in LIFELONG_SCORES]
+        lines.append("| " + " | ".join([f"unedited (its first {unedited['n_cases']} cases)", "0",
+                                        str(unedited["n_cases"]), *scores, "1.000", "1.00", "–", "–", "–"]) + " |")
     return "\n".join(lines)
 
 
