@@ -79,9 +79,10 @@ class SequenceFolder:
                                  "settings, cases or evaluation settings); remove it, or give another --out")
             missing = [name for name in progress.attached if not (self.folder / "packs" / name).is_dir()]
             if missing:
+                shown = ", ".join(missing[:3]) + (", …" if len(missing) > 3 else "")
                 raise ValueError(f"cannot resume from {self.folder}: its progress names {len(missing)} packs that "
-                                 f"are not there ({', '.join(missing[:3])}...; a fresh clone keeps the progress, "
-                                 "not the packs); run without resuming to start again")
+                                 f"are not there ({shown}; a fresh clone keeps the progress, not the packs); run "
+                                 "without resuming to start again")
             return progress
         if self.folder.exists():
             if not path.is_file() and any(p.name != ".gitignore" for p in self.folder.iterdir()):
