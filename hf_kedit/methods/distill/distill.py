@@ -66,7 +66,8 @@ class DistillConfig:
     student: str = setting("lora", "the pack trained: \"lora\" (LoRA factors on the MLP output projections of "
                            "`layers`, a weight_delta pack) or \"basis\" (BaFT's gated intervention of `rank` bases "
                            "at the one layer of `layers`, its gate fitted as BaFT fits it, a basis_intervention pack)",
-                           "chosen here, not measured against \"basis\" yet: the paper trains weights")
+                           "chosen against \"basis\" on RippleEdits' first 20 cases: better locality and "
+                           "portability at the same efficacy (docs/benchmarks.md)")
 
     def __post_init__(self):
         """`EditRequestError` for settings that cannot work (checks that need no model)."""
